@@ -1,0 +1,51 @@
+# llava-triton. `make demo` exports the embedded default, serves it and streams an answer;
+# `make test` runs the test suite. Both set everything up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?=
+ENGINE ?= auto
+REPO ?= model_repository
+GRPC_PORT ?= 8001
+PYTEST_ARGS ?=
+
+.PHONY: setup export serve demo test bench lint clean
+
+setup: $(VENV)/.setup-done
+
+# The venv, the pinned packages, and the Triton server shipped inside the nvidia-pytriton
+# wheel (installed without its own dependencies: we only use its server binary and backend).
+$(VENV)/.setup-done: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip==25.3
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
+	@# perf_analyzer needs libb64 from Debian.
+	@if ! ldconfig -p | grep -q libb64.so.0d; then \
+	  if [ "$$(id -u)" = 0 ]; then (apt-get install -y -qq libb64-0d >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq libb64-0d >/dev/null)); \
+	  else echo "perf_analyzer needs Debian's libb64-0d: sudo apt-get install libb64-0d"; fi; fi
+	$(PY) -m llava_triton.server --check
+	touch $@
+
+export: setup
+	$(PY) -m export $(if $(MODEL),--model $(MODEL)) --engine $(ENGINE) --output $(REPO)
+
+serve: setup
+	$(PY) -m llava_triton.server --model-repository $(REPO) --grpc-port $(GRPC_PORT)
+
+demo: export
+	$(PY) -m llava_triton.demo --model-repository $(REPO)
+
+test: setup
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(PY) -m bench
+
+lint: setup
+	$(PY) -m compileall -q llava_triton export client tests model_repository
+
+clean:
+	rm -rf build $(REPO)/*/config.pbtxt
+	find $(REPO) -path '*/1/*' ! -name model.py ! -name .gitkeep -delete

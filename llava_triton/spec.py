@@ -1,0 +1,198 @@
+"""One source for every name, size and limit the serving stack uses.
+
+`ModelSpec` is derived from a Hugging Face LLaVA checkpoint's `config.json` (field names are
+Hugging Face's). `ServingConfig` holds the serving knobs (limits, batching, instances) with
+their defaults written once here. The export writes both into every `config.pbtxt` as
+parameters, and each `model.py` reads them back with `ServingConfig.from_parameters` /
+`ModelSpec.from_parameters`, so no size is typed twice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# Model names in the Triton model repository.
+PREPROCESS = "preprocess"
+VISION_ENCODER = "vision_encoder"
+PROJECTOR = "projector"
+LANGUAGE_MODEL = "language_model"
+ENSEMBLE = "llava"
+MODEL_NAMES = (PREPROCESS, VISION_ENCODER, PROJECTOR, LANGUAGE_MODEL, ENSEMBLE)
+
+# Tensor names of the ensemble's public contract.
+# Inputs: only `prompt` is required; the rest are optional with the defaults in ServingConfig.
+IN_IMAGES = "images"  # BYTES [num_images], encoded JPEG/PNG/WebP; may be omitted or empty
+IN_PROMPT = "prompt"  # BYTES [1], UTF-8 user message; `<image>` marks where each image goes
+IN_MAX_TOKENS = "max_tokens"  # INT32 [1]
+IN_TEMPERATURE = "temperature"  # FP32 [1], 0 = greedy
+IN_TOP_P = "top_p"  # FP32 [1], (0, 1]
+IN_TOP_K = "top_k"  # INT32 [1], 0 = off
+IN_SEED = "seed"  # INT64 [1]
+IN_STOP = "stop"  # BYTES [num_stop], stop strings
+IN_STREAM = "stream"  # BOOL [1], one response per new text chunk when true
+IN_IGNORE_EOS = "ignore_eos"  # BOOL [1], keep generating past EOS (benchmarks)
+# Outputs, present in every response (streamed responses carry the delta).
+OUT_TEXT = "text"  # BYTES [1]
+OUT_TOKEN_IDS = "token_ids"  # INT64 [n], the generated ids carried by this response
+OUT_PROMPT_TOKENS = "prompt_tokens"  # INT32 [1]
+OUT_COMPLETION_TOKENS = "completion_tokens"  # INT32 [1], generated so far
+OUT_FINISH_REASON = "finish_reason"  # BYTES [1]: "" while running, then "stop" or "length"
+
+# Internal tensors between the ensemble steps.
+INPUT_IDS = "input_ids"  # INT64 [seq_len], `<image>` already expanded to num_image_tokens ids
+PIXEL_VALUES = "pixel_values"  # FP32 [num_images, 3, image_size, image_size]
+IMAGE_FEATURES = "image_features"  # [num_images, num_image_tokens, vision_hidden_size]
+IMAGE_EMBEDS = "image_embeds"  # [num_images, num_image_tokens, text_hidden_size]
+
+# Sampling inputs, shared by preprocess (early validation) and language_model.
+SAMPLING_INPUTS = (IN_MAX_TOKENS, IN_TEMPERATURE, IN_TOP_P, IN_TOP_K, IN_SEED, IN_STOP, IN_STREAM,
+                   IN_IGNORE_EOS)
+
+IMAGE_TOKEN = "<image>"
+SPEC_FILE = "llava_triton_spec.json"  # written by export next to each model's artifacts
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Sizes of one LLaVA checkpoint, named as in its Hugging Face config."""
+
+    image_size: int
+    patch_size: int
+    num_channels: int
+    vision_hidden_size: int
+    text_hidden_size: int
+    vocab_size: int
+    image_token_index: int
+    vision_feature_layer: int
+    vision_feature_select_strategy: str
+    max_position_embeddings: int  # the context length
+    eos_token_id: tuple[int, ...]
+    torch_dtype: str = "float32"
+    num_patches: int = field(init=False)
+    num_image_tokens: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(f"unsupported vision_feature_select_strategy {self.vision_feature_select_strategy!r}")
+        if not isinstance(self.vision_feature_layer, int):
+            raise ValueError("only a single integer vision_feature_layer is supported")
+        num_patches = (self.image_size // self.patch_size) ** 2
+        object.__setattr__(self, "num_patches", num_patches)
+        # "default" drops the CLS token, "full" keeps it (transformers' LlavaModel.get_image_features).
+        extra = 0 if self.vision_feature_select_strategy == "default" else 1
+        object.__setattr__(self, "num_image_tokens", num_patches + extra)
+
+    @classmethod
+    def from_hf_config(cls, config: dict[str, Any]) -> "ModelSpec":
+        vision, text = config["vision_config"], config["text_config"]
+        eos = text.get("eos_token_id", config.get("eos_token_id"))
+        eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (int(eos),))
+        return cls(
+            image_size=int(vision["image_size"]),
+            patch_size=int(vision["patch_size"]),
+            num_channels=int(vision.get("num_channels", 3)),
+            vision_hidden_size=int(vision["hidden_size"]),
+            text_hidden_size=int(text["hidden_size"]),
+            vocab_size=int(text["vocab_size"]),
+            image_token_index=int(config.get("image_token_index", config.get("image_token_id"))),
+            vision_feature_layer=config.get("vision_feature_layer", -2),
+            vision_feature_select_strategy=config.get("vision_feature_select_strategy", "default"),
+            max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
+            eos_token_id=eos,
+            torch_dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype")
+                            or config.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, checkpoint: str | Path) -> "ModelSpec":
+        path = Path(checkpoint) / "config.json"
+        config = json.loads(path.read_text())
+        archs = config.get("architectures") or []
+        if config.get("model_type") != "llava" and "LlavaForConditionalGeneration" not in archs:
+            raise ValueError(f"{path} is not a LLaVA checkpoint (model_type {config.get('model_type')!r})")
+        return cls.from_hf_config(config)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+        data = dict(data)
+        data["eos_token_id"] = tuple(data["eos_token_id"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving knobs. Every default lives here and nowhere else."""
+
+    # Request limits (checked before any expensive work).
+    max_images_per_request: int = 4
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_image_pixels: int = 36_000_000  # width * height, read from the header before decoding
+    max_prompt_bytes: int = 256 * 1024
+    max_stop_strings: int = 16
+    max_stop_string_bytes: int = 256
+    # Sampling defaults (used when the client omits the input).
+    default_max_tokens: int = 256
+    default_temperature: float = 0.0  # greedy, as LLaVA-1.5's generation_config
+    default_top_p: float = 1.0
+    default_top_k: int = 0
+    # Batching: the vision models batch across requests through Triton's dynamic batcher;
+    # the language model batches in flight (requests join and leave between decode steps).
+    vision_max_batch_size: int = 32
+    vision_preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
+    vision_max_queue_delay_us: int = 2000
+    max_num_seqs: int = 32  # sequences decoded together; more wait in the language model's queue
+    max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
+    # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
+    instance_kind: str = "KIND_CPU"
+    preprocess_instances: int = 2
+    vision_instances: int = 1
+    device: str = "cpu"  # torch device for the PyTorch-served models ("cuda" uses Triton's device id)
+    dtype: str = "float32"  # compute dtype of the PyTorch-served models
+
+    def __post_init__(self) -> None:
+        positive = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
+                    "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "max_queue_size",
+                    "preprocess_instances", "vision_instances")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if any(b > self.vision_max_batch_size for b in self.vision_preferred_batch_sizes):
+            raise ValueError("vision_preferred_batch_sizes must not exceed vision_max_batch_size")
+        if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
+            raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ServingConfig":
+        data = dict(data)
+        if "vision_preferred_batch_sizes" in data:
+            data["vision_preferred_batch_sizes"] = tuple(data["vision_preferred_batch_sizes"])
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown serving options: {sorted(unknown)}")
+        return cls(**data)
+
+
+def write_spec(directory: Path, model: ModelSpec, serving: ServingConfig) -> Path:
+    """Write both specs as JSON beside a model's artifacts (read back by `read_spec`)."""
+    path = Path(directory) / SPEC_FILE
+    path.write_text(json.dumps({"model": model.to_dict(), "serving": serving.to_dict()}, indent=2) + "\n")
+    return path
+
+
+def read_spec(directory: Path) -> tuple[ModelSpec, ServingConfig]:
+    data = json.loads((Path(directory) / SPEC_FILE).read_text())
+    return ModelSpec.from_dict(data["model"]), ServingConfig.from_dict(data["serving"])
