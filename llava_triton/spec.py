@@ -111,12 +111,7 @@ class ModelSpec:
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> "ModelSpec":
-        path = Path(checkpoint) / "config.json"
-        config = json.loads(path.read_text())
-        archs = config.get("architectures") or []
-        if config.get("model_type") != "llava" and "LlavaForConditionalGeneration" not in archs:
-            raise ValueError(f"{path} is not a LLaVA checkpoint (model_type {config.get('model_type')!r})")
-        return cls.from_hf_config(config)
+        return cls.from_hf_config(full_hf_config(checkpoint))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -150,6 +145,7 @@ class ServingConfig:
     vision_preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
     vision_max_queue_delay_us: int = 2000
     max_num_seqs: int = 32  # sequences decoded together; more wait in the language model's queue
+    prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, so decodes are not stalled
     max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
     # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
     instance_kind: str = "KIND_CPU"
@@ -160,7 +156,8 @@ class ServingConfig:
 
     def __post_init__(self) -> None:
         positive = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
-                    "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "max_queue_size",
+                    "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
+                    "max_queue_size",
                     "preprocess_instances", "vision_instances")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -184,6 +181,21 @@ class ServingConfig:
         if unknown:
             raise ValueError(f"unknown serving options: {sorted(unknown)}")
         return cls(**data)
+
+
+def full_hf_config(checkpoint: str | Path) -> dict[str, Any]:
+    """The checkpoint's config with every default filled in.
+
+    Published configs omit fields left at their default (llava-1.5-7b-hf's text_config has no
+    hidden_size), so read them through transformers' LlavaConfig, never with remote code.
+    """
+    from transformers import LlavaConfig
+
+    path = Path(checkpoint)
+    raw = json.loads((path / "config.json").read_text())
+    if raw.get("model_type") != "llava":
+        raise ValueError(f"{path / 'config.json'} is not a LLaVA checkpoint (model_type {raw.get('model_type')!r})")
+    return LlavaConfig.from_pretrained(path).to_dict()
 
 
 def write_spec(directory: Path, model: ModelSpec, serving: ServingConfig) -> Path:

@@ -1,0 +1,111 @@
+"""Export a Hugging Face LLaVA checkpoint into a Triton model repository.
+
+    python -m export                                   # the embedded default checkpoint
+    python -m export --model /path/to/llava-1.5-7b-hf  # a real one (safetensors)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from llava_triton import spec
+from llava_triton.spec import ModelSpec, ServingConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _parse_set(items: list[str]) -> dict:
+    """`--set key=value` pairs for ServingConfig fields, values parsed as JSON when possible."""
+    fields = {f.name: f for f in dataclasses.fields(ServingConfig)}
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", type=Path, default=None,
+                        help="Hugging Face LLaVA checkpoint directory (LlavaForConditionalGeneration, safetensors, "
+                             "tokenizer with chat template). Default: build the embedded default checkpoint.")
+    parser.add_argument("--preset", default="tiny",
+                        help="preset of the checkpoint built when --model is not given (default: tiny; "
+                             "llava-1.5-7b builds the full architecture with random weights)")
+    parser.add_argument("--checkpoint-dir", type=Path, default=None,
+                        help="where the built checkpoint goes (default: build/<preset>-llava)")
+    parser.add_argument("--output", type=Path, default=ROOT / "model_repository",
+                        help="model repository to write (default: model_repository)")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "build" / "export",
+                        help="intermediate files such as ONNX (default: build/export)")
+    parser.add_argument("--engine", choices=("auto", "pytorch", "tensorrt"), default="auto",
+                        help="vision encoder and projector engine: TensorRT plans, or PyTorch on the Python "
+                             "backend. auto = tensorrt where TensorRT is importable and a GPU exists")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="where the PyTorch-served models run (auto = cuda if available)")
+    parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
+                        help="compute dtype of the PyTorch-served models (auto = bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a serving option, e.g. --set max_num_seqs=64 (see llava_triton/spec.py)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from export.language_model import export_language_model
+    from export.onnx_export import export_vision
+    from export.repository import write_configs
+    from export.tensorrt import tensorrt_available
+    from llava_triton.preprocess import copy_processor_files
+
+    started = time.monotonic()
+
+    def progress(message: str) -> None:
+        print(f"[export {time.monotonic() - started:6.1f}s] {message}", flush=True)
+
+    if args.model is None:
+        from llava_triton.checkpoint import build_checkpoint
+
+        target = args.checkpoint_dir or ROOT / "build" / f"{args.preset}-llava"
+        progress(f"building the embedded {args.preset} checkpoint in {target}")
+        checkpoint = build_checkpoint(args.preset, target)
+    else:
+        checkpoint = args.model
+    model = ModelSpec.from_pretrained(checkpoint)
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    engine = args.engine if args.engine != "auto" else ("tensorrt" if tensorrt_available() else "pytorch")
+    serving = ServingConfig.from_dict({
+        "device": device, "dtype": dtype, "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
+        **_parse_set(args.set)})
+    progress(f"checkpoint {checkpoint}: {model.num_image_tokens} image tokens per image, context "
+             f"{model.max_position_embeddings}; engine {engine}, device {device}, dtype {dtype}")
+
+    repo = args.output
+    progress("writing config.pbtxt files")
+    write_configs(repo, model, serving, engine)
+    progress("copying tokenizer and image processor files")
+    for name in (spec.PREPROCESS, spec.LANGUAGE_MODEL):
+        copy_processor_files(checkpoint, repo / name / "1")
+    progress("exporting the vision encoder and projector (ONNX, checked with onnxruntime)")
+    report = export_vision(checkpoint, repo, args.work_dir, model, serving, engine)
+    progress(f"vision export: {report}")
+    progress("writing the language model's weights (safetensors)")
+    export_language_model(checkpoint, repo / spec.LANGUAGE_MODEL / "1")
+    progress(f"done: serve with `tritonserver --model-repository {repo}` or `make serve`")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,269 @@
+"""In-flight batching for the language model.
+
+Requests join between decode steps and leave as soon as they finish: each `step()` first
+spends a budget of prompt tokens on prefill (long prompts in chunks, so running streams are
+not stalled for a whole prompt), then decodes one token for every running sequence in a
+single batched forward pass. A sequence owns one KV-cache slot from admission to the end.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Protocol
+
+import torch
+
+from .detokenize import TextStream
+from .errors import InvalidRequestError, ServerBusyError
+from .llama import LlamaForCausalLM
+from .sampling import SamplingParams, make_generator, sample
+from .spec import ModelSpec, ServingConfig
+
+log = logging.getLogger(__name__)
+
+FINISH_STOP = "stop"  # EOS or a stop string
+FINISH_LENGTH = "length"  # max_tokens reached
+
+
+@dataclass
+class Output:
+    """What one response carries. Streaming sends a delta per token; otherwise one at the end."""
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "" until the last output
+    final: bool
+
+
+class Sink(Protocol):
+    """Where a request's results go (the Triton adapter wraps a response sender)."""
+
+    def send(self, output: Output) -> None: ...
+    def error(self, message: str) -> None: ...
+    def cancelled(self) -> bool: ...
+
+
+@dataclass
+class Sequence:
+    input_ids: torch.Tensor  # (T,) int64, `<image>` already expanded
+    image_embeds: torch.Tensor | None  # (num_images, num_image_tokens, C) or None
+    params: SamplingParams
+    max_tokens: int
+    sink: Sink
+    slot: int = -1
+    prefilled: int = 0  # prompt tokens already in the KV cache
+    inputs_embeds: torch.Tensor | None = None  # (1, T, C) while prefilling
+    output_ids: list[int] = field(default_factory=list)
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def position(self) -> int:
+        """Position of the next token to feed: the last generated one."""
+        return self.prompt_tokens + len(self.output_ids) - 1
+
+
+def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None, spec: ModelSpec) -> int:
+    """How many images input_ids refers to, checked against the image embeddings sent with it."""
+    if input_ids.ndim != 1 or input_ids.numel() == 0:
+        raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
+    is_image = input_ids == spec.image_token_index
+    bad = (~is_image) & ((input_ids < 0) | (input_ids >= spec.vocab_size))
+    if bool(bad.any()):
+        raise InvalidRequestError(f"input_ids holds ids outside the vocabulary [0, {spec.vocab_size})")
+    image_tokens = int(is_image.sum())
+    if image_tokens % spec.num_image_tokens:
+        raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, not a multiple of "
+                                  f"{spec.num_image_tokens} per image")
+    num_images = image_tokens // spec.num_image_tokens
+    available = 0 if image_embeds_shape is None else image_embeds_shape[0]
+    if num_images > available:
+        raise InvalidRequestError(f"the prompt refers to {num_images} images but {available} image embeddings were sent")
+    if num_images and tuple(image_embeds_shape[1:]) != (spec.num_image_tokens, spec.text_hidden_size):
+        raise InvalidRequestError(f"image_embeds must have shape [n, {spec.num_image_tokens}, {spec.text_hidden_size}], "
+                                  f"got {list(image_embeds_shape)}")
+    return num_images
+
+
+class Engine:
+    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.spec = spec
+        self.serving = serving
+        self.device = model.lm_head.weight.device
+        self.dtype = model.lm_head.weight.dtype
+        model.setup_caches(serving.max_num_seqs, spec.max_position_embeddings)
+        self.eos = frozenset(spec.eos_token_id)
+        self._free_slots = list(range(serving.max_num_seqs - 1, -1, -1))
+        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._prefilling: list[Sequence] = []
+        self._running: list[Sequence] = []
+        self._cond = threading.Condition()
+        self._last_cancel_check = 0.0
+
+    # -- requests in ----------------------------------------------------------------------
+    def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
+               sink: Sink) -> Sequence:
+        """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError."""
+        num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
+        max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.spec.max_position_embeddings, self.serving)
+        seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
+                       params=params, max_tokens=max_tokens, sink=sink)
+        with self._cond:
+            if len(self._waiting) >= self.serving.max_queue_size:
+                raise ServerBusyError(f"the language model's queue is full ({self.serving.max_queue_size} "
+                                      "requests waiting); retry later")
+            self._waiting.append(seq)
+            self._cond.notify()
+        return seq
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running) + len(self._prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._running)
+
+    # -- the loop -------------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Step while there is work; sleep on the condition otherwise. Runs on its own thread."""
+        while not stop.is_set():
+            with self._cond:
+                while not self.has_work() and not stop.is_set():
+                    self._cond.wait(timeout=0.5)
+            if stop.is_set():
+                break
+            try:
+                self.step()
+            except Exception as exc:  # noqa: BLE001 - a bug must not kill the loop: fail what is in flight
+                log.exception("language model step failed")
+                self.abort_all(f"internal error in the language model: {exc}")
+
+    def step(self) -> None:
+        self._drop_cancelled()
+        self._admit()
+        already_running = list(self._running)
+        self._prefill_chunk()
+        if already_running:
+            self._decode(already_running)
+
+    def abort_all(self, message: str) -> None:
+        with self._cond:
+            seqs = list(self._waiting) + self._prefilling + self._running
+            self._waiting.clear()
+        for seq in seqs:
+            self._release(seq)
+            seq.sink.error(message)
+
+    # -- internals ------------------------------------------------------------------------
+    def _drop_cancelled(self) -> None:
+        # Asking Triton whether a request was cancelled is an IPC round trip: at most every 20 ms.
+        now = time.monotonic()
+        if now - self._last_cancel_check < 0.02:
+            return
+        self._last_cancel_check = now
+        with self._cond:
+            for seq in [s for s in self._waiting if s.sink.cancelled()]:
+                self._waiting.remove(seq)
+                seq.sink.error("request cancelled")
+        for seq in [s for s in self._prefilling + self._running if s.sink.cancelled()]:
+            self._release(seq)
+            seq.sink.error("request cancelled")
+
+    def _admit(self) -> None:
+        with self._cond:
+            while self._waiting and self._free_slots:
+                seq = self._waiting.popleft()
+                seq.slot = self._free_slots.pop()
+                self._prefilling.append(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq in self._running:
+            self._running.remove(seq)
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
+        if seq.slot >= 0:
+            self._free_slots.append(seq.slot)
+            seq.slot = -1
+        seq.inputs_embeds = seq.image_embeds = None
+
+    def _embed_prompt(self, seq: Sequence) -> torch.Tensor:
+        """(1, T, C): token embeddings with the image embeddings at the image-token positions."""
+        ids = seq.input_ids.to(self.device)
+        is_image = ids == self.spec.image_token_index
+        embeds = self.model.embed(torch.where(is_image, 0, ids))
+        if seq.image_embeds is not None:
+            # In order, as transformers' masked_scatter: image i fills the i-th run of image tokens.
+            embeds[is_image] = seq.image_embeds.to(self.device, self.dtype).reshape(-1, embeds.shape[-1])
+        return embeds[None]
+
+    def _prefill_chunk(self) -> None:
+        budget = self.serving.prefill_chunk_tokens
+        for seq in list(self._prefilling):
+            if budget <= 0:
+                break
+            try:
+                with torch.inference_mode():
+                    if seq.inputs_embeds is None:
+                        seq.inputs_embeds = self._embed_prompt(seq)
+                    start = seq.prefilled
+                    chunk = seq.inputs_embeds[:, start: start + budget]
+                    logits = self.model.prefill(chunk, seq.slot, start)
+            except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+                log.exception("prefill failed")
+                self._release(seq)
+                seq.sink.error(f"prefill failed: {exc}")
+                continue
+            seq.prefilled += chunk.shape[1]
+            budget -= chunk.shape[1]
+            if seq.prefilled == seq.prompt_tokens:
+                seq.inputs_embeds = seq.image_embeds = None
+                self._prefilling.remove(seq)
+                self._running.append(seq)
+                seq.text = TextStream(self.tokenizer, seq.params.stop)
+                seq.generator = make_generator(seq.params, self.device)
+                self._append_tokens([seq], sample(logits, [seq.params], [seq.generator]))
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        input_ids = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        positions = torch.tensor([s.position for s in seqs], device=self.device)
+        logits = self.model.decode(input_ids, slots, positions)
+        self._append_tokens(seqs, sample(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        for seq, token in zip(seqs, tokens.tolist()):
+            seq.output_ids.append(token)
+            delta = seq.text.push(token)
+            finish = ""
+            if seq.text.stopped or (token in self.eos and not seq.params.ignore_eos):
+                finish = FINISH_STOP
+            elif len(seq.output_ids) >= seq.max_tokens:
+                finish = FINISH_LENGTH
+            if finish:
+                delta += seq.text.finish()
+                self._release(seq)
+            if seq.params.stream:
+                seq.sink.send(Output(delta, [token], seq.prompt_tokens, len(seq.output_ids), finish, bool(finish)))
+            elif finish:
+                seq.sink.send(Output(seq.text.text, list(seq.output_ids), seq.prompt_tokens, len(seq.output_ids),
+                                     finish, True))

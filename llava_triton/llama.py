@@ -1,0 +1,301 @@
+"""A Llama decoder for serving: the Hugging Face weights, a preallocated slot KV cache, and
+separate prefill (one sequence, many tokens) and decode (many sequences, one token each).
+
+Numerically it follows transformers' `LlamaForCausalLM` (same RMSNorm, RoPE tables and
+attention), so greedy generation matches `generate()` token for token on the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    """The fields of a Hugging Face Llama `config.json` that the forward pass needs."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_hf(cls, text_config: dict[str, Any]) -> "LlamaConfig":
+        c = text_config
+        if c.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (Llama uses silu)")
+        if c.get("attention_bias") or c.get("mlp_bias"):
+            raise ValueError("attention_bias / mlp_bias are not supported")
+        heads = int(c["num_attention_heads"])
+        # transformers 5 keeps RoPE settings in `rope_parameters`; 4.x in rope_theta/rope_scaling.
+        rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", None) or c.get("rope_theta") or 10000.0)
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "linear", "llama3"):
+            raise ValueError(f"unsupported rope_type {rope_type!r}")
+        return cls(
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_hidden_layers=int(c["num_hidden_layers"]),
+            num_attention_heads=heads,
+            num_key_value_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or int(c["hidden_size"]) // heads),
+            max_position_embeddings=int(c.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            rope_theta=theta,
+            rope_scaling=None if rope_type == "default" else {**rope, "rope_type": rope_type},
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+        )
+
+
+def rope_inv_freq(config: LlamaConfig) -> torch.Tensor:
+    """Inverse frequencies (head_dim/2,), as transformers' rope init functions compute them."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_scaling
+    if scaling is None:
+        return inv_freq
+    if scaling["rope_type"] == "linear":
+        return inv_freq / float(scaling["factor"])
+    # llama3: smooth interpolation between low and high frequency bands.
+    factor = float(scaling["factor"])
+    low, high = float(scaling["low_freq_factor"]), float(scaling["high_freq_factor"])
+    old_ctx = float(scaling["original_max_position_embeddings"])
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Variance in float32 whatever the compute dtype, as transformers' LlamaRMSNorm.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    # x (B, nh, T, hs); cos/sin (B, 1, T, hs)
+    return x * cos + rotate_half(x) * sin
+
+
+class KVCache(nn.Module):
+    """One layer's keys and values for `max_slots` sequences of up to `max_seq_len` tokens.
+
+    Preallocated once: a sequence owns a slot from admission to completion, so neither
+    prefill nor decode allocates cache memory.
+    """
+
+    def __init__(self, max_slots: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        super().__init__()
+        shape = (max_slots, num_kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.cache: KVCache | None = None
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: int, start: int) -> torch.Tensor:
+        """x (1, T, C): tokens start..start+T-1 of the sequence in `slot`."""
+        T = x.shape[1]
+        q, k, v = self._qkv(x, cos, sin)
+        end = start + T
+        self.cache.k[slot, :, start:end] = k[0]
+        self.cache.v[slot, :, start:end] = v[0]
+        if start == 0:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            # A later chunk attends to the cached prefix and causally to itself.
+            keys = self.cache.k[slot: slot + 1, :, :end]
+            values = self.cache.v[slot: slot + 1, :, :end]
+            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
+               positions: torch.Tensor, length: int) -> torch.Tensor:
+        """x (B, 1, C): one new token for each sequence in `slots` at `positions` (B,)."""
+        B = x.shape[0]
+        q, k, v = self._qkv(x, cos, sin)
+        self.cache.k[slots, :, positions] = k[:, :, 0]  # (B, nkv, hs)
+        self.cache.v[slots, :, positions] = v[:, :, 0]
+        keys = self.cache.k[slots, :, :length]  # (B, nkv, L, hs)
+        values = self.cache.v[slots, :, :length]
+        mask = (torch.arange(length, device=x.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaModel(nn.Module):
+    """Parameter names match Hugging Face's `LlamaForCausalLM` (`model.layers.N...`, `lm_head`)."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.max_slots = 0
+        self.max_seq_len = 0
+
+    # -- set-up -------------------------------------------------------------------------
+    def setup_caches(self, max_slots: int, max_seq_len: int) -> None:
+        """Allocate the KV cache and the RoPE tables once, on the weights' device and dtype."""
+        c = self.config
+        weight = self.lm_head.weight
+        for layer in self.model.layers:
+            layer.self_attn.cache = KVCache(max_slots, c.num_key_value_heads, max_seq_len, c.head_dim,
+                                            weight.dtype, weight.device)
+        # Tables in float32 then cast, as transformers' LlamaRotaryEmbedding does per call.
+        positions = torch.arange(max_seq_len, dtype=torch.float32)
+        freqs = torch.outer(positions, rope_inv_freq(c))  # (S, hs/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (S, hs)
+        self.register_buffer("rope_cos", emb.cos().to(weight.device, weight.dtype), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(weight.device, weight.dtype), persistent=False)
+        self.max_slots, self.max_seq_len = max_slots, max_seq_len
+
+    # -- forward ------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_tokens(input_ids)
+
+    def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
+        for layer in self.model.layers:
+            h = h + attend(layer.self_attn, layer.input_layernorm(h))
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def prefill(self, inputs_embeds: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
+        """inputs_embeds (1, T, C) for positions start..start+T-1 → logits of the last token (1, V), float32."""
+        T = inputs_embeds.shape[1]
+        if start + T > self.max_seq_len:
+            raise ValueError(f"sequence of {start + T} tokens exceeds the cache's {self.max_seq_len}")
+        cos = self.rope_cos[start: start + T][None, None]  # (1, 1, T, hs)
+        sin = self.rope_sin[start: start + T][None, None]
+        h = self._layers(inputs_embeds, lambda attn, x: attn.prefill(x, cos, sin, slot, start))
+        return self.lm_head(h[:, -1]).float()
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """input_ids (B,), slots (B,), positions (B,) → logits (B, V), float32."""
+        length = int(positions.max()) + 1
+        cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, hs)
+        sin = self.rope_sin[positions][:, None, None]
+        h = self.embed(input_ids)[:, None]  # (B, 1, C)
+        h = self._layers(h, lambda attn, x: attn.decode(x, cos, sin, slots, positions, length))
+        return self.lm_head(h[:, 0]).float()
+
+    # -- weights ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
+                        dtype: torch.dtype = torch.float32) -> "LlamaForCausalLM":
+        """Load `config.json` + `model.safetensors` in Hugging Face Llama naming (safetensors only)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        config = LlamaConfig.from_hf(json.loads((directory / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(config)
+        state = load_file(directory / "model.safetensors", device=str(device))
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+        missing = set(model.state_dict()) - set(state) - ({"lm_head.weight"} if config.tie_word_embeddings else set())
+        unexpected = set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise ValueError(f"{directory}: weights do not fit the config (missing {sorted(missing)[:5]}, "
+                             f"unexpected {sorted(unexpected)[:5]})")
+        state = {k: v.to(dtype) for k, v in state.items()}
+        model.load_state_dict(state, assign=True, strict=False)
+        if config.tie_word_embeddings:
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model.eval()

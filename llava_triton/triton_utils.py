@@ -1,0 +1,58 @@
+"""Small pieces every Triton adapter (`model_repository/*/1/model.py`) shares.
+
+Plain Python: `triton_python_backend_utils` exists only inside the server, so the adapters
+pass it in where it is needed and the tests call these functions without a server.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from .errors import InvalidRequestError, ServerBusyError
+from .spec import ModelSpec, ServingConfig, read_spec
+
+
+def version_dir(args: dict[str, Any]) -> Path:
+    """The model version directory Triton loaded (holds the weights and the spec file)."""
+    return Path(args["model_repository"]) / str(args["model_version"])
+
+
+def load_spec(args: dict[str, Any]) -> tuple[ModelSpec, ServingConfig]:
+    return read_spec(version_dir(args))
+
+
+def instance_device(args: dict[str, Any]) -> str:
+    """The torch device of this model instance: the GPU Triton assigned it, or the CPU."""
+    if args.get("model_instance_kind") == "GPU":
+        return f"cuda:{int(args['model_instance_device_id'])}"
+    return "cpu"
+
+
+def is_decoupled(args: dict[str, Any]) -> bool:
+    config = json.loads(args["model_config"])
+    return bool(config.get("model_transaction_policy", {}).get("decoupled", False))
+
+
+def optional_inputs(pb_utils, request, names: Iterable[str]) -> dict[str, np.ndarray | None]:
+    """The request's tensors by name; None for an optional input the client did not send."""
+    values = {}
+    for name in names:
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        values[name] = None if tensor is None else tensor.as_numpy()
+    return values
+
+
+def triton_error(pb_utils, exc: BaseException):
+    """A TritonError whose code says whose fault it was: the client's, a full queue, or ours."""
+    if isinstance(exc, InvalidRequestError):
+        code, message = "INVALID_ARG", str(exc)
+    elif isinstance(exc, ServerBusyError):
+        code, message = "UNAVAILABLE", str(exc)
+    else:
+        code, message = "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
+    code = getattr(pb_utils.TritonError, code, None)  # error codes exist from Triton 23.10 on
+    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)

@@ -1,0 +1,79 @@
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # the stub ignores PYTHONPATH
+# Triton adapter for the language model: decoupled, in-flight batched (llava_triton.engine).
+
+import threading
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from transformers import AutoTokenizer
+
+from llava_triton import spec
+from llava_triton.engine import Engine, Output
+from llava_triton.llama import LlamaForCausalLM, torch_dtype
+from llava_triton.sampling import SamplingParams
+from llava_triton.triton_utils import instance_device, is_decoupled, load_spec, optional_inputs, triton_error, version_dir
+
+
+class ResponseSink:
+    """Sends a request's outputs through its response sender (callable from the engine thread)."""
+
+    def __init__(self, request):
+        self.request = request
+        self.sender = request.get_response_sender()
+
+    def send(self, output: Output) -> None:
+        tensors = [
+            pb_utils.Tensor(spec.OUT_TEXT, np.array([output.text.encode("utf-8")], dtype=object)),
+            pb_utils.Tensor(spec.OUT_TOKEN_IDS, np.array(output.token_ids, dtype=np.int64)),
+            pb_utils.Tensor(spec.OUT_PROMPT_TOKENS, np.array([output.prompt_tokens], dtype=np.int32)),
+            pb_utils.Tensor(spec.OUT_COMPLETION_TOKENS, np.array([output.completion_tokens], dtype=np.int32)),
+            pb_utils.Tensor(spec.OUT_FINISH_REASON, np.array([output.finish_reason.encode()], dtype=object)),
+        ]
+        flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if output.final else 0
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
+
+    def error(self, message: str) -> None:
+        self.fail(pb_utils.TritonError(message))
+
+    def fail(self, error) -> None:
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+    def cancelled(self) -> bool:
+        return self.request.is_cancelled()
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        if not is_decoupled(args):
+            raise pb_utils.TritonModelException("language_model must be decoupled (model_transaction_policy)")
+        self.model_spec, self.serving = load_spec(args)
+        directory = version_dir(args)
+        device = instance_device(args)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)
+        model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=torch_dtype(self.serving.dtype))
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        self.engine = Engine(model, tokenizer, self.model_spec, self.serving)
+        self.stop = threading.Event()
+        self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
+        self.loop.start()
+
+    def execute(self, requests):
+        # Decoupled: queue every request and return at once; the engine thread responds.
+        for request in requests:
+            sink = ResponseSink(request)
+            try:
+                input_ids = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, spec.INPUT_IDS).as_numpy().copy())
+                embeds = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_EMBEDS)
+                image_embeds = None if embeds is None else torch.from_numpy(embeds.as_numpy().copy())
+                params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
+                self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink)
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+                sink.fail(triton_error(pb_utils, exc))
+        return None
+
+    def finalize(self):
+        self.stop.set()
+        self.loop.join(timeout=10)
+        self.engine.abort_all("the server is shutting down")

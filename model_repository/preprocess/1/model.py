@@ -1,0 +1,41 @@
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # the stub ignores PYTHONPATH
+# Triton adapter for preprocessing: image bytes + prompt → input_ids + pixel_values (llava_triton.preprocess).
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from llava_triton import spec
+from llava_triton.errors import InvalidRequestError
+from llava_triton.preprocess import Preprocessor
+from llava_triton.sampling import SamplingParams
+from llava_triton.triton_utils import load_spec, optional_inputs, triton_error, version_dir
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        self.model_spec, self.serving = load_spec(args)
+        self.preprocessor = Preprocessor.from_pretrained(version_dir(args), self.model_spec, self.serving)
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(self._preprocess(request))
+            except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
+                responses.append(pb_utils.InferenceResponse(error=triton_error(pb_utils, exc)))
+        return responses
+
+    def _preprocess(self, request):
+        inputs = optional_inputs(pb_utils, request, (spec.IN_IMAGES, spec.IN_PROMPT))
+        prompt = inputs[spec.IN_PROMPT].reshape(-1)
+        if prompt.size != 1:
+            raise InvalidRequestError(f"prompt must hold exactly one string, got {prompt.size}")
+        images = [] if inputs[spec.IN_IMAGES] is None else list(inputs[spec.IN_IMAGES].reshape(-1))
+        # Sampling values are checked here too, so a bad request is refused before any image work.
+        params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
+        input_ids, pixel_values = self.preprocessor(images, prompt[0])
+        params.resolve_max_tokens(len(input_ids), self.model_spec.max_position_embeddings, self.serving)
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
+            pb_utils.Tensor(spec.PIXEL_VALUES, pixel_values.astype(np.float32)),
+        ])

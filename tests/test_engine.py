@@ -1,0 +1,269 @@
+"""The in-flight batching engine against transformers, without a server."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+from export.language_model import export_language_model
+from llava_triton import spec
+from llava_triton.engine import Engine, Output, count_images
+from llava_triton.errors import InvalidRequestError, ServerBusyError
+from llava_triton.llama import LlamaForCausalLM
+from llava_triton.sampling import SamplingParams
+from llava_triton.spec import ModelSpec, ServingConfig
+
+SERVING = ServingConfig()
+
+
+class Collect:
+    """A sink that records what the engine sends."""
+
+    def __init__(self):
+        self.outputs: list[Output] = []
+        self.errors: list[str] = []
+        self.cancel = False
+
+    def send(self, output: Output) -> None:
+        self.outputs.append(output)
+
+    def error(self, message: str) -> None:
+        self.errors.append(message)
+
+    def cancelled(self) -> bool:
+        return self.cancel
+
+    @property
+    def done(self) -> bool:
+        return bool(self.errors) or bool(self.outputs and self.outputs[-1].final)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return [t for o in self.outputs for t in o.token_ids]
+
+    @property
+    def text(self) -> str:
+        return "".join(o.text for o in self.outputs)
+
+
+def params(**overrides) -> SamplingParams:
+    inputs = {}
+    for name, value in overrides.items():
+        if name == "stop":
+            inputs[name] = np.array([s.encode() for s in value], dtype=object)
+        elif isinstance(value, bool):
+            inputs[name] = np.array([value])
+        elif isinstance(value, float):
+            inputs[name] = np.array([value], dtype=np.float32)
+        else:
+            inputs[name] = np.array([value], dtype=np.int64)
+    return SamplingParams.from_inputs(inputs, SERVING)
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint, tmp_path_factory):
+    lm_dir = export_language_model(tiny_checkpoint, tmp_path_factory.mktemp("lm"))
+    model_spec = ModelSpec.from_pretrained(tiny_checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    hf = LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    return lm_dir, model_spec, tokenizer, hf
+
+
+def make_engine(parts, **serving) -> Engine:
+    lm_dir, model_spec, tokenizer, _ = parts
+    return Engine(LlamaForCausalLM.from_pretrained(lm_dir), tokenizer, model_spec, ServingConfig(**serving))
+
+
+def run_until_done(engine: Engine, sinks: list[Collect], max_steps: int = 1000) -> None:
+    for _ in range(max_steps):
+        if all(s.done for s in sinks):
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def prompt_ids(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor(tokenizer(f"USER: {text} ASSISTANT:")["input_ids"])
+
+
+def hf_greedy(hf, input_ids: torch.Tensor, max_new_tokens: int, pixel_values=None) -> list[int]:
+    with torch.no_grad():
+        out = hf.generate(input_ids=input_ids[None], pixel_values=pixel_values, max_new_tokens=max_new_tokens,
+                          do_sample=False)
+    return out[0, input_ids.shape[0]:].tolist()
+
+
+def test_greedy_batch_matches_transformers_with_chunked_prefill_and_queueing(parts):
+    _, model_spec, tokenizer, hf = parts
+    # Two slots for four requests: two wait and join between decode steps. Chunks of 5 tokens
+    # make every prompt take several prefill steps while others decode.
+    engine = make_engine(parts, max_num_seqs=2, prefill_chunk_tokens=5)
+    prompts = ["What is in the picture?", "Describe a cat.", "One", "Tell me a long story about the sea and sky."]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    sinks = [Collect() for _ in prompts]
+    for i, (x, sink) in enumerate(zip(ids, sinks)):
+        engine.submit(x, None, params(max_tokens=6 + 3 * i, temperature=0.0), sink)
+    run_until_done(engine, sinks)
+    for i, (x, sink) in enumerate(zip(ids, sinks)):
+        assert sink.errors == []
+        expected = hf_greedy(hf, x, 6 + 3 * i)
+        assert sink.token_ids == expected[: len(sink.token_ids)]
+        # Shorter only when EOS came first.
+        assert len(sink.token_ids) == len(expected) or sink.token_ids[-1] in model_spec.eos_token_id
+    assert engine.free_slots == 2 and engine.num_running == 0
+
+
+def test_image_embeddings_are_merged_like_transformers(parts):
+    _, model_spec, tokenizer, hf = parts
+    engine = make_engine(parts)
+    n = model_spec.num_image_tokens
+    text_ids = tokenizer("USER: <image>\nWhat is this? ASSISTANT:")["input_ids"]
+    at = text_ids.index(model_spec.image_token_index)
+    input_ids = torch.tensor(text_ids[:at] + [model_spec.image_token_index] * n + text_ids[at + 1:])
+    torch.manual_seed(0)
+    pixel_values = torch.randn(1, 3, model_spec.image_size, model_spec.image_size)
+    with torch.no_grad():
+        features = hf.model.get_image_features(pixel_values=pixel_values)
+    features = features.pooler_output if hasattr(features, "pooler_output") else features
+    image_embeds = torch.cat(list(features), 0).reshape(1, n, -1) if isinstance(features, (list, tuple)) else features
+    sink = Collect()
+    engine.submit(input_ids, image_embeds, params(max_tokens=8), sink)
+    run_until_done(engine, [sink])
+    expected = hf_greedy(hf, input_ids, 8, pixel_values=pixel_values)
+    assert sink.token_ids == expected[: len(sink.token_ids)] and sink.token_ids
+
+
+def test_streamed_text_joins_to_the_full_decode_and_stop_strings_cut(parts):
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts)
+    ids = prompt_ids(tokenizer, "Describe the picture in detail.")
+    full, streamed = Collect(), Collect()
+    engine.submit(ids, None, params(max_tokens=24, ignore_eos=True), full)
+    engine.submit(ids, None, params(max_tokens=24, ignore_eos=True, stream=True), streamed)
+    run_until_done(engine, [full, streamed])
+    assert len(full.outputs) == 1 and len(streamed.outputs) == 24
+    assert full.text == streamed.text == tokenizer.decode(full.token_ids, skip_special_tokens=True)
+    assert streamed.token_ids == full.token_ids
+    assert [o.completion_tokens for o in streamed.outputs] == list(range(1, 25))
+    assert full.outputs[-1].finish_reason == "length"
+
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 3]
+    assert stop.strip(), f"need a visible stop string from {text!r}"
+    cut = Collect()
+    engine.submit(ids, None, params(max_tokens=24, ignore_eos=True, stream=True, stop=[stop]), cut)
+    run_until_done(engine, [cut])
+    assert cut.text == text[: text.index(stop)]
+    assert all(stop not in o.text for o in cut.outputs)
+    assert cut.outputs[-1].finish_reason == "stop" and cut.outputs[-1].final
+
+
+def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(parts):
+    _, _, tokenizer, _ = parts
+    ids = prompt_ids(tokenizer, "Say something.")
+    runs = []
+    for neighbours in (0, 3):
+        engine = make_engine(parts)
+        sink = Collect()
+        engine.submit(ids, None, params(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True), sink)
+        others = [Collect() for _ in range(neighbours)]
+        for other in others:
+            engine.submit(ids, None, params(max_tokens=16, temperature=1.0, ignore_eos=True), other)
+        run_until_done(engine, [sink, *others])
+        runs.append(sink.token_ids)
+    assert runs[0] == runs[1] and len(runs[0]) == 16
+    engine = make_engine(parts)
+    other_seed = Collect()
+    engine.submit(ids, None, params(max_tokens=16, temperature=1.0, seed=99, ignore_eos=True), other_seed)
+    run_until_done(engine, [other_seed])
+    assert other_seed.token_ids != runs[0]
+
+
+def test_cancelled_request_frees_its_slot_and_others_continue(parts):
+    _, _, tokenizer, hf = parts
+    engine = make_engine(parts, max_num_seqs=2)
+    ids = prompt_ids(tokenizer, "Count to ten.")
+    victim, survivor = Collect(), Collect()
+    engine.submit(ids, None, params(max_tokens=50, ignore_eos=True, stream=True), victim)
+    engine.submit(ids, None, params(max_tokens=10), survivor)
+    engine.step()
+    engine.step()
+    assert engine.free_slots == 0
+    victim.cancel = True
+    engine._last_cancel_check = 0.0  # the next step checks cancellation now
+    engine.step()
+    assert victim.errors == ["request cancelled"] and engine.free_slots == 1
+    run_until_done(engine, [survivor])
+    assert survivor.token_ids == hf_greedy(hf, ids, 10)[: len(survivor.token_ids)]
+
+
+def test_full_queue_refuses_at_once(parts):
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts, max_queue_size=2)
+    ids = prompt_ids(tokenizer, "Hi")
+    engine.submit(ids, None, params(), Collect())
+    engine.submit(ids, None, params(), Collect())
+    with pytest.raises(ServerBusyError, match="queue is full"):
+        engine.submit(ids, None, params(), Collect())
+
+
+def test_abort_all_fails_every_request(parts):
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts)
+    sinks = [Collect(), Collect()]
+    ids = prompt_ids(tokenizer, "Hi")
+    for sink in sinks:
+        engine.submit(ids, None, params(max_tokens=30, ignore_eos=True), sink)
+    engine.step()
+    engine.abort_all("the server is shutting down")
+    assert [s.errors for s in sinks] == [["the server is shutting down"]] * 2
+    assert engine.free_slots == SERVING.max_num_seqs and not engine.has_work()
+
+
+def test_engine_thread_serves_concurrent_submitters(parts):
+    _, _, tokenizer, hf = parts
+    engine = make_engine(parts)
+    stop = threading.Event()
+    loop = threading.Thread(target=engine.run, args=(stop,), daemon=True)
+    loop.start()
+    try:
+        prompts = [f"Question number {i}?" for i in range(6)]
+        sinks = [Collect() for _ in prompts]
+        threads = [threading.Thread(target=engine.submit, args=(prompt_ids(tokenizer, p), None, params(max_tokens=5), s))
+                   for p, s in zip(prompts, sinks)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for _ in range(200):
+            if all(s.done for s in sinks):
+                break
+            threading.Event().wait(0.05)
+        for p, s in zip(prompts, sinks):
+            assert s.token_ids == hf_greedy(hf, prompt_ids(tokenizer, p), 5)[: len(s.token_ids)] and s.token_ids
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+
+
+@pytest.mark.parametrize("ids, shape, message", [
+    ([], None, "non-empty"),
+    ([5, 99999], None, "outside the vocabulary"),
+    ([5] + [1000] * 7, (1, 576, 128), "not a multiple"),
+    ([5] + [1000] * 576, None, "refers to 1 images but 0"),
+    ([5] + [1000] * 576, (1, 576, 64), "must have shape"),
+])
+def test_count_images_refuses_inconsistent_inputs(parts, ids, shape, message):
+    _, model_spec, _, _ = parts
+    with pytest.raises(InvalidRequestError, match=message):
+        count_images(torch.tensor(ids, dtype=torch.int64), shape, model_spec)
+
+
+def test_count_images_counts(parts):
+    _, model_spec, _, _ = parts
+    ids = torch.tensor([5] + [model_spec.image_token_index] * (2 * model_spec.num_image_tokens) + [7])
+    assert count_images(ids, (3, model_spec.num_image_tokens, model_spec.text_hidden_size), model_spec) == 2
