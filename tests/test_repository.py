@@ -1,0 +1,99 @@
+"""Every config.pbtxt is built from the spec and parses as Triton's ModelConfig."""
+
+from __future__ import annotations
+
+import pytest
+from tritonclient.grpc import model_config_pb2 as mc
+
+from export.repository import model_configs, read_config, write_configs
+from llava_triton import spec
+from llava_triton.spec import ModelSpec, ServingConfig, read_spec
+
+MODEL = ModelSpec(image_size=336, patch_size=14, num_channels=3, vision_hidden_size=1024, text_hidden_size=4096,
+                  vocab_size=32064, image_token_index=32000, vision_feature_layer=-2,
+                  vision_feature_select_strategy="default", max_position_embeddings=4096, eos_token_id=(2,))
+
+
+def dims(tensors, name):
+    return [list(t.dims) for t in tensors if t.name == name][0]
+
+
+def test_sizes_come_from_the_checkpoint_spec():
+    configs = model_configs(MODEL, ServingConfig(), "pytorch")
+    assert set(configs) == set(spec.MODEL_NAMES)
+    assert MODEL.num_image_tokens == 576
+    assert dims(configs[spec.VISION_ENCODER].input, spec.PIXEL_VALUES) == [3, 336, 336]
+    assert dims(configs[spec.VISION_ENCODER].output, spec.IMAGE_FEATURES) == [576, 1024]
+    assert dims(configs[spec.PROJECTOR].output, spec.IMAGE_EMBEDS) == [576, 4096]
+    assert dims(configs[spec.LANGUAGE_MODEL].input, spec.IMAGE_EMBEDS) == [-1, 576, 4096]
+    full = ModelSpec(**{**MODEL.to_dict(), "vision_feature_select_strategy": "full"})
+    assert dims(model_configs(full, ServingConfig(), "pytorch")[spec.PROJECTOR].output, spec.IMAGE_EMBEDS) == [577, 4096]
+
+
+def test_batching_and_instances_follow_serving_config():
+    serving = ServingConfig(vision_max_batch_size=16, vision_preferred_batch_sizes=(4, 16), vision_max_queue_delay_us=500,
+                            instance_kind="KIND_GPU", vision_instances=2, preprocess_instances=3, max_queue_size=9)
+    configs = model_configs(MODEL, serving, "pytorch")
+    encoder = configs[spec.VISION_ENCODER]
+    assert encoder.max_batch_size == 16
+    assert list(encoder.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert encoder.dynamic_batching.max_queue_delay_microseconds == 500
+    assert encoder.dynamic_batching.default_queue_policy.max_queue_size == 9
+    assert encoder.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and encoder.instance_group[0].count == 2
+    assert not encoder.instance_group[0].gpus  # one set of instances on every visible GPU
+    assert configs[spec.PREPROCESS].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
+    assert configs[spec.PREPROCESS].instance_group[0].count == 3
+    assert configs[spec.LANGUAGE_MODEL].model_transaction_policy.decoupled
+
+
+def test_engines_share_one_tensor_contract():
+    torch_configs = model_configs(MODEL, ServingConfig(), "pytorch")
+    trt_configs = model_configs(MODEL, ServingConfig(), "tensorrt")
+    for name in (spec.VISION_ENCODER, spec.PROJECTOR):
+        assert torch_configs[name].backend == "python" and not torch_configs[name].platform
+        assert trt_configs[name].platform == "tensorrt_plan" and not trt_configs[name].backend
+        assert torch_configs[name].input == trt_configs[name].input
+        assert torch_configs[name].output == trt_configs[name].output
+    with pytest.raises(ValueError, match="unknown engine"):
+        model_configs(MODEL, ServingConfig(), "onnx")
+
+
+def test_ensemble_wiring_is_consistent():
+    configs = model_configs(MODEL, ServingConfig(), "pytorch")
+    ensemble = configs[spec.ENSEMBLE]
+    available = {t.name: (t.data_type, t.optional) for t in ensemble.input}
+    for step in ensemble.ensemble_scheduling.step:
+        model = configs[step.model_name]
+        model_inputs = {t.name: t for t in model.input}
+        assert set(step.input_map) <= set(model_inputs), step.model_name
+        for model_input, tensor in step.input_map.items():
+            assert tensor in available, f"{step.model_name} reads {tensor} before anything produces it"
+            data_type, optional = available[tensor]
+            assert data_type == model_inputs[model_input].data_type
+            # An optional ensemble input may only feed an optional model input.
+            assert not optional or model_inputs[model_input].optional
+        for model_input in model_inputs.values():
+            assert model_input.optional or model_input.name in step.input_map, (step.model_name, model_input.name)
+        model_outputs = {t.name: t for t in model.output}
+        for model_output, tensor in step.output_map.items():
+            available[tensor] = (model_outputs[model_output].data_type, False)
+    assert {t.name for t in ensemble.output} <= set(available)
+    assert [t.name for t in ensemble.input if not t.optional] == [spec.IN_PROMPT]
+
+
+def test_written_files_parse_back(tmp_path):
+    serving = ServingConfig(max_num_seqs=7)
+    write_configs(tmp_path, MODEL, serving, "pytorch")
+    for name, expected in model_configs(MODEL, serving, "pytorch").items():
+        assert read_config(tmp_path / name / "config.pbtxt") == expected
+        assert read_spec(tmp_path / name / "1") == (MODEL, serving)
+        assert (tmp_path / name / "1" / "model.py").exists() == (name != spec.ENSEMBLE)
+
+
+def test_serving_config_refuses_bad_values():
+    with pytest.raises(ValueError, match="max_num_seqs must be positive"):
+        ServingConfig(max_num_seqs=0)
+    with pytest.raises(ValueError, match="must not exceed"):
+        ServingConfig(vision_max_batch_size=8, vision_preferred_batch_sizes=(16,))
+    with pytest.raises(ValueError, match="unknown serving options"):
+        ServingConfig.from_dict({"max_num_seq": 3})
