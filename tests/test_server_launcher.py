@@ -1,0 +1,228 @@
+"""The launcher starts a real tritonserver with the Python backend and stops it cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from llava_triton import spec
+from llava_triton import server as server_module
+from llava_triton.server import (PROJECT_ROOT, TritonNotFoundError, TritonServer, TritonServerError, find_triton,
+                                 free_port, server_env)
+
+# Decoupled like the real language model: one response per count, then the FINAL flag alone.
+COUNTER_CONFIG = """
+name: "counter"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy { decoupled: true }
+input [ { name: "COUNT" data_type: TYPE_INT32 dims: [ 1 ] } ]
+output [
+  { name: "INDEX" data_type: TYPE_INT32 dims: [ 1 ] },
+  { name: "INFO" data_type: TYPE_STRING dims: [ 1 ] }
+]
+instance_group [ { kind: KIND_CPU count: 1 } ]
+"""
+
+COUNTER_MODEL = '''
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from llava_triton import spec
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        {init}
+
+    def execute(self, requests):
+        info = json.dumps({{"numpy": np.__file__, "ensemble": spec.ENSEMBLE, "executable": sys.version}})
+        for request in requests:
+            sender = request.get_response_sender()
+            count = int(pb_utils.get_input_tensor_by_name(request, "COUNT").as_numpy()[0])
+            for index in range(count):
+                sender.send(pb_utils.InferenceResponse([
+                    pb_utils.Tensor("INDEX", np.array([index], dtype=np.int32)),
+                    pb_utils.Tensor("INFO", np.array([info.encode()], dtype=np.object_))]))
+            sender.send(flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+        return None
+'''
+
+
+def write_counter_repository(root: Path, init: str = "pass") -> Path:
+    model_dir = root / "counter"
+    (model_dir / "1").mkdir(parents=True)
+    (model_dir / "config.pbtxt").write_text(COUNTER_CONFIG)
+    (model_dir / "1" / "model.py").write_text(COUNTER_MODEL.format(init=init))
+    return root
+
+
+def stream_counter(url: str, count: int) -> list[tuple[int, dict]]:
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    count_input = grpcclient.InferInput("COUNT", [1], "INT32")
+    count_input.set_data_from_numpy(np.array([count], dtype=np.int32))
+    client.async_stream_infer("counter", [count_input], enable_empty_final_response=True)
+    received = []
+    while True:
+        result, error = responses.get(timeout=30)
+        assert error is None, error
+        if result.as_numpy("INDEX") is not None:
+            received.append((int(result.as_numpy("INDEX")[0]), json.loads(result.as_numpy("INFO")[0])))
+        if result.get_response().parameters["triton_final_response"].bool_param:
+            break
+    client.stop_stream()
+    client.close()
+    return received
+
+
+def process_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_free_port_is_bindable():
+    import socket
+
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
+
+
+def test_server_env_puts_project_and_site_packages_first(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/already/there")
+    monkeypatch.setenv("LD_LIBRARY_PATH", "/lib/already")
+    install = find_triton()
+    env = server_env(install, PROJECT_ROOT)
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    assert paths[0] == str(PROJECT_ROOT)
+    assert any(Path(p).name == "site-packages" for p in paths)
+    assert paths[-1] == "/already/there"
+    assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-1] == "/lib/already"
+    assert install.python_stub.is_file()
+
+
+def test_find_triton_prefers_the_server_on_path(tmp_path, monkeypatch):
+    bin_dir, backends = tmp_path / "bin", tmp_path / "triton_home" / "backends"
+    bin_dir.mkdir()
+    backends.mkdir(parents=True)
+    fake = bin_dir / "tritonserver"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("TRITON_HOME", str(backends.parent))
+    install = find_triton()
+    assert (install.server, install.backend_directory, install.source) == (fake.resolve(), backends, "PATH")
+
+
+def test_find_triton_without_any_server_says_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(server_module, "_site_packages", lambda: [str(tmp_path)])
+    with pytest.raises(TritonNotFoundError, match="nvidia-pytriton"):
+        find_triton()
+
+
+def test_check_fails_without_a_server(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(server_module, "_site_packages", lambda: [str(tmp_path)])
+    assert server_module.main(["--check"]) == 1
+    assert "[FAIL]" in capsys.readouterr().out
+
+
+def test_check_exits_zero():
+    result = subprocess.run([sys.executable, "-m", "llava_triton.server", "--check"], cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
+    assert "perf_analyzer" in result.stdout
+
+
+def test_missing_repository_is_refused(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        TritonServer(tmp_path / "nowhere")
+
+
+@pytest.mark.e2e
+def test_server_starts_serves_and_stops(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository")
+    server = TritonServer(repository, log_path=tmp_path / "server.log")
+    with server:
+        assert server.is_ready()
+        pid = server.process.pid
+        received = stream_counter(server.url_grpc, 3)
+        assert [index for index, _ in received] == [0, 1, 2]
+        info = received[0][1]
+        # The stub ignores PYTHONPATH; model.py's sys.path line makes the project and the venv importable.
+        assert info["ensemble"] == spec.ENSEMBLE
+        assert Path(info["numpy"]).resolve().is_relative_to(Path(sys.prefix).resolve())
+        assert "# HELP" in _get(server.url_metrics)
+    assert server.process is None
+    assert process_gone(pid)
+    assert "successfully loaded 'counter'" in (tmp_path / "server.log").read_text()
+
+
+@pytest.mark.e2e
+def test_broken_model_raises_with_log_tail(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository",
+                                          init='raise RuntimeError("counter is broken on purpose")')
+    server = TritonServer(repository)
+    server.start()
+    try:
+        with pytest.raises(TritonServerError, match="broken on purpose"):
+            server.wait_ready(timeout=60)
+    finally:
+        server.stop()
+    assert server.process is None
+
+
+@pytest.mark.e2e
+def test_cli_runs_in_foreground_and_stops_on_sigterm(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository")
+    http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
+    process = subprocess.Popen([sys.executable, "-m", "llava_triton.server", "--model-repository", str(repository),
+                                "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                                "--metrics-port", str(metrics_port)],
+                               cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                if _get(f"http://localhost:{http_port}/v2/health/ready") == "":
+                    break
+            except OSError:
+                time.sleep(0.2)
+        assert process.poll() is None, "server exited"
+        assert [index for index, _ in stream_counter(f"localhost:{grpc_port}", 2)] == [0, 1]
+        # exec: the pid we started is tritonserver itself, so SIGTERM reaches it directly.
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _get(url: str) -> str:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read().decode()
