@@ -1,0 +1,302 @@
+"""Build the embedded default checkpoint: a LLaVA-1.5 model with seeded random weights.
+
+The output is a directory in the Hugging Face format of `llava-hf/llava-1.5-7b-hf`, loadable
+with no network by `LlavaForConditionalGeneration.from_pretrained` and
+`LlavaProcessor.from_pretrained` / `AutoProcessor.from_pretrained`:
+
+    config.json, generation_config.json, model.safetensors    the model
+    tokenizer.json, tokenizer_config.json                     byte-level BPE trained on presets/corpus.txt
+    chat_template.jinja                                       LLaVA-1.5 prompt format ("USER: <image>\\n... ASSISTANT:")
+    preprocessor_config.json, processor_config.json           CLIPImageProcessor values and LlavaProcessor options
+    llava_triton_build.json                                   stamp: which preset and inputs built this
+
+Everything comes from `presets/<name>.json` (the Hugging Face config plus a seed) and
+`presets/corpus.txt`, so a build is reproducible: the same inputs on the same kind of device give a
+byte-identical `model.safetensors`. A build whose stamp matches the current inputs is not redone.
+
+    python -m llava_triton.checkpoint --preset tiny --output build/tiny-llava
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from llava_triton.spec import IMAGE_TOKEN, ModelSpec
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+CORPUS_FILE = PRESETS_DIR / "corpus.txt"
+STAMP_FILE = "llava_triton_build.json"
+DEFAULT_PRESET = "tiny"
+
+# Special tokens at ids 0..3 (as in Llama's tokenizer, with <pad> added). `<image>` is placed at
+# the config's `image_token_index`; the ids between the trained BPE and it, and after it up to
+# the model's vocab_size, are placeholder tokens so that every id the model can emit decodes.
+UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
+SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
+PLACEHOLDER = "<unused{}>"
+
+# LLaVA-1.5's conversation format as llava-hf renders it ("USER: <image>\nWhat is this? ASSISTANT:"),
+# except that content items are rendered in the order given: llava-hf's template moves every image
+# to the front of the message; this one keeps an image where the user placed it. For the usual
+# message (images first, then text) both give the same string.
+CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] != 'system' -%}{{ message['role'].upper() + ': ' }}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] + ' ' }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] + ' ' }}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
+)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def preset_path(preset: str) -> Path:
+    path = PRESETS_DIR / f"{preset}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {preset!r}; available: {', '.join(available_presets())}")
+    return path
+
+
+def load_preset(preset: str) -> dict[str, Any]:
+    return json.loads(preset_path(preset).read_text())
+
+
+def default_output(preset: str) -> Path:
+    return Path("build") / f"{preset}-llava"
+
+
+def preset_hash(preset: str) -> str:
+    """Content hash of everything a build depends on: the preset, the corpus, this builder's code
+    and the versions of the libraries that write the files."""
+    import tokenizers
+    import torch
+    import transformers
+
+    digest = hashlib.sha256()
+    for part in (preset_path(preset).read_bytes(), CORPUS_FILE.read_bytes(), Path(__file__).read_bytes(),
+                 f"torch {torch.__version__} transformers {transformers.__version__} "
+                 f"tokenizers {tokenizers.__version__}".encode()):
+        digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()
+
+
+def is_built(preset: str, output: Path) -> bool:
+    stamp = Path(output) / STAMP_FILE
+    if not stamp.is_file():
+        return False
+    try:
+        data = json.loads(stamp.read_text())
+    except ValueError:
+        return False
+    return data.get("preset") == preset and data.get("hash") == preset_hash(preset)
+
+
+def build_tokenizer(preset: dict[str, Any]):
+    """Train a byte-level BPE on the corpus and pad it so `<image>` has the config's id.
+
+    Returns a transformers `TokenizersBackend` (saved as tokenizer.json + tokenizer_config.json).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import TokenizersBackend
+
+    config = preset["config"]
+    image_token_index = int(config["image_token_index"])
+    vocab_size = int(config["text_config"]["vocab_size"])
+    options = preset["tokenizer"]
+    bpe_vocab_size = int(options["bpe_vocab_size"])
+    if bpe_vocab_size > image_token_index:
+        raise ValueError(f"bpe_vocab_size {bpe_vocab_size} must not exceed image_token_index {image_token_index}")
+    if image_token_index >= vocab_size:
+        raise ValueError(f"image_token_index {image_token_index} must be below vocab_size {vocab_size}")
+
+    trained = Tokenizer(models.BPE())
+    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=bpe_vocab_size,
+        min_frequency=int(options.get("min_frequency", 2)),
+        special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    trained.train_from_iterator(CORPUS_FILE.read_text().splitlines(), trainer)
+    model_json = json.loads(trained.to_str())["model"]
+    vocab: dict[str, int] = dict(model_json["vocab"])
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
+    if [vocab[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
+        raise RuntimeError("BPE training did not put the special tokens at ids 0..3")
+
+    # Placeholders live in the BPE vocabulary without merges, so no text ever tokenizes to them.
+    trained_size = len(vocab)
+    for token_id in range(trained_size, vocab_size):
+        token = IMAGE_TOKEN if token_id == image_token_index else PLACEHOLDER.format(token_id - trained_size)
+        vocab[token] = token_id
+
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    # Added tokens reuse the ids they already have in the vocabulary.
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, IMAGE_TOKEN)])
+    # Llama prepends BOS to every encoded text; the chat template therefore does not write it.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, SPECIAL_TOKENS.index(BOS))])
+    if tokenizer.token_to_id(IMAGE_TOKEN) != image_token_index or tokenizer.get_vocab_size() != vocab_size:
+        raise RuntimeError("padded tokenizer does not match the config's image_token_index / vocab_size")
+
+    return TokenizersBackend(
+        tokenizer_object=tokenizer,
+        bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
+        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        model_max_length=int(config["text_config"]["max_position_embeddings"]),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
+    """preprocessor_config.json of llava-hf/llava-1.5-7b-hf with this checkpoint's image size."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "processor_class": "LlavaProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": spec.image_size},
+        "resample": int(PILImageResampling.BICUBIC),
+        "do_center_crop": True,
+        "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+    }
+
+
+def processor_config(spec: ModelSpec) -> dict[str, Any]:
+    """processor_config.json in llava-hf's flat form (the image processor in its own file)."""
+    return {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": spec.patch_size,
+        # CLIP's CLS token: LlavaProcessor adds it, then drops one again for the "default" strategy.
+        "num_additional_image_tokens": 1,
+        "vision_feature_select_strategy": spec.vision_feature_select_strategy,
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _apply_umask(directory: Path) -> None:
+    """mkdtemp and safetensors create owner-only files; give them the usual permissions."""
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def _build_model(preset: dict[str, Any], directory: Path, device: str, log: Callable[[str], None]) -> None:
+    import torch
+    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    config = LlavaConfig(**json.loads(json.dumps(preset["config"])))  # deep copy: LlavaConfig mutates dicts
+    dtype = getattr(torch, preset["config"]["dtype"])
+    text = preset["config"]["text_config"]
+    device = torch.device(device)
+    log(f"initialising weights ({dtype}, {device}, seed {preset['seed']})")
+    # fork_rng: seed for this build only, without changing the caller's random state.
+    accelerators = [] if device.type == "cpu" else [
+        device.index if device.index is not None else torch.get_device_module(device.type).current_device()]
+    with torch.random.fork_rng(devices=accelerators, device_type=None if device.type == "cpu" else device.type):
+        torch.manual_seed(int(preset["seed"]))
+        # Built directly on the device in the target dtype (no fp32 copy of a 7B model on the host).
+        with device:
+            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config = GenerationConfig(
+        bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"])
+    num_params = sum(p.numel() for p in model.parameters())
+    log(f"saving {num_params / 1e6:.1f}M parameters")
+    model.save_pretrained(directory, max_shard_size="5GB")
+
+
+def build_checkpoint(preset: str, output: Path, *, force: bool = False, device: str = "cpu",
+                     log: Callable[[str], None] = print) -> Path:
+    """Build `preset` into `output` (a directory) and return it.
+
+    Skipped when `output` holds a build of the same inputs (see `preset_hash`) unless `force`.
+    The files are written to a temporary sibling directory and moved into place at the end, so an
+    interrupted build never leaves a half-written checkpoint that looks complete.
+    `device` is where the weights are initialised ("cuda" for the 7B preset); weights depend on the
+    seed and on the device type (CPU and CUDA random generators differ).
+    """
+    output = Path(output)
+    data = load_preset(preset)
+    digest = preset_hash(preset)
+    if not force and is_built(preset, output):
+        log(f"{output}: already built from preset {preset!r} ({digest[:12]}), skipping")
+        return output
+
+    spec = ModelSpec.from_hf_config(data["config"])
+    start = time.perf_counter()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        log(f"building preset {preset!r} into {output}")
+        log(f"training tokenizer on {CORPUS_FILE.name}")
+        tokenizer = build_tokenizer(data)
+        tokenizer.save_pretrained(staging)
+        _write_json(staging / "preprocessor_config.json", image_processor_config(spec))
+        _write_json(staging / "processor_config.json", processor_config(spec))
+        _build_model(data, staging, device, log)
+        _write_json(staging / STAMP_FILE, {"preset": preset, "hash": digest})
+        _apply_umask(staging)
+        if output.exists():
+            if not force and is_built(preset, output):  # a concurrent build of the same inputs finished first
+                log(f"{output}: built meanwhile by another process, keeping it")
+                return output
+            shutil.rmtree(output)
+        staging.rename(output)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    log(f"done in {time.perf_counter() - start:.1f} s: {output}")
+    return output
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m llava_triton.checkpoint",
+        description="Build a LLaVA-1.5 checkpoint with seeded random weights from a preset "
+                    "(Hugging Face format: loads with LlavaForConditionalGeneration / LlavaProcessor).")
+    parser.add_argument("--preset", default=DEFAULT_PRESET, choices=available_presets(),
+                        help=f"preset in llava_triton/presets/ (default: {DEFAULT_PRESET})")
+    parser.add_argument("--output", type=Path, default=None,
+                        help="output directory (default: build/<preset>-llava)")
+    parser.add_argument("--device", default="cpu", help="torch device to initialise the weights on (default: cpu)")
+    parser.add_argument("--force", action="store_true", help="rebuild even if the output is up to date")
+    args = parser.parse_args(argv)
+    output = args.output if args.output is not None else default_output(args.preset)
+    build_checkpoint(args.preset, output, force=args.force, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

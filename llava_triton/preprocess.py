@@ -1,0 +1,324 @@
+"""Request preprocessing: encoded images and a prompt in, `input_ids` and `pixel_values` out.
+
+Plain code (no Triton): the `preprocess` model's `model.py` holds one `Preprocessor` and calls it
+per request. Its output equals what transformers' `LlavaProcessor` gives for the same messages
+(`tests/test_preprocess.py` checks that), except that `<image>` is expanded after tokenization.
+
+Images are decoded like transformers' `load_image`: EXIF orientation applied, then converted to
+RGB (alpha dropped, as LLaVA's own training code does). One deliberate difference: 16-bit
+grayscale PNGs are scaled to 8 bits, where PIL's conversion would clip them to white.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from llava_triton.errors import InvalidRequestError
+from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
+
+# Formats we decode, as PIL names them (recognised by their leading bytes), with their usual names.
+SUPPORTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
+# Other formats, recognised only to name them in the error message (never handed to PIL).
+_OTHER_SIGNATURES = (
+    (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"),
+    (b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"\xff\x0a", "JPEG XL"), (b"\x00\x00\x00\x0cJXL ", "JPEG XL"),
+)
+_ISO_MEDIA_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix": "HEIC", b"mif1": "HEIF",
+                     b"msf1": "HEIF"}
+# What PIL raises on a broken file (its decoders report truncation and corruption as OSError).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+# Files a Preprocessor reads, copied by `copy_processor_files` (whichever of them exist).
+PROCESSOR_FILES = (
+    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
+)
+
+
+def _sniff_format(data: bytes) -> str | None:
+    """PIL's name of a supported format from the leading bytes, None if it is none of them."""
+    if data.startswith(b"\xff\xd8\xff"):
+        return "JPEG"
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "PNG"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def _other_format(data: bytes) -> str | None:
+    for signature, name in _OTHER_SIGNATURES:
+        if data.startswith(signature):
+            return name
+    if data[4:8] == b"ftyp":
+        return _ISO_MEDIA_BRANDS.get(data[8:12])
+    return None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # 16-bit grayscale: PIL's convert("RGB") clips values above 255 (a white image); scale instead.
+        gray = np.asarray(image).astype(np.float32) / 257.0
+        image = Image.fromarray(np.clip(np.rint(gray), 0, 255).astype(np.uint8), mode="L")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def decode_image(data: bytes, serving: ServingConfig, index: int = 0, *,
+                 shortest_edge: int | None = None) -> Image.Image:
+    """Decode one encoded JPEG/PNG/WebP image into an RGB PIL image, or refuse it.
+
+    Cheap checks come first: size in bytes, format from the leading bytes, and width * height
+    from the header, before any pixel is decoded (a decompression bomb costs a header read).
+    With `shortest_edge` (the image processor's resize target) the resized image is held to the
+    same pixel limit: CLIP's resize scales the short side up or down to it, so a 1x100000 strip,
+    cheap to send, would become 336x33600000 pixels.
+    Then the whole image is decoded, so truncated or corrupt data is refused here rather than
+    half-decoded. Only the first frame of an animated PNG/WebP is used.
+    """
+    if ImageFile.LOAD_TRUNCATED_IMAGES:
+        # Someone in this process switched PIL to padding truncated images with gray; refuse to
+        # serve rather than silently accept broken images.
+        raise RuntimeError("PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True; image decoding requires False")
+    data = bytes(data)
+    if not data:
+        raise InvalidRequestError(f"image {index}: empty (0 bytes)")
+    if len(data) > serving.max_image_bytes:
+        raise InvalidRequestError(
+            f"image {index}: {len(data)} bytes is more than the limit of {serving.max_image_bytes} bytes")
+    image_format = _sniff_format(data)
+    if image_format is None:
+        other = _other_format(data)
+        if other is not None:
+            raise InvalidRequestError(f"image {index}: unsupported format {other}; send JPEG, PNG or WebP")
+        raise InvalidRequestError(f"image {index}: not an image (unrecognised data; send JPEG, PNG or WebP)")
+
+    corrupt = f"image {index}: corrupt or truncated {SUPPORTED_FORMATS[image_format]} data"
+    try:
+        image = Image.open(io.BytesIO(data), formats=[image_format])
+    except Image.DecompressionBombError as err:  # PIL's own limit, far above ours: only huge headers
+        raise InvalidRequestError(
+            f"image {index}: more than the limit of {serving.max_image_pixels} pixels ({err})") from None
+    except UnidentifiedImageError:  # its message names a Python object, not the problem
+        raise InvalidRequestError(f"{corrupt} (unreadable header)") from None
+    except _DECODE_ERRORS as err:
+        raise InvalidRequestError(f"{corrupt} ({err})") from None
+    width, height = image.size
+    if width * height > serving.max_image_pixels:
+        image.close()
+        raise InvalidRequestError(
+            f"image {index}: {width}x{height} = {width * height} pixels is more than the limit of "
+            f"{serving.max_image_pixels} pixels")
+    if shortest_edge is not None:
+        scale = shortest_edge / min(width, height)
+        resized = round(width * scale) * round(height * scale)
+        if resized > serving.max_image_pixels:
+            image.close()
+            raise InvalidRequestError(
+                f"image {index}: {width}x{height} is too elongated: with its short side resized to {shortest_edge} "
+                f"it has {resized} pixels, more than the limit of {serving.max_image_pixels} pixels")
+    try:
+        image.load()  # the full decode: raises on truncated data since LOAD_TRUNCATED_IMAGES is False
+        ImageOps.exif_transpose(image, in_place=True)
+        return _to_rgb(image)
+    except _DECODE_ERRORS as err:
+        raise InvalidRequestError(f"{corrupt} ({err})") from None
+
+
+def decode_prompt(prompt: str | bytes, serving: ServingConfig) -> str:
+    """The prompt as text: UTF-8, not blank, at most `serving.max_prompt_bytes`."""
+    if isinstance(prompt, str):
+        try:
+            data = prompt.encode("utf-8")
+        except UnicodeEncodeError as err:  # a lone surrogate
+            raise InvalidRequestError(f"prompt is not valid UTF-8 (character {err.start}: {err.reason})") from None
+    else:
+        data = bytes(prompt)
+    if len(data) > serving.max_prompt_bytes:
+        raise InvalidRequestError(
+            f"prompt is {len(data)} bytes, more than the limit of {serving.max_prompt_bytes} bytes")
+    try:
+        prompt = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InvalidRequestError(f"prompt is not valid UTF-8 (byte {err.start}: {err.reason})") from None
+    if not prompt.strip():
+        raise InvalidRequestError("prompt is empty")
+    return prompt
+
+
+def build_messages(text: str, num_images: int) -> list[dict[str, Any]]:
+    """One user message whose content items follow the prompt's `<image>` tags.
+
+    Without tags the images go first, as llava-hf's chat template places them ("<image>\\n" per
+    image, then the text). Text pieces are stripped of the whitespace around tags, so
+    "<image>\\nWhat is this?" and "What is this?" with one image give the same prompt.
+    The caller has checked that the tag count is 0 or `num_images`.
+    """
+    if IMAGE_TOKEN not in text:
+        pieces = [""] * num_images + [text]
+    else:
+        pieces = text.split(IMAGE_TOKEN)
+    content: list[dict[str, Any]] = []
+    for position, piece in enumerate(pieces):
+        if position > 0:
+            content.append({"type": "image"})
+        if piece.strip():
+            content.append({"type": "text", "text": piece.strip()})
+    return [{"role": "user", "content": content}]
+
+
+class Preprocessor:
+    """Tokenizer, chat template and image processor of one checkpoint, loaded once."""
+
+    def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str, spec: ModelSpec,
+                 serving: ServingConfig) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.chat_template = chat_template
+        self.spec = spec
+        self.serving = serving
+        image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if image_token_id != spec.image_token_index:
+            raise ValueError(f"tokenizer maps {IMAGE_TOKEN} to {image_token_id}, the config says "
+                             f"image_token_index {spec.image_token_index}")
+
+    @classmethod
+    def from_pretrained(cls, checkpoint_dir: str | Path, spec: ModelSpec, serving: ServingConfig) -> "Preprocessor":
+        """Load from a checkpoint directory, or from a directory holding its `PROCESSOR_FILES`."""
+        from transformers import AutoTokenizer
+        # transformers.AutoImageProcessor is a torchvision-only placeholder when torchvision is not
+        # installed; the class in its module works and picks the PIL backend we ask for.
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+        directory = Path(checkpoint_dir)
+        if not (directory / "tokenizer_config.json").is_file():
+            raise FileNotFoundError(f"{directory} has no tokenizer_config.json (not a checkpoint or processor directory)")
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        # The PIL backend on every machine, so the output does not depend on torchvision being installed.
+        image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil", local_files_only=True)
+        chat_template = _load_chat_template(directory, tokenizer)
+        _check_image_token_count(directory, image_processor, spec)
+        return cls(tokenizer, image_processor, chat_template, spec, serving)
+
+    def build_input_ids(self, prompt: str | bytes, num_images: int) -> np.ndarray:
+        """Token ids (int64, 1-D) of the chat-formatted prompt, each `<image>` expanded to
+        `spec.num_image_tokens` copies of `image_token_index`."""
+        if num_images < 0:
+            raise ValueError(f"num_images must be >= 0, got {num_images}")
+        self._check_image_count(num_images)
+        text = decode_prompt(prompt, self.serving)
+        tags = text.count(IMAGE_TOKEN)
+        if tags and tags != num_images:
+            raise InvalidRequestError(f"the prompt has {tags} {IMAGE_TOKEN} tags but {num_images} images were sent")
+        rendered = self.tokenizer.apply_chat_template(
+            build_messages(text, num_images), chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=True)
+        # As LlavaProcessor.apply_chat_template: BOS comes from the tokenizer unless the template wrote it.
+        bos = self.tokenizer.bos_token
+        add_special_tokens = not (bos is not None and rendered.startswith(bos))
+        ids = np.asarray(self.tokenizer(rendered, add_special_tokens=add_special_tokens)["input_ids"], dtype=np.int64)
+        is_image = ids == self.spec.image_token_index
+        if int(is_image.sum()) != num_images:
+            raise RuntimeError(f"chat template rendered {int(is_image.sum())} {IMAGE_TOKEN} tokens for {num_images} "
+                               "images")
+        # LlavaProcessor repeats "<image>" in the text before tokenizing; repeating the id after
+        # tokenizing gives the same ids because <image> is a special token (never merged).
+        input_ids = np.repeat(ids, np.where(is_image, self.spec.num_image_tokens, 1))
+        limit = self.spec.max_position_embeddings
+        if len(input_ids) >= limit:
+            raise InvalidRequestError(
+                f"prompt is {len(input_ids)} tokens ({num_images} images of {self.spec.num_image_tokens} tokens each "
+                f"included), the limit is {limit - 1} (context of {limit} tokens, one left for the answer)")
+        return input_ids
+
+    def decode_images(self, images: Sequence[bytes]) -> list[Image.Image]:
+        self._check_image_count(len(images))
+        shortest_edge = self.image_processor.size.get("shortest_edge", self.spec.image_size)
+        return [decode_image(data, self.serving, index, shortest_edge=shortest_edge)
+                for index, data in enumerate(images)]
+
+    def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(N, 3, image_size, image_size) float32 from the checkpoint's image processor."""
+        size = self.spec.image_size
+        if not images:
+            return np.zeros((0, self.spec.num_channels, size, size), dtype=np.float32)
+        pixel_values = self.image_processor(list(images), return_tensors="np")["pixel_values"]
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if pixel_values.shape != (len(images), self.spec.num_channels, size, size):
+            raise RuntimeError(f"image processor gave pixel_values of shape {pixel_values.shape}, expected "
+                               f"{(len(images), self.spec.num_channels, size, size)}")
+        return pixel_values
+
+    def __call__(self, images: Sequence[bytes], prompt: str | bytes) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids int64 [seq_len], pixel_values float32 [max(N, 1), 3, H, W]) for one request.
+
+        The prompt is checked and tokenized before any image is decoded (cheap checks first).
+        """
+        input_ids = self.build_input_ids(prompt, len(images))
+        pixel_values = self.pixel_values(self.decode_images(images))
+        if len(images) == 0:
+            # Triton cannot send a batch of 0 images to the (batched) vision model, so a request
+            # without images carries one all-zero image. It is harmless: the language model takes
+            # only as many image embeddings as there are image-token runs in input_ids (none here).
+            size = self.spec.image_size
+            pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=np.float32)
+        return input_ids, pixel_values
+
+    def _check_image_count(self, num_images: int) -> None:
+        if num_images > self.serving.max_images_per_request:
+            raise InvalidRequestError(
+                f"too many images: {num_images}, the limit is {self.serving.max_images_per_request} per request")
+
+
+def _load_chat_template(directory: Path, tokenizer: Any) -> str:
+    """The chat template: chat_template.jinja, the legacy chat_template.json, or the tokenizer's."""
+    if (directory / "chat_template.jinja").is_file():
+        return (directory / "chat_template.jinja").read_text()
+    if (directory / "chat_template.json").is_file():
+        return json.loads((directory / "chat_template.json").read_text())["chat_template"]
+    if isinstance(tokenizer.chat_template, str):
+        return tokenizer.chat_template
+    raise FileNotFoundError(f"{directory} has no chat template")
+
+
+def _check_image_token_count(directory: Path, image_processor: Any, spec: ModelSpec) -> None:
+    """The processor's image token count (LlavaProcessor's formula) must equal the spec's."""
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if (crop.get("height"), crop.get("width")) != (spec.image_size, spec.image_size):
+        raise ValueError(f"image processor crops to {crop}, the vision tower takes {spec.image_size}x{spec.image_size}")
+    options_path = directory / "processor_config.json"
+    options = json.loads(options_path.read_text()) if options_path.is_file() else {}
+    patch_size = options.get("patch_size", spec.patch_size)
+    count = (spec.image_size // patch_size) ** 2 + options.get("num_additional_image_tokens", 0)
+    if options.get("vision_feature_select_strategy", spec.vision_feature_select_strategy) == "default":
+        count -= 1
+    if count != spec.num_image_tokens:
+        raise ValueError(f"{options_path} gives {count} image tokens per image, the model config "
+                         f"{spec.num_image_tokens}")
+
+
+def copy_processor_files(checkpoint_dir: str | Path, dest_dir: str | Path) -> list[Path]:
+    """Copy what `Preprocessor.from_pretrained` reads (tokenizer, chat template, image processor
+    configs) from a checkpoint into `dest_dir`; returns the copied paths."""
+    source, dest = Path(checkpoint_dir), Path(dest_dir)
+    present = [name for name in PROCESSOR_FILES if (source / name).is_file()]
+    missing = [] if "tokenizer_config.json" in present else ["tokenizer_config.json"]
+    if not ({"tokenizer.json", "tokenizer.model"} & set(present)):
+        missing.append("tokenizer.json")
+    # The image processor's settings: their own file, or nested in processor_config.json (transformers 5).
+    if "preprocessor_config.json" not in present and not (
+            "processor_config.json" in present
+            and "image_processor" in json.loads((source / "processor_config.json").read_text())):
+        missing.append("preprocessor_config.json")
+    if missing:
+        raise FileNotFoundError(f"{source} lacks {', '.join(missing)}")
+    dest.mkdir(parents=True, exist_ok=True)
+    return [Path(shutil.copy2(source / name, dest / name)) for name in present]

@@ -1,0 +1,144 @@
+"""Hugging Face reference results for a checkpoint, and test inputs (a helper module, not tests).
+
+The reference path is transformers' own: `LlavaProcessor.apply_chat_template` and
+`LlavaProcessor(images=..., text=...)` with the images given as base64 strings (decoded by
+`transformers.image_utils.load_image`), and `LlavaForConditionalGeneration.generate` in float32
+on CPU. Our serving path must reproduce it.
+"""
+
+from __future__ import annotations
+
+import base64
+import functools
+import io
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from llava_triton.checkpoint import build_checkpoint
+from llava_triton.spec import IMAGE_TOKEN
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+TINY_CHECKPOINT = REPO_ROOT / "build" / "tiny-llava"
+
+
+def tiny_checkpoint() -> Path:
+    """The tiny preset built into build/tiny-llava (rebuilt only when its stamp is stale)."""
+    return build_checkpoint("tiny", TINY_CHECKPOINT, log=lambda message: None)
+
+
+@functools.lru_cache(maxsize=None)
+def hf_processor(checkpoint: Path):
+    from transformers import LlavaProcessor
+
+    processor = LlavaProcessor.from_pretrained(checkpoint)
+    # With torchvision installed transformers would pick its torchvision image processor, whose
+    # resize differs slightly from PIL's; the serving path always uses the PIL one.
+    if type(processor.image_processor).__name__ != "CLIPImageProcessorPil":
+        from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+        processor.image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
+    return processor
+
+
+@functools.lru_cache(maxsize=None)
+def hf_model(checkpoint: Path):
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    return model.eval()
+
+
+def hf_messages(prompt: str, num_images: int) -> list[dict]:
+    """The user message for `prompt`: images first when it has no `<image>` tag, else at the tags;
+    text stripped around the tags (the convention `llava_triton.preprocess` documents)."""
+    if IMAGE_TOKEN not in prompt:
+        content = [{"type": "image"}] * num_images + [{"type": "text", "text": prompt.strip()}]
+    else:
+        content = []
+        for piece in re.split(f"({re.escape(IMAGE_TOKEN)})", prompt):
+            if piece == IMAGE_TOKEN:
+                content.append({"type": "image"})
+            elif piece.strip():
+                content.append({"type": "text", "text": piece.strip()})
+    return [{"role": "user", "content": content}]
+
+
+def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input_ids int64 [seq_len], pixel_values float32 [N, 3, H, W] or None without images)."""
+    processor = hf_processor(Path(checkpoint))
+    text = processor.apply_chat_template(hf_messages(prompt, len(images)), add_generation_prompt=True)
+    encoded_images = [base64.b64encode(data).decode("ascii") for data in images] or None
+    inputs = processor(images=encoded_images, text=text, return_tensors="np")
+    pixel_values = inputs["pixel_values"].astype(np.float32) if images else None
+    return inputs["input_ids"][0].astype(np.int64), pixel_values
+
+
+def hf_generate(checkpoint: Path, images: list[bytes], prompt: str, max_new_tokens: int) -> list[int]:
+    """The new token ids of greedy `generate` (float32, CPU); it may stop early at EOS."""
+    import torch
+
+    checkpoint = Path(checkpoint)
+    input_ids, pixel_values = hf_inputs(checkpoint, images, prompt)
+    model = hf_model(checkpoint)
+    kwargs = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
+    input_tensor = torch.from_numpy(input_ids)[None]
+    with torch.no_grad():
+        output = model.generate(input_ids=input_tensor, attention_mask=torch.ones_like(input_tensor),
+                                max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return output[0, input_tensor.shape[1]:].tolist()
+
+
+def _encode(image: Image.Image, image_format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, image_format, **options)
+    return buffer.getvalue()
+
+
+def _scene(width: int, height: int, seed: int) -> Image.Image:
+    """A deterministic picture: a gradient background with a few shapes."""
+    y, x = np.mgrid[0:height, 0:width]
+    background = np.stack([x * 255 // max(width - 1, 1), y * 255 // max(height - 1, 1),
+                           np.full_like(x, (seed * 70) % 256)], axis=-1).astype(np.uint8)
+    image = Image.fromarray(background, "RGB")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((width // 8, height // 8, width // 2, height // 2), fill=(200, 30 + seed * 40, 30))
+    draw.ellipse((width // 2, height // 3, width - 10, height - 10), fill=(20, 90, 220 - seed * 30))
+    draw.line((0, height - 1, width - 1, 0), fill=(255, 255, 255), width=3)
+    return image
+
+
+def make_test_images() -> dict[str, bytes]:
+    """Small, different, deterministic encoded images: JPEG (landscape), PNG (portrait, RGBA),
+    WebP (square, lossless)."""
+    png = _scene(200, 360, 1).convert("RGBA")
+    png.putalpha(Image.linear_gradient("L").resize(png.size))
+    return {
+        "jpeg": _encode(_scene(320, 240, 0), "JPEG", quality=90),
+        "png": _encode(png, "PNG"),
+        "webp": _encode(_scene(256, 256, 2), "WEBP", lossless=True),
+    }
+
+
+def make_mode_images() -> dict[str, bytes]:
+    """Images in the colour modes and orientations a client may send, all to become RGB."""
+    scene = _scene(180, 120, 3)
+    rotated = _scene(160, 96, 4)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90° clockwise for display
+    transparent_palette = scene.convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    transparent_palette.info["transparency"] = 0
+    translucent = scene.convert("RGBA")
+    translucent.putalpha(Image.linear_gradient("L").resize(scene.size))
+    return {
+        "palette_png": _encode(scene.convert("P", palette=Image.Palette.ADAPTIVE, colors=32), "PNG"),
+        "palette_transparency_png": _encode(transparent_palette, "PNG"),
+        "gray_alpha_png": _encode(scene.convert("LA"), "PNG"),
+        "gray_jpeg": _encode(scene.convert("L"), "JPEG", quality=90),
+        "cmyk_jpeg": _encode(scene.convert("CMYK"), "JPEG", quality=90),
+        "exif_rotated_jpeg": _encode(rotated, "JPEG", quality=90, exif=exif.tobytes()),
+        "rgba_webp": _encode(translucent, "WEBP", quality=80),
+    }

@@ -1,0 +1,343 @@
+"""The vision encoder and projector against transformers' LLaVA, their serving artifacts, ONNX and batching."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+from export import tensorrt as trt_export
+from export.onnx_export import ONNX_REL_TOLERANCE, OnnxMismatchError, check_error, export_vision
+from llava_triton import vision
+from llava_triton.errors import InvalidRequestError
+from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, SPEC_FILE, VISION_ENCODER,
+                               ModelSpec, ServingConfig, write_spec)
+
+ROOT = Path(__file__).resolve().parent.parent
+IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 patches
+SERVING = ServingConfig(vision_max_batch_size=4, vision_preferred_batch_sizes=(2, 4))
+
+
+def _tiny_llava(vision_feature_layer: int = -2, strategy: str = "default") -> LlavaForConditionalGeneration:
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                                     image_size=IMAGE_SIZE, patch_size=PATCH_SIZE, projection_dim=16)
+    text_config = LlamaConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                              num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    config = LlavaConfig(vision_config=vision_config, text_config=text_config, image_token_index=100,
+                         vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=strategy,
+                         projector_hidden_act="gelu")
+    torch.manual_seed(0)
+    return LlavaForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> tuple[LlavaForConditionalGeneration, Path]:
+    model = _tiny_llava()
+    path = tmp_path_factory.mktemp("tiny-llava")
+    model.save_pretrained(path)
+    return model, path
+
+
+def _variant(checkpoint_dir: Path, target: Path, **config_changes) -> Path:
+    """The same weights with other config.json values."""
+    target.mkdir()
+    for item in checkpoint_dir.iterdir():
+        (target / item.name).symlink_to(item)
+    config = json.loads((checkpoint_dir / "config.json").read_text())
+    (target / "config.json").unlink()
+    (target / "config.json").write_text(json.dumps({**config, **config_changes}))
+    return target
+
+
+def _pixels(batch: int, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(seed))
+
+
+def _reference(model, pixel_values, layer, strategy) -> torch.Tensor:
+    with torch.inference_mode():
+        output = model.model.get_image_features(pixel_values, vision_feature_layer=layer,
+                                                vision_feature_select_strategy=strategy)
+    return torch.stack(list(output.pooler_output))  # (B, num_image_tokens, text_hidden_size)
+
+
+@pytest.mark.parametrize("layer", [-2, -1])
+@pytest.mark.parametrize("strategy", ["default", "full"])
+def test_matches_transformers_get_image_features(checkpoint, tmp_path, layer, strategy):
+    model, path = checkpoint
+    variant = _variant(path, tmp_path / "variant", vision_feature_layer=layer, vision_feature_select_strategy=strategy)
+    encoder, projector = vision.load_from_checkpoint(variant)
+    pixel_values = _pixels(3)
+    with torch.inference_mode():
+        features = encoder(pixel_values)
+        embeds = projector(features)
+    spec = ModelSpec.from_pretrained(variant)
+    assert features.shape == (3, spec.num_image_tokens, spec.vision_hidden_size)
+    assert encoder.num_image_tokens == spec.num_image_tokens == (17 if strategy == "full" else 16)
+    torch.testing.assert_close(embeds, _reference(model, pixel_values, layer, strategy), rtol=0, atol=1e-6)
+    # Only the layers up to the selected one are built: -2 skips the last of the 3.
+    assert len(encoder.vision_tower.encoder.layers) == (2 if layer == -2 else 3)
+
+
+def _rewrite_keys(source: Path, target: Path, rename, shards: int = 1) -> Path:
+    """Copy a checkpoint with its tensor names renamed, optionally split into shards with an index."""
+    target.mkdir()
+    shutil.copy(source / "config.json", target / "config.json")
+    tensors = {rename(name): tensor for name, tensor in load_file(source / "model.safetensors").items()}
+    names = sorted(tensors)
+    if shards == 1:
+        save_file(tensors, target / "model.safetensors")
+        return target
+    weight_map = {}
+    for shard in range(shards):
+        file_name = f"model-{shard + 1:05d}-of-{shards:05d}.safetensors"
+        part = names[shard::shards]
+        save_file({name: tensors[name] for name in part}, target / file_name)
+        weight_map.update(dict.fromkeys(part, file_name))
+    (target / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return target
+
+
+def _llava_hf_layout(name: str) -> str:  # the older layout of llava-hf checkpoints
+    return name.replace("vision_tower.", "vision_tower.vision_model.", 1) if name.startswith("vision_tower.") else name
+
+
+def _model_prefixed_layout(name: str) -> str:  # transformers 5's in-memory names
+    if name.startswith(("vision_tower.", "multi_modal_projector.")):
+        return "model." + _llava_hf_layout(name)
+    return name
+
+
+@pytest.mark.parametrize("rename,shards", [(_llava_hf_layout, 1), (_model_prefixed_layout, 3)])
+def test_loads_other_key_layouts(checkpoint, tmp_path, rename, shards):
+    model, path = checkpoint
+    other = _rewrite_keys(path, tmp_path / "other", rename, shards)
+    encoder, projector = vision.load_from_checkpoint(other)
+    pixel_values = _pixels(2)
+    with torch.inference_mode():
+        embeds = projector(encoder(pixel_values))
+    torch.testing.assert_close(embeds, _reference(model, pixel_values, -2, "default"), rtol=0, atol=1e-6)
+
+
+def test_checkpoint_errors(checkpoint, tmp_path):
+    _, path = checkpoint
+    no_projector = _rewrite_keys(path, tmp_path / "no-projector", lambda name: name.replace("multi_modal", "other"))
+    with pytest.raises(ValueError, match="lacks 4 needed tensors"):
+        vision.load_from_checkpoint(no_projector)
+    doubled = tmp_path / "doubled"
+    doubled.mkdir()
+    shutil.copy(path / "config.json", doubled)
+    tensors = load_file(path / "model.safetensors")
+    save_file(tensors, doubled / "a.safetensors")
+    save_file({_llava_hf_layout(name): tensor for name, tensor in tensors.items() if "vision_tower" in name},
+              doubled / "b.safetensors")
+    with pytest.raises(ValueError, match="map to"):
+        vision.load_from_checkpoint(doubled)
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy(path / "config.json", pickled)
+    with pytest.raises(FileNotFoundError, match="no .safetensors"):
+        vision.load_from_checkpoint(pickled)
+    with pytest.raises(ValueError, match="out of range"):
+        vision.num_layers_needed(-5, 3)
+    with pytest.raises(ValueError, match="single integer"):
+        vision.num_layers_needed([-2, -1], 3)
+    with pytest.raises(ValueError, match="unsupported dtype"):
+        vision.resolve_dtype("float64")
+
+
+def test_save_for_serving_round_trip(checkpoint, tmp_path):
+    _, path = checkpoint
+    encoder, projector = vision.load_from_checkpoint(path)
+    written = vision.save_for_serving(encoder, projector, tmp_path / "enc", tmp_path / "proj")
+    assert sorted(p.name for p in written) == sorted([vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE] * 2)
+    pixel_values = _pixels(2)
+    loaded_encoder, loaded_projector = vision.load_encoder(tmp_path / "enc"), vision.load_projector(tmp_path / "proj")
+    with torch.inference_mode():
+        expected = projector(encoder(pixel_values))
+        torch.testing.assert_close(loaded_projector(loaded_encoder(pixel_values)), expected, rtol=0, atol=0)
+        half_encoder = vision.load_encoder(tmp_path / "enc", dtype="bfloat16")
+        half_projector = vision.load_projector(tmp_path / "proj", dtype=torch.bfloat16)
+        assert next(half_encoder.parameters()).dtype == torch.bfloat16
+        torch.testing.assert_close(half_projector(half_encoder(pixel_values)).float(), expected, rtol=0.05, atol=0.05)
+
+
+def test_concat_and_split():
+    batches = [np.full((n, 2, 3), n, np.float32) for n in (2, 1, 3)]
+    stacked, sizes = vision.concat_batches(batches)
+    assert stacked.shape == (6, 2, 3) and sizes == [2, 1, 3]
+    for part, batch in zip(vision.split_batch(stacked, sizes), batches):
+        np.testing.assert_array_equal(part, batch)
+        assert part.flags.c_contiguous
+    with pytest.raises(ValueError, match="do not add up"):
+        vision.split_batch(stacked, [2, 2])
+    with pytest.raises(ValueError, match="no batches"):
+        vision.concat_batches([])
+
+
+def test_select_device():
+    assert vision.select_device("CPU", "0") == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert vision.select_device("GPU", "1") == torch.device("cuda:1")
+    else:
+        with pytest.raises(RuntimeError, match="no CUDA device"):
+            vision.select_device("GPU", "0")
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory):
+    """One PyTorch-engine export of the tiny checkpoint, with the spec file the lead's exporter writes."""
+    _, path = checkpoint
+    repo, work = tmp_path_factory.mktemp("repo"), tmp_path_factory.mktemp("work")
+    spec = ModelSpec.from_pretrained(path)
+    report = export_vision(path, repo, work, spec, SERVING, "pytorch")
+    for name in (VISION_ENCODER, PROJECTOR):
+        write_spec(repo / name / "1", spec, SERVING)
+    return report, repo, work, spec
+
+
+def test_export_vision_pytorch_artifacts(exported):
+    report, repo, work, _ = exported
+    assert report["engine"] == "pytorch"
+    for name in (VISION_ENCODER, PROJECTOR):
+        files = {p.name for p in (repo / name / "1").iterdir()}
+        assert {vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE, SPEC_FILE} <= files
+        assert not (repo / name / "config.pbtxt").exists()  # the lead's generator writes every config
+        assert [p.name for p in report["artifacts"][name]] == [vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE]
+    assert (work / f"{VISION_ENCODER}.onnx").exists() and (work / f"{PROJECTOR}.onnx").exists()
+
+
+def test_onnx_matches_pytorch(exported):
+    report, _, _, spec = exported
+    for name, input_name, output_name, item_shape in (
+            (VISION_ENCODER, PIXEL_VALUES, IMAGE_FEATURES, vision.pixel_values_shape(spec)),
+            (PROJECTOR, IMAGE_FEATURES, IMAGE_EMBEDS, vision.image_features_shape(spec))):
+        result = report["onnx"][name]
+        print(f"{name}: ONNX max abs error {result['max_abs_error']:.3g} (bound {result['bound']:.3g})")
+        assert result["max_abs_error"] <= result["bound"] and result["batch_sizes"][0] == 1
+        assert max(result["batch_sizes"]) > 1
+        graph = onnx.load(result["onnx"]).graph
+        assert [i.name for i in graph.input] == [input_name] and [o.name for o in graph.output] == [output_name]
+        dims = graph.input[0].type.tensor_type.shape.dim
+        assert dims[0].dim_param and [d.dim_value for d in dims[1:]] == list(item_shape)  # dynamic batch only
+
+
+def test_check_error_bound():
+    assert check_error("x", 1e-7, 3.0) == pytest.approx(3 * ONNX_REL_TOLERANCE)
+    with pytest.raises(OnnxMismatchError, match="differs from PyTorch"):
+        check_error("x", 0.1, 3.0)
+    with pytest.raises(OnnxMismatchError):
+        check_error("x", float("nan"), 3.0)
+
+
+def test_served_modules_batch_requests(exported, checkpoint):
+    model, _ = checkpoint
+    _, repo, _, spec = exported
+    encoder = vision.serve_encoder(repo / VISION_ENCODER / "1", "CPU", "0")
+    projector = vision.serve_projector(repo / PROJECTOR / "1", "CPU", "0")
+    first, second = _pixels(2, seed=3).numpy(), _pixels(1, seed=4).numpy()
+    nan = first.copy()
+    nan[0, 0, 0, 0] = np.nan
+    results = encoder.run_requests([first, first[:, :2], None, second, first.astype(np.float64), nan])
+    for index, message in ((1, "must have shape"), (2, "missing input"), (4, "must be FP32"), (5, "NaN")):
+        assert isinstance(results[index], InvalidRequestError) and message in str(results[index])
+    assert results[0].shape == (2, spec.num_image_tokens, spec.vision_hidden_size)
+    assert results[3].shape == (1, spec.num_image_tokens, spec.vision_hidden_size)
+    assert results[0].dtype == np.float32
+    embeds = projector.run_requests([results[0], results[3]])
+    for pixels, result in ((first, embeds[0]), (second, embeds[1])):
+        expected = _reference(model, torch.from_numpy(pixels), -2, "default").numpy()
+        np.testing.assert_allclose(result, expected, rtol=0, atol=1e-5)
+    assert encoder.forward([first[:0]])[0].shape == (0, spec.num_image_tokens, spec.vision_hidden_size)
+
+
+def test_serving_refuses_artifacts_that_disagree_with_the_spec(exported, tmp_path):
+    _, repo, _, spec = exported
+    version_dir = tmp_path / "1"
+    shutil.copytree(repo / VISION_ENCODER / "1", version_dir)
+    other = ModelSpec.from_dict({**spec.to_dict(), "vision_feature_select_strategy": "full"})
+    write_spec(version_dir, other, SERVING)
+    with pytest.raises(ValueError, match="re-run the export"):
+        vision.serve_encoder(version_dir, "CPU", "0")
+
+
+# --- the Triton adapters, run against a stand-in for triton_python_backend_utils ---
+
+class _FakeTensor:
+    def __init__(self, name, array):
+        self.name, self.array = name, array
+
+    def as_numpy(self):
+        return self.array
+
+
+class _FakeTritonError(Exception):
+    INVALID_ARG = "INVALID_ARG"
+
+    def __init__(self, message, code=None):
+        super().__init__(message)
+        self.code = code
+
+
+class _FakeResponse:
+    def __init__(self, output_tensors, error=None):
+        self.output_tensors, self.error = output_tensors, error
+
+
+def _load_adapter(name: str, monkeypatch):
+    fake = types.ModuleType("triton_python_backend_utils")
+    fake.Tensor, fake.TritonError, fake.InferenceResponse = _FakeTensor, _FakeTritonError, _FakeResponse
+    fake.get_input_tensor_by_name = lambda request, tensor_name: request.get(tensor_name)
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake)
+    adapter = ROOT / "model_repository" / name / "1" / "model.py"
+    module_spec = importlib.util.spec_from_file_location(f"_adapter_{name}", adapter)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.TritonPythonModel()
+
+
+def test_triton_adapters(exported, monkeypatch):
+    _, repo, _, spec = exported
+    encoder = _load_adapter(VISION_ENCODER, monkeypatch)
+    encoder.initialize({"model_repository": str(repo / VISION_ENCODER), "model_version": "1",
+                        "model_instance_kind": "CPU", "model_instance_device_id": "0"})
+    pixels = _pixels(2, seed=5).numpy()
+    responses = encoder.execute([{PIXEL_VALUES: _FakeTensor(PIXEL_VALUES, pixels)},
+                                 {PIXEL_VALUES: _FakeTensor(PIXEL_VALUES, pixels[:, :1])},
+                                 {PIXEL_VALUES: _FakeTensor(PIXEL_VALUES, pixels[:1])}])
+    assert responses[1].error.code == _FakeTritonError.INVALID_ARG and "must have shape" in str(responses[1].error)
+    (features,) = responses[0].output_tensors
+    assert responses[0].error is None and features.name == IMAGE_FEATURES
+    # batch 1 on its own vs. inside a batch of 2: only kernel choice differs
+    np.testing.assert_allclose(responses[2].output_tensors[0].array, features.array[:1], rtol=0, atol=1e-5)
+
+    projector = _load_adapter(PROJECTOR, monkeypatch)
+    projector.initialize({"model_repository": str(repo / PROJECTOR), "model_version": "1",
+                          "model_instance_kind": "CPU", "model_instance_device_id": "0"})
+    (response,) = projector.execute([{IMAGE_FEATURES: features}])
+    (embeds,) = response.output_tensors
+    assert embeds.name == IMAGE_EMBEDS and embeds.array.shape == (2, spec.num_image_tokens, spec.text_hidden_size)
+
+
+# --- TensorRT: cannot run here ---
+
+def test_tensorrt_unavailable_is_clear(tmp_path, checkpoint, exported):
+    _, path = checkpoint
+    if trt_export.tensorrt_available():
+        pytest.skip("TensorRT and a GPU are present here")
+    with pytest.raises(trt_export.TensorRTUnavailableError, match="--engine pytorch"):
+        trt_export.build_engine(tmp_path / "x.onnx", tmp_path / "model.plan", PIXEL_VALUES, (3, 32, 32), 4)
+    with pytest.raises(trt_export.TensorRTUnavailableError, match="TensorRT is not available"):
+        export_vision(path, tmp_path / "repo", tmp_path / "work", exported[3], SERVING, "tensorrt")
+    assert not (tmp_path / "work").exists()  # refused before any slow work
+    with pytest.raises(ValueError, match="engine must be one of"):
+        export_vision(path, tmp_path / "repo", tmp_path / "work", exported[3], SERVING, "onnxruntime")
