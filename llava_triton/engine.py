@@ -49,7 +49,7 @@ class Sink(Protocol):
     def cancelled(self) -> bool: ...
 
 
-@dataclass
+@dataclass(eq=False)  # identity: sequences are compared and removed by object, never by value
 class Sequence:
     input_ids: torch.Tensor  # (T,) int64, `<image>` already expanded
     image_embeds: torch.Tensor | None  # (num_images, num_image_tokens, C) or None

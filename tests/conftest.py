@@ -2,21 +2,47 @@
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-BUILD = ROOT / "build"
+BUILD = Path(__file__).resolve().parent.parent / "build"
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     """The embedded default checkpoint, built once (reused across runs by its preset stamp)."""
-    from llava_triton.checkpoint import build_checkpoint
+    from reference import tiny_checkpoint as build_tiny
 
-    return build_checkpoint("tiny", BUILD / "tiny-llava")
+    return build_tiny()
+
+
+@pytest.fixture(scope="session")
+def model_repository(tiny_checkpoint, tmp_path_factory) -> Path:
+    """The embedded default exported by the same code path as `make export` (PyTorch engine)."""
+    from export.__main__ import main as export_main
+
+    output = tmp_path_factory.mktemp("model_repository")
+    work = tmp_path_factory.mktemp("export_work")
+    assert export_main(["--model", str(tiny_checkpoint), "--output", str(output), "--work-dir", str(work),
+                        "--engine", "pytorch", "--device", "cpu"]) == 0
+    return output
+
+
+@pytest.fixture(scope="session")
+def triton_server(model_repository):
+    """A real tritonserver on free ports serving the exported repository."""
+    from llava_triton.server import TritonServer
+
+    log_path = BUILD / "test-logs" / "tritonserver.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with TritonServer(model_repository, log_path=log_path, ready_timeout_s=300) as server:
+        yield server
+
+
+@pytest.fixture()
+def llava_client(triton_server):
+    from client import LlavaClient
+
+    with LlavaClient(triton_server.url_grpc) as client:
+        yield client

@@ -267,3 +267,20 @@ def test_count_images_counts(parts):
     _, model_spec, _, _ = parts
     ids = torch.tensor([5] + [model_spec.image_token_index] * (2 * model_spec.num_image_tokens) + [7])
     assert count_images(ids, (3, model_spec.num_image_tokens, model_spec.text_hidden_size), model_spec) == 2
+
+
+def test_a_request_finishing_while_another_prefills_releases_only_itself(parts):
+    # Regression: sequences must compare by identity (removing one from a list compared tensors).
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts, prefill_chunk_tokens=3)
+    short, long_prompt = Collect(), Collect()
+    engine.submit(prompt_ids(tokenizer, "Hi"), None, params(max_tokens=2, ignore_eos=True), short)
+    engine.step()
+    engine.step()
+    engine.step()
+    engine.submit(prompt_ids(tokenizer, "A much longer question that takes several prefill chunks"), None,
+                  params(max_tokens=3, ignore_eos=True), long_prompt)
+    run_until_done(engine, [short, long_prompt])
+    assert short.errors == long_prompt.errors == []
+    assert len(short.token_ids) == 2 and len(long_prompt.token_ids) == 3
+    assert engine.free_slots == SERVING.max_num_seqs

@@ -1,0 +1,138 @@
+"""End to end: a real tritonserver serving the exported embedded default, called over gRPC.
+
+The served greedy output must equal transformers' `LlavaForConditionalGeneration.generate`
+on the same checkpoint, token for token.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import csv
+import io
+import json
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from client import LlavaClient, LlavaError
+from client.perf_data import write_perf_input
+from llava_triton.server import perf_analyzer_command, perf_analyzer_env
+from reference import hf_generate, make_test_images
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 12
+IMAGES = make_test_images()
+
+
+def varied_image(seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(64, 400)), int(rng.integers(64, 400)))
+    pixels = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize(size, Image.NEAREST).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
+CASES = {
+    "one jpeg, no tag": ([IMAGES["jpeg"]], "What is in the picture?"),
+    "one png at a tag": ([IMAGES["png"]], "Look: <image>\nDescribe the colours."),
+    "two images": ([IMAGES["jpeg"], IMAGES["webp"]], "<image>\n<image>\nWhat differs between these two?"),
+    "no image": ([], "Tell me a short story about the sea."),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_output_equals_transformers(llava_client, tiny_checkpoint, case):
+    images, prompt = CASES[case]
+    expected = hf_generate(tiny_checkpoint, images, prompt, MAX_TOKENS)
+    result = llava_client.generate(prompt, images, max_tokens=MAX_TOKENS, temperature=0.0, stream=False)
+    assert result.token_ids == expected
+    assert result.completion_tokens == len(expected)
+    assert result.finish_reason == ("length" if len(expected) == MAX_TOKENS else "stop")
+    assert result.prompt_tokens > 0
+
+
+def test_streamed_text_joined_equals_non_streamed(llava_client, tiny_checkpoint):
+    images, prompt = CASES["one jpeg, no tag"]
+    whole = llava_client.generate(prompt, images, max_tokens=24, ignore_eos=True, stream=False)
+    chunks = list(llava_client.stream(prompt, images, max_tokens=24, ignore_eos=True, stream=True))
+    assert len(chunks) == 24  # one response per generated token
+    assert "".join(c.text for c in chunks) == whole.text
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
+    assert [c.finish_reason for c in chunks] == [""] * 23 + ["length"]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
+    assert whole.text == tokenizer.decode(whole.token_ids, skip_special_tokens=True)
+
+
+def test_sixteen_concurrent_requests_get_their_own_answers(triton_server, tiny_checkpoint):
+    images = [varied_image(seed) for seed in range(16)]
+    prompt = "What is in the picture?"
+    expected = [hf_generate(tiny_checkpoint, [image], prompt, 8) for image in images]
+    assert len({tuple(e) for e in expected}) > 1, "the images should lead to different answers"
+
+    def ask(image: bytes) -> list[int]:
+        with LlavaClient(triton_server.url_grpc) as client:
+            return client.generate(prompt, [image], max_tokens=8, stream=True).token_ids
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(ask, images))
+    assert answers == expected
+
+
+def _truncated_jpeg() -> bytes:
+    data = IMAGES["jpeg"]
+    return data[: len(data) // 2]
+
+
+BAD_REQUESTS = {
+    "truncated image": (dict(images=[_truncated_jpeg()]), r"image 0.*(truncated|corrupt)"),
+    "not an image": (dict(images=[b"this is plain text, not an image" * 4]), r"image 0.*not .*image"),
+    "zero bytes": (dict(images=[b""]), r"image 0.*empty"),
+    "more tags than images": (dict(images=[IMAGES["jpeg"]], prompt="<image> and <image>?"), r"2 .*1|1 .*2"),
+    "tags but no image": (dict(images=[], prompt="<image>\nWhat is it?"), r"1 .*0|0 .*1"),
+    "empty prompt": (dict(prompt="   "), r"prompt.*empty"),
+    "max_tokens 0": (dict(max_tokens=0), r"max_tokens must be at least 1, got 0"),
+    "max_tokens past the context": (dict(max_tokens=100_000), r"max_tokens 100000.*context length of 4096"),
+    "negative temperature": (dict(temperature=-1.0), r"temperature must be"),
+    "top_p above 1": (dict(top_p=1.5), r"top_p must be in"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(llava_client, tiny_checkpoint, case):
+    overrides, message = BAD_REQUESTS[case]
+    request = dict(prompt="What is it?", images=[IMAGES["png"]], max_tokens=4)
+    request.update(overrides)
+    with pytest.raises(LlavaError, match=message):
+        llava_client.generate(request.pop("prompt"), request.pop("images"), **request)
+    images, prompt = CASES["one png at a tag"]
+    assert llava_client.generate(prompt, images, max_tokens=6).token_ids == hf_generate(tiny_checkpoint, images, prompt, 6)
+
+
+def test_early_close_does_not_disturb_other_requests(triton_server, tiny_checkpoint):
+    images, prompt = CASES["one jpeg, no tag"]
+    with LlavaClient(triton_server.url_grpc) as client:
+        stream = client.stream(prompt, images, max_tokens=200, ignore_eos=True)
+        next(stream)
+        stream.close()
+        assert client.generate(prompt, images, max_tokens=8).token_ids == hf_generate(tiny_checkpoint, images, prompt, 8)
+
+
+def test_perf_analyzer_runs_against_the_ensemble_with_real_images(triton_server, tmp_path):
+    input_data = tmp_path / "input.json"
+    write_perf_input(input_data, [IMAGES["jpeg"]], "What is in the picture?", max_tokens=8, ignore_eos=True)
+    report = tmp_path / "perf.csv"
+    command = [*perf_analyzer_command(), "-m", "llava", "-u", triton_server.url_grpc, "-i", "grpc", "--streaming",
+               "--input-data", str(input_data), "--concurrency-range", "2", "--measurement-mode", "count_windows",
+               "--measurement-request-count", "10", "--stability-percentage", "100", "--max-trials", "3",
+               "-f", str(report)]
+    run = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr
+    rows = list(csv.DictReader(report.open()))
+    assert rows and float(rows[0]["Inferences/Second"]) > 0
+    (tmp_path / "perf_stdout.txt").write_text(run.stdout)
