@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the PyTorch-served models run (auto = cuda if available)")
     parser.add_argument("--dtype", choices=("auto", "float32", "float16", "bfloat16"), default="auto",
                         help="compute dtype of the PyTorch-served models (auto = bfloat16 on cuda, float32 on cpu)")
+    parser.add_argument("--no-onnx", action="store_true",
+                        help="with the PyTorch engine, skip the ONNX export and its onnxruntime check")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a serving option, e.g. --set max_num_seqs=64 (see llava_triton/spec.py)")
     args = parser.parse_args(argv)
@@ -98,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     progress("copying tokenizer and image processor files")
     for name in (spec.PREPROCESS, spec.LANGUAGE_MODEL):
         copy_processor_files(checkpoint, repo / name / "1")
-    progress("exporting the vision encoder and projector (ONNX, checked with onnxruntime)")
-    report = export_vision(checkpoint, repo, args.work_dir, model, serving, engine)
+    progress("exporting the vision encoder and projector" + ("" if args.no_onnx else " (ONNX, checked with onnxruntime)"))
+    report = export_vision(checkpoint, repo, args.work_dir, model, serving, engine, onnx=not args.no_onnx)
     progress(f"vision export: {report}")
     progress("writing the language model's weights (safetensors)")
     export_language_model(checkpoint, repo / spec.LANGUAGE_MODEL / "1")

@@ -129,10 +129,11 @@ def _remove_other_engine(version_dir: Path, engine: str) -> None:
 
 
 def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: ModelSpec, serving: ServingConfig,
-                  engine: str) -> dict[str, Any]:
+                  engine: str, onnx: bool = True) -> dict[str, Any]:
     """Export the vision encoder and projector of `checkpoint_dir` into the model repository `repo_dir`.
 
-    Always exports and checks ONNX in `work_dir`. Then `engine="pytorch"` writes each model's
+    Exports and checks ONNX in `work_dir` (the TensorRT engine needs it; `onnx=False` skips it for
+    the PyTorch engine, e.g. to save minutes on a 7B checkpoint). Then `engine="pytorch"` writes each model's
     weights (in the checkpoint's dtype) and module config into `<repo_dir>/<name>/1/`, and
     `engine="tensorrt"` builds `<repo_dir>/<name>/1/model.plan` (FP16, FP32 inputs and outputs).
     Returns the ONNX check results and the written artifacts per model.
@@ -141,13 +142,15 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
 
     if engine not in _ARTIFACTS:
         raise ValueError(f"engine must be one of {sorted(_ARTIFACTS)}, got {engine!r}")
+    if engine == "tensorrt" and not onnx:
+        raise ValueError("the TensorRT engine is built from the ONNX export: onnx must be True")
     if engine == "tensorrt" and not tensorrt.tensorrt_available():
         raise tensorrt.TensorRTUnavailableError(tensorrt.UNAVAILABLE_MESSAGE)  # before the slow part
     repo_dir, work_dir = Path(repo_dir), Path(work_dir)
     started = time.perf_counter()
     _log(f"loading the vision tower and projector from {checkpoint_dir} ...")
     encoder, projector = vision.load_from_checkpoint(checkpoint_dir, "cpu", torch.float32)
-    onnx_results = export_onnx(encoder, projector, work_dir, spec, serving)
+    onnx_results = export_onnx(encoder, projector, work_dir, spec, serving) if onnx else {}
 
     encoder_dir, projector_dir = repo_dir / VISION_ENCODER / "1", repo_dir / PROJECTOR / "1"
     for version_dir in (encoder_dir, projector_dir):

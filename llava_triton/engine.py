@@ -9,6 +9,7 @@ single batched forward pass. A sequence owns one KV-cache slot from admission to
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import threading
 import time
@@ -95,6 +96,29 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     return num_images
 
 
+def kv_cache_slots(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len: int) -> int:
+    """How many sequences the KV cache holds: max_num_seqs, or fewer where device memory is short.
+
+    On a GPU the cache is sized from the memory left after the weights (a fraction of it, so the
+    vision models and activations sharing the GPU still fit); requests beyond it wait.
+    """
+    c = model.config
+    weight = model.lm_head.weight
+    bytes_per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_seq_len * weight.element_size()
+    slots = serving.max_num_seqs
+    if weight.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(weight.device)
+        fit = int(free * serving.kv_cache_memory_fraction) // bytes_per_slot
+        if fit < 1:
+            raise RuntimeError(f"no GPU memory left for even one KV-cache slot of {max_seq_len} tokens "
+                               f"({bytes_per_slot / 2**30:.2f} GiB); lower max_seq_len")
+        if fit < slots:
+            log.warning("KV cache: %d slots of %d tokens fit in %.1f GiB free (max_num_seqs %d)", fit, max_seq_len,
+                        free / 2**30, slots)
+        slots = min(slots, fit)
+    return slots
+
+
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig):
         self.model = model
@@ -103,9 +127,13 @@ class Engine:
         self.serving = serving
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
-        model.setup_caches(serving.max_num_seqs, spec.max_position_embeddings)
+        self.max_seq_len = serving.token_limit(spec)
+        self.num_slots = kv_cache_slots(model, serving, self.max_seq_len)
+        model.setup_caches(self.num_slots, self.max_seq_len)
         self.eos = frozenset(spec.eos_token_id)
-        self._free_slots = list(range(serving.max_num_seqs - 1, -1, -1))
+        # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
+        # the start of the cache and decode can attend over a slice instead of a gather.
+        self._free_slots = list(range(self.num_slots))
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: list[Sequence] = []
         self._running: list[Sequence] = []
@@ -117,7 +145,7 @@ class Engine:
                sink: Sink) -> Sequence:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError."""
         num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
-        max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.spec.max_position_embeddings, self.serving)
+        max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
         seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
                        params=params, max_tokens=max_tokens, sink=sink)
         with self._cond:
@@ -193,7 +221,7 @@ class Engine:
         with self._cond:
             while self._waiting and self._free_slots:
                 seq = self._waiting.popleft()
-                seq.slot = self._free_slots.pop()
+                seq.slot = heapq.heappop(self._free_slots)
                 self._prefilling.append(seq)
 
     def _release(self, seq: Sequence) -> None:
@@ -202,7 +230,7 @@ class Engine:
         if seq in self._prefilling:
             self._prefilling.remove(seq)
         if seq.slot >= 0:
-            self._free_slots.append(seq.slot)
+            heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
         seq.inputs_embeds = seq.image_embeds = None
 
@@ -244,11 +272,19 @@ class Engine:
                 self._append_tokens([seq], sample(logits, [seq.params], [seq.generator]))
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        input_ids = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        positions = torch.tensor([s.position for s in seqs], device=self.device)
-        logits = self.model.decode(input_ids, slots, positions)
-        self._append_tokens(seqs, sample(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+        # Decode slots 0..n-1 as one batch (a slice of the cache, no copy). Slots in that range
+        # that are free or still prefilling ride along on a dummy token written at the last
+        # cache position: no sequence reads a position before writing it, so it is harmless.
+        n = max(s.slot for s in seqs) + 1
+        input_ids = [0] * n
+        positions = [self.max_seq_len - 1] * n
+        for s in seqs:
+            input_ids[s.slot], positions[s.slot] = s.output_ids[-1], s.position
+        length = max(s.position for s in seqs) + 1
+        logits = self.model.decode(torch.tensor(input_ids, device=self.device),
+                                   torch.tensor(positions, device=self.device), length)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        self._append_tokens(seqs, sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs]))
 
     def _append_tokens(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
         for seq, token in zip(seqs, tokens.tolist()):

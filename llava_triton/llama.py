@@ -146,6 +146,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        # Only ask SDPA for grouped-query attention when there is some: it narrows the kernels.
+        self.gqa = self.num_kv_heads != self.num_heads
         self.cache: KVCache | None = None
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -163,26 +165,27 @@ class Attention(nn.Module):
         self.cache.k[slot, :, start:end] = k[0]
         self.cache.v[slot, :, start:end] = v[0]
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         else:
             # A later chunk attends to the cached prefix and causally to itself.
             keys = self.cache.k[slot: slot + 1, :, :end]
             values = self.cache.v[slot: slot + 1, :, :end]
             mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
 
-    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-               positions: torch.Tensor, length: int) -> torch.Tensor:
-        """x (B, 1, C): one new token for each sequence in `slots` at `positions` (B,)."""
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
+               length: int) -> torch.Tensor:
+        """x (B, 1, C): one new token for each of the sequences in slots 0..B-1, at `positions` (B,)."""
         B = x.shape[0]
         q, k, v = self._qkv(x, cos, sin)
-        self.cache.k[slots, :, positions] = k[:, :, 0]  # (B, nkv, hs)
-        self.cache.v[slots, :, positions] = v[:, :, 0]
-        keys = self.cache.k[slots, :, :length]  # (B, nkv, L, hs)
-        values = self.cache.v[slots, :, :length]
+        rows = torch.arange(B, device=x.device)
+        self.cache.k[rows, :, positions] = k[:, :, 0]  # (B, nkv, hs)
+        self.cache.v[rows, :, positions] = v[:, :, 0]
+        keys = self.cache.k[:B, :, :length]  # (B, nkv, L, hs), a view
+        values = self.cache.v[:B, :, :length]
         mask = (torch.arange(length, device=x.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
 
@@ -266,13 +269,15 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head(h[:, -1]).float()
 
     @torch.inference_mode()
-    def decode(self, input_ids: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """input_ids (B,), slots (B,), positions (B,) → logits (B, V), float32."""
-        length = int(positions.max()) + 1
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        """input_ids (B,), positions (B,) for the sequences in slots 0..B-1 → logits (B, V), float32.
+
+        Attention reads cache positions 0..length-1 (a row attends to those up to its position).
+        """
         cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, hs)
         sin = self.rope_sin[positions][:, None, None]
         h = self.embed(input_ids)[:, None]  # (B, 1, C)
-        h = self._layers(h, lambda attn, x: attn.decode(x, cos, sin, slots, positions, length))
+        h = self._layers(h, lambda attn, x: attn.decode(x, cos, sin, positions, length))
         return self.lm_head(h[:, 0]).float()
 
     # -- weights ------------------------------------------------------------------------

@@ -232,7 +232,7 @@ class Preprocessor:
         # LlavaProcessor repeats "<image>" in the text before tokenizing; repeating the id after
         # tokenizing gives the same ids because <image> is a special token (never merged).
         input_ids = np.repeat(ids, np.where(is_image, self.spec.num_image_tokens, 1))
-        limit = self.spec.max_position_embeddings
+        limit = self.serving.token_limit(self.spec)
         if len(input_ids) >= limit:
             raise InvalidRequestError(
                 f"prompt is {len(input_ids)} tokens ({num_images} images of {self.spec.num_image_tokens} tokens each "

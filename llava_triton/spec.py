@@ -146,6 +146,8 @@ class ServingConfig:
     vision_max_queue_delay_us: int = 2000
     max_num_seqs: int = 32  # sequences decoded together; more wait in the language model's queue
     prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, so decodes are not stalled
+    max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length
+    kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
     max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
     # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
     instance_kind: str = "KIND_CPU"
@@ -164,10 +166,18 @@ class ServingConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if any(b > self.vision_max_batch_size for b in self.vision_preferred_batch_sizes):
             raise ValueError("vision_preferred_batch_sizes must not exceed vision_max_batch_size")
+        if self.max_seq_len < 0:
+            raise ValueError(f"max_seq_len must be 0 (the context length) or positive, got {self.max_seq_len}")
+        if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
+            raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+
+    def token_limit(self, model: ModelSpec) -> int:
+        """Prompt plus output tokens one request may use: the context, or less with max_seq_len."""
+        return min(self.max_seq_len or model.max_position_embeddings, model.max_position_embeddings)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

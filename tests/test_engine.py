@@ -284,3 +284,16 @@ def test_a_request_finishing_while_another_prefills_releases_only_itself(parts):
     assert short.errors == long_prompt.errors == []
     assert len(short.token_ids) == 2 and len(long_prompt.token_ids) == 3
     assert engine.free_slots == SERVING.max_num_seqs
+
+
+def test_max_seq_len_bounds_each_request(parts):
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts, max_seq_len=40)
+    assert engine.max_seq_len == 40 and engine.num_slots == SERVING.max_num_seqs  # CPU: no memory sizing
+    ids = prompt_ids(tokenizer, "Hi")
+    with pytest.raises(InvalidRequestError, match="context length of 40"):
+        engine.submit(ids, None, params(max_tokens=40), Collect())
+    sink = Collect()
+    engine.submit(ids, None, params(), sink)  # no max_tokens: whatever room is left
+    run_until_done(engine, [sink])
+    assert len(sink.token_ids) <= 40 - len(ids)

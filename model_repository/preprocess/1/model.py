@@ -34,7 +34,7 @@ class TritonPythonModel:
         # Sampling values are checked here too, so a bad request is refused before any image work.
         params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
         input_ids, pixel_values = self.preprocessor(images, prompt[0])
-        params.resolve_max_tokens(len(input_ids), self.model_spec.max_position_embeddings, self.serving)
+        params.resolve_max_tokens(len(input_ids), self.serving.token_limit(self.model_spec), self.serving)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
             pb_utils.Tensor(spec.PIXEL_VALUES, pixel_values.astype(np.float32)),
