@@ -20,7 +20,7 @@ import torch
 
 from .detokenize import TextStream
 from .errors import InvalidRequestError, ServerBusyError
-from .llama import LlamaForCausalLM
+from .llama import DecodeGraphs, LlamaForCausalLM
 from .sampling import SamplingParams, make_generator, sample
 from .spec import ModelSpec, ServingConfig
 
@@ -130,6 +130,12 @@ class Engine:
         self.max_seq_len = serving.token_limit(spec)
         self.num_slots = kv_cache_slots(model, serving, self.max_seq_len)
         model.setup_caches(self.num_slots, self.max_seq_len)
+        self.decode_step = model.decode
+        if serving.cuda_graphs and self.device.type == "cuda":
+            graphs = DecodeGraphs(model, self.num_slots)
+            graphs.capture_all()
+            self.decode_step = graphs
+            log.info("captured %d decode CUDA graphs", len(graphs.graphs))
         self.eos = frozenset(spec.eos_token_id)
         # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
         # the start of the cache and decode can attend over a slice instead of a gather.
@@ -281,8 +287,8 @@ class Engine:
         for s in seqs:
             input_ids[s.slot], positions[s.slot] = s.output_ids[-1], s.position
         length = max(s.position for s in seqs) + 1
-        logits = self.model.decode(torch.tensor(input_ids, device=self.device),
-                                   torch.tensor(positions, device=self.device), length)
+        logits = self.decode_step(torch.tensor(input_ids, device=self.device),
+                                  torch.tensor(positions, device=self.device), length)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
         self._append_tokens(seqs, sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs]))
 

@@ -304,3 +304,62 @@ class LlamaForCausalLM(nn.Module):
         if config.tie_word_embeddings:
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
+
+
+class DecodeGraphs:
+    """`LlamaForCausalLM.decode` replayed from CUDA graphs, one per (batch, length) bucket.
+
+    A decode step of a 7B model is a few hundred small kernels; launching them from Python
+    costs about as much as running them. Captured once, a step is one graph launch. Shapes are
+    static inside a graph, so the batch is padded to a bucket (padding rows are dummy tokens at
+    the last cache position, harmless as in the eager path) and attention spans a length bucket
+    (keys past a row's position are masked, so the result does not depend on the bucket).
+    """
+
+    def __init__(self, model: LlamaForCausalLM, max_batch: int, length_step: int = 256):
+        self.model = model
+        device = model.lm_head.weight.device
+        self.batch_buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.length_buckets = sorted({min(length_step * i, model.max_seq_len)
+                                      for i in range(1, -(-model.max_seq_len // length_step) + 1)})
+        self.dummy_position = model.max_seq_len - 1
+        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.positions = torch.full((max_batch,), self.dummy_position, dtype=torch.long, device=device)
+        self.pool = torch.cuda.graph_pool_handle()
+        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+
+    @staticmethod
+    def _bucket(value: int, buckets: list[int]) -> int:
+        return next(b for b in buckets if b >= value)
+
+    def capture_all(self) -> None:
+        for batch in self.batch_buckets:
+            for length in self.length_buckets:
+                self._capture(batch, length)
+
+    def _capture(self, batch: int, length: int) -> None:
+        ids, positions = self.input_ids[:batch], self.positions[:batch]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, kernel selection)
+            for _ in range(2):
+                self.model.decode(ids, positions, length)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.model.decode(ids, positions, length)
+        self.graphs[(batch, length)] = (graph, logits)
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+        n = input_ids.shape[0]
+        batch = self._bucket(n, self.batch_buckets)
+        key = (batch, self._bucket(length, self.length_buckets))
+        self.input_ids[:n].copy_(input_ids)
+        self.input_ids[n:batch].zero_()
+        self.positions[:n].copy_(positions)
+        self.positions[n:batch].fill_(self.dummy_position)
+        if key not in self.graphs:
+            self._capture(*key)
+        graph, logits = self.graphs[key]
+        graph.replay()
+        return logits[:n]

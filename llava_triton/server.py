@@ -133,9 +133,12 @@ def _prepend(entries: list[str] | tuple[str, ...], existing: str | None) -> str:
 
 def server_env(install: TritonInstall, project_root: Path | str = PROJECT_ROOT,
                base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for tritonserver: ours first on PYTHONPATH and LD_LIBRARY_PATH."""
+    """The environment for tritonserver: the project and this interpreter's path on PYTHONPATH,
+    ours first on LD_LIBRARY_PATH."""
     env = dict(os.environ if base is None else base)
-    env["PYTHONPATH"] = _prepend([str(Path(project_root).resolve()), *_site_packages()], env.get("PYTHONPATH"))
+    # The order a normal interpreter uses: the project, then PYTHONPATH, then site-packages.
+    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = _prepend([str(Path(project_root).resolve()), *existing, *_site_packages()], None)
     if install.ld_library_path:
         env["LD_LIBRARY_PATH"] = _prepend(install.ld_library_path, env.get("LD_LIBRARY_PATH"))
     return env

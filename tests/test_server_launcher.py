@@ -107,15 +107,16 @@ def test_free_port_is_bindable():
         sock.bind(("127.0.0.1", port))
 
 
-def test_server_env_puts_project_and_site_packages_first(monkeypatch):
+def test_server_env_orders_the_path_like_an_interpreter(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/already/there")
     monkeypatch.setenv("LD_LIBRARY_PATH", "/lib/already")
     install = find_triton()
     env = server_env(install, PROJECT_ROOT)
     paths = env["PYTHONPATH"].split(os.pathsep)
     assert paths[0] == str(PROJECT_ROOT)
-    assert any(Path(p).name == "site-packages" for p in paths)
-    assert paths[-1] == "/already/there"
+    # PYTHONPATH before site-packages, as in a normal interpreter (an override must win).
+    site = [i for i, p in enumerate(paths) if Path(p).name == "site-packages"]
+    assert site and paths[1] == "/already/there" and min(site) > 1
     assert env["LD_LIBRARY_PATH"].split(os.pathsep)[-1] == "/lib/already"
     assert install.python_stub.is_file()
 
