@@ -50,6 +50,19 @@ class Sink(Protocol):
     def cancelled(self) -> bool: ...
 
 
+class Metrics:
+    """What the engine reports as it runs; the Triton adapter publishes it on /metrics.
+
+    This base class records nothing, so the engine runs the same without a server.
+    """
+
+    def request_refused(self, reason: str) -> None: ...
+    def prompt_tokens(self, count: int) -> None: ...
+    def generated_token(self, first: bool, seconds: float) -> None:
+        """One generated token; `seconds` since submission (first) or since the previous token."""
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None: ...
+
+
 @dataclass(eq=False)  # identity: sequences are compared and removed by object, never by value
 class Sequence:
     input_ids: torch.Tensor  # (T,) int64, `<image>` already expanded
@@ -63,6 +76,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     text: TextStream | None = None
     generator: torch.Generator | None = None
+    last_event: float = field(default_factory=time.monotonic)  # submission, then each token
 
     @property
     def prompt_tokens(self) -> int:
@@ -120,7 +134,9 @@ def kv_cache_slots(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len:
 
 
 class Engine:
-    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig):
+    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig,
+                 metrics: Metrics | None = None):
+        self.metrics = metrics or Metrics()
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -150,16 +166,22 @@ class Engine:
     def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
                sink: Sink) -> Sequence:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError."""
-        num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
-        max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
+        try:
+            num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
+            max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
+        except InvalidRequestError:
+            self.metrics.request_refused("invalid")
+            raise
         seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
                        params=params, max_tokens=max_tokens, sink=sink)
         with self._cond:
             if len(self._waiting) >= self.serving.max_queue_size:
+                self.metrics.request_refused("queue_full")
                 raise ServerBusyError(f"the language model's queue is full ({self.serving.max_queue_size} "
                                       "requests waiting); retry later")
             self._waiting.append(seq)
             self._cond.notify()
+        self.metrics.prompt_tokens(seq.prompt_tokens)
         return seq
 
     @property
@@ -199,6 +221,7 @@ class Engine:
         self._prefill_chunk()
         if already_running:
             self._decode(already_running)
+        self.metrics.occupancy(self.num_running, self.num_waiting, 1.0 - self.free_slots / self.num_slots)
 
     def abort_all(self, message: str) -> None:
         with self._cond:
@@ -218,9 +241,11 @@ class Engine:
         with self._cond:
             for seq in [s for s in self._waiting if s.sink.cancelled()]:
                 self._waiting.remove(seq)
+                self.metrics.request_refused("cancelled")
                 seq.sink.error("request cancelled")
         for seq in [s for s in self._prefilling + self._running if s.sink.cancelled()]:
             self._release(seq)
+            self.metrics.request_refused("cancelled")
             seq.sink.error("request cancelled")
 
     def _admit(self) -> None:
@@ -293,7 +318,10 @@ class Engine:
         self._append_tokens(seqs, sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs]))
 
     def _append_tokens(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+        now = time.monotonic()
         for seq, token in zip(seqs, tokens.tolist()):
+            self.metrics.generated_token(not seq.output_ids, now - seq.last_event)
+            seq.last_event = now
             seq.output_ids.append(token)
             delta = seq.text.push(token)
             finish = ""

@@ -9,7 +9,7 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoTokenizer
 
 from llava_triton import spec
-from llava_triton.engine import Engine, Output
+from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM, torch_dtype
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import instance_device, is_decoupled, load_spec, optional_inputs, triton_error, version_dir
@@ -43,6 +43,53 @@ class ResponseSink:
         return self.request.is_cancelled()
 
 
+class TritonMetrics(Metrics):
+    """The engine's metrics as Triton custom metrics, served on the metrics port (/metrics)."""
+
+    LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24]
+
+    def __init__(self):
+        # A Metric is only valid while its MetricFamily lives: keep both.
+        self._families = []
+
+        def metric(name, description, kind, **options):
+            family = pb_utils.MetricFamily(name, description, kind)
+            self._families.append(family)
+            return family, family.Metric(**options)
+
+        kinds = pb_utils.MetricFamily
+        _, self._ttft = metric("llava_time_to_first_token_seconds", "Time from the language model receiving a "
+                               "request to its first token", kinds.HISTOGRAM, buckets=self.LATENCY_BUCKETS)
+        _, self._itl = metric("llava_inter_token_latency_seconds", "Time between consecutive tokens of a request",
+                              kinds.HISTOGRAM, buckets=self.LATENCY_BUCKETS)
+        _, self._prompt = metric("llava_prompt_tokens_total", "Prompt tokens received (image tokens included)",
+                                 kinds.COUNTER)
+        _, self._generated = metric("llava_generation_tokens_total", "Tokens generated", kinds.COUNTER)
+        _, self._running = metric("llava_requests_running", "Requests holding a KV-cache slot", kinds.GAUGE)
+        _, self._waiting = metric("llava_requests_waiting", "Requests waiting for a KV-cache slot", kinds.GAUGE)
+        _, self._kv = metric("llava_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", kinds.GAUGE)
+        self._refused_family = pb_utils.MetricFamily("llava_requests_refused_total", "Requests the language model "
+                                                     "refused or dropped, by reason", kinds.COUNTER)
+        self._refused = {}
+
+    def request_refused(self, reason: str) -> None:
+        if reason not in self._refused:
+            self._refused[reason] = self._refused_family.Metric(labels={"reason": reason})
+        self._refused[reason].increment(1)
+
+    def prompt_tokens(self, count: int) -> None:
+        self._prompt.increment(count)
+
+    def generated_token(self, first: bool, seconds: float) -> None:
+        self._generated.increment(1)
+        (self._ttft if first else self._itl).observe(seconds)
+
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        self._running.set(running)
+        self._waiting.set(waiting)
+        self._kv.set(kv_cache_usage)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         if not is_decoupled(args):
@@ -54,7 +101,7 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=torch_dtype(self.serving.dtype))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.engine = Engine(model, tokenizer, self.model_spec, self.serving)
+        self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics())
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
         self.loop.start()

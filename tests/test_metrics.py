@@ -1,0 +1,87 @@
+"""The language model's metrics on Triton's metrics endpoint move as requests run."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+
+from client import LlavaClient
+from reference import make_test_images
+
+pytestmark = pytest.mark.e2e
+
+IMAGE = make_test_images()["jpeg"]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text → {'name{labels}': value} for the llava_* series."""
+    text = urllib.request.urlopen(url, timeout=5).read().decode()
+    values = {}
+    for line in text.splitlines():
+        match = re.match(r"^(llava_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+)$", line)
+        if match:
+            values[match.group(1)] = float(match.group(2))
+    return values
+
+
+def test_counters_and_histograms_follow_a_request(triton_server):
+    before = scrape(triton_server.url_metrics)
+    with LlavaClient(triton_server.url_grpc) as client:
+        result = client.generate("What is in the picture?", [IMAGE], max_tokens=10, ignore_eos=True)
+    after = scrape(triton_server.url_metrics)
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta("llava_generation_tokens_total") == result.completion_tokens == 10
+    assert delta("llava_prompt_tokens_total") == result.prompt_tokens
+    assert delta("llava_time_to_first_token_seconds_count") == 1
+    assert delta("llava_inter_token_latency_seconds_count") == 9
+    assert delta("llava_time_to_first_token_seconds_sum") > 0
+    assert after["llava_requests_running"] == 0 and after["llava_kv_cache_usage_ratio"] == 0
+
+
+def test_gauges_show_a_running_request(triton_server):
+    seen = []
+    with LlavaClient(triton_server.url_grpc) as client:
+        stream = client.stream("Tell me everything.", [IMAGE], max_tokens=400, ignore_eos=True)
+        next(stream)  # generating now
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and not seen:
+            values = scrape(triton_server.url_metrics)
+            if values.get("llava_requests_running", 0) >= 1:
+                seen.append(values)
+            time.sleep(0.05)
+        for _ in stream:
+            pass
+    assert seen, "llava_requests_running never showed the running request"
+    assert seen[0]["llava_kv_cache_usage_ratio"] > 0
+
+
+def test_refusals_are_counted_by_reason(triton_server):
+    key = 'llava_requests_refused_total{reason="invalid"}'
+    before = scrape(triton_server.url_metrics).get(key, 0.0)
+    # Straight to the language model with an id outside the vocabulary: refused there.
+    client = grpcclient.InferenceServerClient(triton_server.url_grpc)
+    errors = []
+    done = threading.Event()
+
+    def callback(result, error):
+        if error is not None:
+            errors.append(str(error))
+        done.set()
+
+    ids = grpcclient.InferInput("input_ids", [2], "INT64")
+    ids.set_data_from_numpy(np.array([1, 10**9], dtype=np.int64))
+    client.start_stream(callback=callback)
+    client.async_stream_infer("language_model", [ids])
+    assert done.wait(30)
+    client.stop_stream()
+    assert errors and "outside the vocabulary" in errors[0]
+    assert scrape(triton_server.url_metrics).get(key, 0.0) == before + 1
