@@ -224,7 +224,8 @@ def _build_model(preset: dict[str, Any], directory: Path, device: str, log: Call
     # fork_rng: seed for this build only, without changing the caller's random state.
     accelerators = [] if device.type == "cpu" else [
         device.index if device.index is not None else torch.get_device_module(device.type).current_device()]
-    with torch.random.fork_rng(devices=accelerators, device_type=None if device.type == "cpu" else device.type):
+    fork_options = {} if device.type == "cpu" else {"device_type": device.type}  # torch 2.11 refuses None
+    with torch.random.fork_rng(devices=accelerators, **fork_options):
         torch.manual_seed(int(preset["seed"]))
         # Built directly on the device in the target dtype (no fp32 copy of a 7B model on the host).
         with device:

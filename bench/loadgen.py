@@ -1,0 +1,291 @@
+"""Closed-loop streaming load generator for the `llava` ensemble.
+
+`run_level` keeps `concurrency` requests in flight until `num_requests` have been sent: each of
+`concurrency` workers sends a request, reads its stream to the end, then sends the next. Per
+request it records the send time, the arrival time of every response that carries token ids,
+and the end of the stream; `summarize` turns that into the reported figures.
+
+Two implementations of the same loop:
+
+* "aio" (default): one asyncio event loop, `tritonclient.grpc.aio`, one gRPC channel per worker.
+  A response is timestamped by the loop as soon as gRPC hands it over.
+* "threads": one thread per worker, each with its own `client.LlavaClient` (the project's client).
+  Each stream then has two Python threads (tritonclient's reader and ours), which at high
+  concurrency compete for the GIL and delay the timestamps; `python -m bench.fake_server --check`
+  measures both against a fake server whose timings are known.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from bench.workload import Workload
+from llava_triton import spec
+
+MODES = ("aio", "threads")
+SERVER_TIME_PARAMETER = "bench_server_time"  # set by bench.fake_server only: its send time (time.monotonic)
+
+
+@dataclass
+class RequestRecord:
+    """Timestamps (time.perf_counter, seconds) and counts of one streamed request."""
+
+    start: float
+    end: float = math.nan
+    token_times: list[float] = field(default_factory=list)  # arrival of each response carrying token ids
+    token_counts: list[int] = field(default_factory=list)  # how many ids each of those responses carried
+    server_times: list[float] = field(default_factory=list)  # fake server only: send time of each response
+    receive_times: list[float] = field(default_factory=list)  # fake server only: time.monotonic at arrival
+    prompt_tokens: int = 0
+    reported_completion_tokens: int = 0  # the server's count in its last response
+    finish_reason: str = ""
+    error: str | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self.token_counts)
+
+    @property
+    def ttft(self) -> float:
+        """Send to the first response with a non-empty `token_ids`."""
+        return self.token_times[0] - self.start if self.token_times else math.nan
+
+    @property
+    def e2e(self) -> float:
+        return self.end - self.start
+
+    def itls(self) -> list[float]:
+        """Inter-token latencies: the gap between consecutive token-carrying responses, split evenly
+        over the tokens the later one carries (streaming sends one token per response)."""
+        gaps = []
+        for previous, now, count in zip(self.token_times, self.token_times[1:], self.token_counts[1:]):
+            gaps.extend([(now - previous) / count] * count)
+        return gaps
+
+    def add_response(self, now: float, token_ids: Any, prompt_tokens: int, completion_tokens: int,
+                     finish_reason: str) -> None:
+        count = 0 if token_ids is None else int(np.size(token_ids))
+        if count:
+            self.token_times.append(now)
+            self.token_counts.append(count)
+            self.prompt_tokens = prompt_tokens
+            self.reported_completion_tokens = completion_tokens
+        self.finish_reason = finish_reason or self.finish_reason
+
+
+@dataclass
+class LevelResult:
+    """One concurrency level: every request's record and the level's wall and CPU time."""
+
+    concurrency: int
+    mode: str
+    records: list[RequestRecord]
+    started: float
+    ended: float
+    cpu_s: float  # this process's CPU time during the level (the generator's own cost)
+
+    @property
+    def wall_s(self) -> float:
+        return self.ended - self.started
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else math.nan
+
+
+def _ms(value: float) -> float:
+    return round(value * 1e3, 3) if math.isfinite(value) else math.nan
+
+
+def summarize(level: LevelResult) -> dict[str, Any]:
+    """The reported figures of a level (times in milliseconds).
+
+    ttft: send -> first token; itl: between consecutive tokens of a request; tpot: a request's
+    (last token - first token) / (tokens - 1); e2e: send -> end of stream. output_tokens_per_s is
+    every completion token of the level over the level's wall time (first send to last end),
+    requests_per_s likewise with the completed requests.
+    """
+    done = [r for r in level.records if r.error is None]
+    ttfts = [r.ttft for r in done if r.token_times]
+    itls = [gap for r in done for gap in r.itls()]
+    tpots = [(r.token_times[-1] - r.token_times[0]) / (r.completion_tokens - r.token_counts[0])
+             for r in done if r.completion_tokens > r.token_counts[0]]
+    e2es = [r.e2e for r in done]
+    completion_tokens = sum(r.completion_tokens for r in done)
+    wall = level.wall_s
+    summary = {
+        "concurrency": level.concurrency,
+        "loadgen": level.mode,
+        "requests": len(level.records),
+        "completed": len(done),
+        "errors": len(level.records) - len(done),
+        "error_messages": sorted({r.error for r in level.records if r.error})[:5],
+        "completion_tokens": completion_tokens,
+        "reported_completion_tokens": sum(r.reported_completion_tokens for r in done),
+        "prompt_tokens": sorted({r.prompt_tokens for r in done}),
+        "finish_reasons": sorted({r.finish_reason for r in done}),
+        "wall_s": round(wall, 4),
+        "ttft_ms": {"p50": _ms(_percentile(ttfts, 50)), "p90": _ms(_percentile(ttfts, 90)),
+                    "p99": _ms(_percentile(ttfts, 99)), "mean": _ms(float(np.mean(ttfts)) if ttfts else math.nan)},
+        "itl_ms": {"p50": _ms(_percentile(itls, 50)), "p90": _ms(_percentile(itls, 90)),
+                   "p99": _ms(_percentile(itls, 99)), "mean": _ms(float(np.mean(itls)) if itls else math.nan)},
+        "tpot_ms_mean": _ms(float(np.mean(tpots)) if tpots else math.nan),
+        "e2e_ms": {"p50": _ms(_percentile(e2es, 50)), "p99": _ms(_percentile(e2es, 99))},
+        "output_tokens_per_s": round(completion_tokens / wall, 3) if wall > 0 else math.nan,
+        "requests_per_s": round(len(done) / wall, 4) if wall > 0 else math.nan,
+        "generator_cpu_percent": round(100 * level.cpu_s / wall, 1) if wall > 0 else math.nan,
+    }
+    delays = [receive - sent for r in done for sent, receive in zip(r.server_times, r.receive_times)]
+    if delays:  # only against bench.fake_server, which stamps its send time on each response
+        summary["delivery_delay_ms"] = {"p50": _ms(_percentile(delays, 50)), "p99": _ms(_percentile(delays, 99)),
+                                        "max": _ms(max(delays))}
+    return summary
+
+
+def run_level(url: str, workload: Workload, concurrency: int, num_requests: int, *, mode: str = "aio",
+              model: str = spec.ENSEMBLE, timeout_s: float = 600.0) -> LevelResult:
+    """Send `num_requests` W1 requests with `concurrency` in flight (closed loop) and record them."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if concurrency < 1 or num_requests < 1:
+        raise ValueError(f"concurrency and num_requests must be positive, got {concurrency}, {num_requests}")
+    if mode == "aio":
+        return asyncio.run(_run_aio(url, workload, concurrency, num_requests, model, timeout_s))
+    return _run_threads(url, workload, concurrency, num_requests, model, timeout_s)
+
+
+def _inputs(workload: Workload):
+    from client.api import build_inputs
+
+    return build_inputs(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
+                        temperature=workload.temperature, stream=True, ignore_eos=workload.ignore_eos)
+
+
+def _first_int(array: np.ndarray | None) -> int:
+    return 0 if array is None or array.size == 0 else int(array.reshape(-1)[0])
+
+
+def _first_str(array: np.ndarray | None) -> str:
+    if array is None or array.size == 0:
+        return ""
+    value = array.reshape(-1)[0]
+    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
+
+
+# --- asyncio ---------------------------------------------------------------------------------------
+
+async def _request_aio(connection, workload: Workload, model: str, timeout_s: float) -> RequestRecord:
+    import grpc
+    from tritonclient.utils import InferenceServerException
+
+    request = {"model_name": model, "inputs": _inputs(workload), "request_id": uuid.uuid4().hex,
+               # As LlavaClient: the ensemble ends a decoupled stream with an empty response flagged final.
+               "parameters": {"triton_enable_empty_final_response": True}}
+
+    async def one_request():
+        yield request
+
+    record = RequestRecord(start=time.perf_counter())
+    try:
+        responses = connection.stream_infer(one_request(), stream_timeout=timeout_s)
+        # Read to the end of the call (the server closes it after the final response) rather than
+        # break early, which would cancel the RPC.
+        async for result, error in responses:
+            now = time.perf_counter()
+            if error is not None:
+                record.error = error.message() if hasattr(error, "message") else str(error)
+                continue
+            response = result.get_response()
+            record.add_response(now, result.as_numpy(spec.OUT_TOKEN_IDS),
+                                _first_int(result.as_numpy(spec.OUT_PROMPT_TOKENS)),
+                                _first_int(result.as_numpy(spec.OUT_COMPLETION_TOKENS)),
+                                _first_str(result.as_numpy(spec.OUT_FINISH_REASON)))
+            sent = response.parameters.get(SERVER_TIME_PARAMETER)
+            if sent is not None:
+                record.server_times.append(sent.double_param)
+                record.receive_times.append(time.monotonic())
+            final = response.parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                record.end = now
+    except InferenceServerException as error:
+        record.error = error.message() if hasattr(error, "message") else str(error)
+    except grpc.RpcError as error:  # e.g. the stream's deadline (timeout_s) passed
+        record.error = f"{error.code().name}: {error.details()}" if hasattr(error, "code") else str(error)
+    if math.isnan(record.end):
+        record.end = time.perf_counter()
+        record.error = record.error or "the stream ended without a final response"
+    return record
+
+
+async def _run_aio(url: str, workload: Workload, concurrency: int, num_requests: int, model: str,
+                   timeout_s: float) -> LevelResult:
+    from tritonclient.grpc import aio as grpcaio
+
+    connections = [grpcaio.InferenceServerClient(url) for _ in range(concurrency)]
+    try:
+        # Connect every channel before the clock starts: the level measures requests, not handshakes.
+        await asyncio.gather(*(connection.is_server_live() for connection in connections))
+        counter = itertools.count()
+        records: list[RequestRecord] = []
+
+        async def worker(connection) -> None:
+            while next(counter) < num_requests:
+                records.append(await _request_aio(connection, workload, model, timeout_s))
+
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(connection) for connection in connections))
+        ended, cpu = time.perf_counter(), time.process_time() - cpu
+    finally:
+        await asyncio.gather(*(connection.close() for connection in connections))
+    return LevelResult(concurrency, "aio", records, started, ended, cpu)
+
+
+# --- threads ---------------------------------------------------------------------------------------
+
+def _run_threads(url: str, workload: Workload, concurrency: int, num_requests: int, model: str,
+                 timeout_s: float) -> LevelResult:
+    from client.api import LlavaClient, LlavaError
+
+    clients = [LlavaClient(url, model) for _ in range(concurrency)]
+    counter = itertools.count()
+    records: list[RequestRecord] = []
+    lock = threading.Lock()
+
+    def worker(client: LlavaClient) -> None:
+        while next(counter) < num_requests:
+            record = RequestRecord(start=time.perf_counter())
+            try:
+                for chunk in client.stream(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
+                                           temperature=workload.temperature, ignore_eos=workload.ignore_eos,
+                                           timeout=timeout_s):
+                    record.add_response(time.perf_counter(), chunk.token_ids, chunk.prompt_tokens,
+                                        chunk.completion_tokens, chunk.finish_reason)
+            except LlavaError as error:
+                record.error = error.message
+            record.end = time.perf_counter()
+            with lock:
+                records.append(record)
+
+    try:
+        for client in clients:  # connect before the clock starts
+            client.is_ready()
+        threads = [threading.Thread(target=worker, args=(client,), daemon=True) for client in clients]
+        cpu, started = time.process_time(), time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        ended, cpu = time.perf_counter(), time.process_time() - cpu
+    finally:
+        for client in clients:
+            client.close()
+    return LevelResult(concurrency, "threads", records, started, ended, cpu)

@@ -1,0 +1,118 @@
+"""perf_analyzer on the `vision_encoder` model with the W1 image's real pixel values.
+
+The input-data file holds one FP32 (3, H, W) `pixel_values` item, base64 of its raw bytes
+(perf_analyzer's docs/input_data.md); with `-b B` perf_analyzer sends it B times per request.
+perf_analyzer's "Inferences/Second" already counts every batch item (request rate x B: with
+`-b 4` at concurrency 1 it reports about 4 / latency), so images/s = inferences/s.
+
+By default the tensors go through system shared memory (`--shared-memory system`), so the figure
+is the model's and not that of copying B x 1.35 MB in and B x 576 x 1024 x 4 bytes out over
+gRPC; in the `llava` ensemble these tensors never leave the server either. If perf_analyzer fails
+with shared memory, it is run again without, and the result says which was used.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llava_triton import spec
+
+STABLE_FAILURE = "Failed to obtain stable measurement"
+
+
+def write_input_data(path: Path | str, pixel_values: np.ndarray) -> Path:
+    """perf_analyzer `--input-data` JSON with one `pixel_values` item (FP32, shape per spec)."""
+    pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+    if pixel_values.ndim != 3:
+        raise ValueError(f"pixel_values must be one image (3, H, W), got shape {pixel_values.shape}")
+    item = {"content": {"b64": base64.b64encode(pixel_values.tobytes()).decode("ascii")},
+            "shape": list(pixel_values.shape)}
+    path = Path(path)
+    path.write_text(json.dumps({"data": [{spec.PIXEL_VALUES: item}]}) + "\n")
+    return path
+
+
+def perf_analyzer_args(url: str, batch_size: int, input_data: Path, csv_path: Path, *, model: str,
+                       measurement_requests: int, stability: float, max_trials: int, concurrency: int,
+                       shared_memory: str, output_bytes: int) -> list[str]:
+    args = ["-m", model, "-u", url, "-i", "grpc", "-b", str(batch_size), "--input-data", str(input_data),
+            "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
+            "--measurement-request-count", str(measurement_requests), "--stability-percentage", f"{stability:g}",
+            "--max-trials", str(max_trials), "-f", str(csv_path)]
+    if shared_memory != "none":
+        args += ["--shared-memory", shared_memory, "--output-shared-memory-size", str(output_bytes)]
+    return args
+
+
+def _parse_csv(path: Path, batch_size: int) -> dict[str, Any]:
+    rows = list(csv.DictReader(path.open()))
+    if not rows:
+        raise ValueError(f"{path} has no rows")
+    row = rows[-1]
+    inferences_per_s = float(row["Inferences/Second"])
+    compute_infer_us = float(row["Server Compute Infer"])
+    return {
+        "images_per_s": round(inferences_per_s, 3),  # already batch x requests/s
+        "requests_per_s": round(inferences_per_s / batch_size, 3),
+        "latency_p50_ms": round(float(row["p50 latency"]) / 1e3, 3),
+        "latency_p99_ms": round(float(row["p99 latency"]) / 1e3, 3),
+        "server_compute_infer_ms": round(compute_infer_us / 1e3, 3),  # the model's execute() alone
+        "server_queue_ms": round(float(row["Server Queue"]) / 1e3, 3),
+    }
+
+
+def measure(url: str, batch_size: int, input_data: Path, work_dir: Path, *, model: str = spec.VISION_ENCODER,
+            output_item_bytes: int, measurement_requests: int = 50, stability: float = 100.0, max_trials: int = 3,
+            concurrency: int = 1, shared_memory: str = "system", timeout_s: float = 300.0) -> dict[str, Any]:
+    """perf_analyzer at one batch size; a dict with the figures, or with `error` when it failed.
+
+    When the windows do not agree within `stability` % in `max_trials` windows (a noisy machine),
+    it is run once more with a 10x looser criterion and the result is marked `"stable": false`;
+    when shared memory is refused, once more without it.
+    """
+    from llava_triton.server import perf_analyzer_command, perf_analyzer_env
+
+    attempts: list[dict[str, Any]] = []
+    plan = [(shared_memory, stability)]
+    while plan:
+        memory, criterion = plan.pop(0)
+        name = f"perf_{model}_b{batch_size}_{memory}_s{criterion:g}"
+        csv_path, log_path = Path(work_dir) / f"{name}.csv", Path(work_dir) / f"{name}.log"
+        csv_path.unlink(missing_ok=True)
+        command = [*perf_analyzer_command(),
+                   *perf_analyzer_args(url, batch_size, input_data, csv_path, model=model,
+                                       measurement_requests=measurement_requests, stability=criterion,
+                                       max_trials=max_trials, concurrency=concurrency, shared_memory=memory,
+                                       output_bytes=batch_size * output_item_bytes)]
+        started = time.perf_counter()
+        try:
+            run = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=timeout_s)
+            output, code = run.stdout + run.stderr, run.returncode
+        except subprocess.TimeoutExpired as error:
+            output, code = f"timed out after {timeout_s:.0f} s: {error.stdout or ''}", -1
+        log_path.write_text(output)
+        attempt = {"command": command, "shared_memory": memory, "stability_percentage": criterion,
+                   "returncode": code, "seconds": round(time.perf_counter() - started, 2), "log": str(log_path)}
+        attempts.append(attempt)
+        if code == 0 and csv_path.is_file():
+            return {"batch_size": batch_size, "concurrency": concurrency, "shared_memory": memory,
+                    "measurement_requests": measurement_requests, "stability_percentage": criterion,
+                    "stable": criterion == stability, **_parse_csv(csv_path, batch_size), "attempts": attempts}
+        attempt["output_tail"] = output.strip()[-600:]
+        if STABLE_FAILURE in output:
+            if criterion == stability:
+                plan.append((memory, 10 * stability))  # noisy machine: keep the figure, marked unstable
+        elif memory != "none":
+            plan.append(("none", stability))  # shared memory refused here: tensors in the gRPC messages
+    last = attempts[-1]
+    reason = "no stable measurement" if STABLE_FAILURE in last["output_tail"] else f"exit {last['returncode']}"
+    return {"batch_size": batch_size, "concurrency": concurrency, "error": f"perf_analyzer failed ({reason}); "
+            f"see {last['log']}", "attempts": attempts}

@@ -1,0 +1,94 @@
+"""`python -m bench` end to end on the tiny checkpoint (CPU): files written and consistent.
+
+Speed is never asserted: the figures only have to exist, be positive and add up.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from PIL import Image
+
+from bench.__main__ import main as bench_main
+from bench.fake_server import check as fake_check
+from bench.limits import language_model_params
+
+REQUESTS, OUTPUT_TOKENS = 3, 8
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint, model_repository, tmp_path):
+    out = tmp_path / "bench"
+    argv = ["--checkpoint", str(tiny_checkpoint), "--repository", str(model_repository), "--no-export",
+            "--concurrency", "1", "2", "--requests", str(REQUESTS), "--output-tokens", str(OUTPUT_TOKENS),
+            "--warmup", "1", "--vision-batch-sizes", "1", "2", "--vision-requests", "5", "--out", str(out)]
+    assert bench_main(argv) == 0
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["command"].startswith("python -m bench --checkpoint")
+    assert results["machine"]["torch"] and results["machine"]["transformers"] and results["machine"]["cpu"]
+    assert results["machine"]["triton_server"] == "2.51.0"
+    workload = results["workload"]
+    assert 24 <= workload["question_tokens"] <= 40  # "about 32", counted with the checkpoint's tokenizer
+    assert workload["prompt_tokens"] > 576  # one image's tokens, the template and the question
+
+    # Every request streamed exactly OUTPUT_TOKENS tokens (ignore_eos), so the counts add up.
+    assert [level["concurrency"] for level in results["levels"]] == [1, 2]
+    for level in results["levels"]:
+        assert (level["requests"], level["completed"], level["errors"]) == (REQUESTS, REQUESTS, 0)
+        assert level["completion_tokens"] == REQUESTS * OUTPUT_TOKENS == level["reported_completion_tokens"]
+        assert level["prompt_tokens"] == [workload["prompt_tokens"]]
+        assert level["finish_reasons"] == ["length"]
+        for name in ("ttft_ms", "itl_ms"):
+            assert _positive(level[name]["p50"]) and level[name]["p99"] >= level[name]["p50"]
+        assert _positive(level["output_tokens_per_s"]) and _positive(level["requests_per_s"])
+        assert math.isclose(level["output_tokens_per_s"], level["completion_tokens"] / level["wall_s"], rel_tol=1e-2)
+    assert results["skipped_levels"] == []
+
+    assert [entry["batch_size"] for entry in results["vision"]] == [1, 2]
+    for entry in results["vision"]:
+        assert "error" not in entry, entry
+        assert _positive(entry["images_per_s"]) and _positive(entry["latency_p50_ms"])
+        assert math.isclose(entry["requests_per_s"] * entry["batch_size"], entry["images_per_s"], rel_tol=1e-2)
+
+    baseline = results["baseline"]
+    assert [run["batch_size"] for run in baseline["runs"]] == [1, 2]
+    for run in baseline["runs"]:
+        assert run["prompt_tokens"] == workload["prompt_tokens"]
+        assert _positive(run["latency_s"]) and _positive(run["ttft_ms"]) and _positive(run["output_tokens_per_s"])
+    # The roofline's parameter count (from the config) is the loaded model's.
+    assert baseline["language_model_params"] == results["limits"]["language_model_params"]
+
+    limits = results["limits"]
+    assert limits["device"] == "cpu" and limits["single_stream_decode_limit_tokens_per_s"] is None
+    assert limits["vision_flops_per_image"]["vision_encoder"] > 0
+    assert all(results["checks"].values()), results["checks"]
+
+    table = (out / "results.md").read_text()
+    assert "| concurrency | requests | TTFT p50 (ms)" in table and "n/a" in table
+    assert table.count("\n| 1 |") >= 3 and "\n| 2 |" in table  # levels, baseline and vision rows
+    with Image.open(out / "throughput_vs_ttft.png") as image:
+        assert image.format == "PNG" and image.size == (960, 640)
+    assert (out / "tritonserver.log").stat().st_size > 0
+    assert (out / "w1.jpg").read_bytes()[:3] == b"\xff\xd8\xff"
+
+
+def test_load_generators_count_every_token_of_a_fake_server():
+    summaries = fake_check(concurrency=8, num_requests=16, tokens=6, step_ms=5.0, ttft_ms=10.0,
+                           modes=["aio", "threads"])
+    for summary in summaries:
+        assert (summary["requests"], summary["errors"]) == (16, 0)
+        assert summary["completion_tokens"] == summary["reported_completion_tokens"] == 16 * 6
+        assert summary["ttft_ms"]["p50"] >= 10.0  # the fake's delay is a floor
+    assert "delivery_delay_ms" in summaries[0]  # aio reads the fake's send timestamps
+
+
+def test_language_model_params_of_the_7b_config():
+    # Llama-2-7B / LLaVA-1.5-7B: 6.74 B parameters (embedding, 32 layers, lm_head).
+    text_config = {"hidden_size": 4096, "vocab_size": 32064, "num_hidden_layers": 32, "num_attention_heads": 32,
+                   "num_key_value_heads": 32, "intermediate_size": 11008}
+    assert language_model_params(text_config)["total"] == 6_738_939_904
