@@ -44,7 +44,8 @@ bench: setup
 	$(PY) -m bench
 
 lint: setup
-	$(PY) -m compileall -q llava_triton export client tests model_repository
+	$(PY) -m compileall -q llava_triton export client tests model_repository bench
+	$(VENV)/bin/hadolint Dockerfile
 
 clean:
 	rm -rf build $(REPO)/*/config.pbtxt

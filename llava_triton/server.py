@@ -35,10 +35,12 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from llava_triton import deploy
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_HTTP_PORT = 8000
-DEFAULT_GRPC_PORT = 8001
-DEFAULT_METRICS_PORT = 8002
+DEFAULT_HTTP_PORT = deploy.HTTP_PORT
+DEFAULT_GRPC_PORT = deploy.GRPC_PORT
+DEFAULT_METRICS_PORT = deploy.METRICS_PORT
 STUB_NAME = "triton_python_backend_stub"
 LIBB64 = "libb64.so.0d"  # perf_analyzer's only dependency outside glibc/libstdc++ besides libcudart
 LIBCUDART = "libcudart.so.12"
@@ -176,7 +178,7 @@ class TritonServer:
     extra_args: tuple[str, ...] | list[str] = ()
     install: TritonInstall | None = None
     project_root: Path | str = PROJECT_ROOT
-    exit_timeout_s: int = 10
+    exit_timeout_s: int = deploy.EXIT_TIMEOUT_S
     ready_timeout_s: float = 120.0
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _own_log: bool = field(default=False, init=False, repr=False)
@@ -205,13 +207,8 @@ class TritonServer:
 
     def command(self) -> list[str]:
         return [str(self.install.server),
-                f"--model-repository={self.model_repository}",
-                f"--backend-directory={self.install.backend_directory}",
-                f"--http-port={self.http_port}",
-                f"--grpc-port={self.grpc_port}",
-                f"--metrics-port={self.metrics_port}",
-                f"--exit-timeout-secs={self.exit_timeout_s}",
-                "--strict-readiness=true",
+                *deploy.server_args(self.model_repository, self.install.backend_directory, self.http_port,
+                                    self.grpc_port, self.metrics_port, self.exit_timeout_s),
                 *self.extra_args]
 
     def start(self) -> "TritonServer":
@@ -239,7 +236,7 @@ class TritonServer:
 
     def is_ready(self) -> bool:
         try:
-            with urllib.request.urlopen(f"http://{self.url_http}/v2/health/ready", timeout=2) as response:
+            with urllib.request.urlopen(f"http://{self.url_http}{deploy.READY_PATH}", timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False

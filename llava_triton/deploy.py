@@ -1,0 +1,41 @@
+"""What the local server and the Kubernetes deployment must agree on: ports, probe paths, flags.
+
+`llava_triton.server` starts `tritonserver` with `server_args`; the Helm chart in
+`helm/llava-triton` passes the same flags, ports and probe paths to the same binary inside the
+serving image (`Dockerfile`). `tests/test_helm.py` renders the chart and checks it against these
+values, and starts the real `tritonserver` with the rendered arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import PurePosixPath
+
+HTTP_PORT = 8000
+GRPC_PORT = 8001
+METRICS_PORT = 8002
+PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}  # Service/container port names
+
+LIVE_PATH = "/v2/health/live"  # 200 once the endpoints are up (after the models loaded)
+READY_PATH = "/v2/health/ready"  # 200 while every model is ready (--strict-readiness=true)
+METRICS_PATH = "/metrics"
+
+EXIT_TIMEOUT_S = 10  # how long tritonserver lets in-flight requests finish after SIGTERM
+
+# Layout of the serving image (Dockerfile): NVIDIA's Triton image plus this project.
+IMAGE_BACKEND_DIRECTORY = PurePosixPath("/opt/tritonserver/backends")
+IMAGE_PROJECT_ROOT = PurePosixPath("/opt/llava-triton")  # the project tree, first on PYTHONPATH
+IMAGE_SITE_PACKAGES = IMAGE_PROJECT_ROOT / "site-packages"  # requirements.txt, pip --target
+IMAGE_UID = 1000  # `triton-server`, the non-root user of NVIDIA's image
+
+
+def server_args(model_repository: str | PurePosixPath, backend_directory: str | PurePosixPath,
+                http_port: int = HTTP_PORT, grpc_port: int = GRPC_PORT, metrics_port: int = METRICS_PORT,
+                exit_timeout_s: int = EXIT_TIMEOUT_S) -> list[str]:
+    """The `tritonserver` flags every deployment of this project starts with (binary excluded)."""
+    return [f"--model-repository={model_repository}",
+            f"--backend-directory={backend_directory}",
+            f"--http-port={http_port}",
+            f"--grpc-port={grpc_port}",
+            f"--metrics-port={metrics_port}",
+            f"--exit-timeout-secs={exit_timeout_s}",
+            "--strict-readiness=true"]

