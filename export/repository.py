@@ -62,9 +62,12 @@ def _generation_outputs() -> list[mc.ModelOutput]:
 
 
 def _instances(count: int, serving: ServingConfig, cpu_only: bool = False) -> list[mc.ModelInstanceGroup]:
-    # No `gpus` list: Triton then places `count` instances on every visible GPU.
+    # Without a `gpus` list Triton places `count` instances on every visible GPU.
     kind = "KIND_CPU" if cpu_only else serving.instance_kind
-    return [mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.Kind.Value(kind))]
+    group = mc.ModelInstanceGroup(count=count, kind=mc.ModelInstanceGroup.Kind.Value(kind))
+    if kind == "KIND_GPU" and serving.gpus:
+        group.gpus.extend(serving.gpus)
+    return [group]
 
 
 def _queue_policy(serving: ServingConfig) -> mc.ModelQueuePolicy:
@@ -117,7 +120,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         output=_generation_outputs(),
         # Decoupled: any number of responses per request (streaming); the model batches in flight.
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
-        instance_group=_instances(1, serving),
+        instance_group=_instances(serving.language_model_instances, serving),
     )
 
     def step(model_name: str, inputs: dict[str, str], outputs: dict[str, str]):

@@ -153,7 +153,9 @@ class ServingConfig:
     # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
     instance_kind: str = "KIND_CPU"
     preprocess_instances: int = 2
-    vision_instances: int = 1
+    vision_instances: int = 1  # per GPU (or on the CPU)
+    language_model_instances: int = 1  # per GPU; each has its own KV cache (lower kv_cache_memory_fraction)
+    gpus: tuple[int, ...] = ()  # GPUs to place instances on; () = every visible GPU
     device: str = "cpu"  # torch device for the PyTorch-served models ("cuda" uses Triton's device id)
     dtype: str = "float32"  # compute dtype of the PyTorch-served models
 
@@ -161,12 +163,14 @@ class ServingConfig:
         positive = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
                     "max_queue_size",
-                    "preprocess_instances", "vision_instances")
+                    "preprocess_instances", "vision_instances", "language_model_instances")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if any(b > self.vision_max_batch_size for b in self.vision_preferred_batch_sizes):
             raise ValueError("vision_preferred_batch_sizes must not exceed vision_max_batch_size")
+        if any(g < 0 for g in self.gpus):
+            raise ValueError(f"gpus must be GPU indices, got {self.gpus}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be 0 (the context length) or positive, got {self.max_seq_len}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
@@ -186,8 +190,9 @@ class ServingConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ServingConfig":
         data = dict(data)
-        if "vision_preferred_batch_sizes" in data:
-            data["vision_preferred_batch_sizes"] = tuple(data["vision_preferred_batch_sizes"])
+        for name in ("vision_preferred_batch_sizes", "gpus"):
+            if name in data:
+                data[name] = tuple(data[name])
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown serving options: {sorted(unknown)}")

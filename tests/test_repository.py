@@ -44,6 +44,19 @@ def test_batching_and_instances_follow_serving_config():
     assert configs[spec.PREPROCESS].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert configs[spec.PREPROCESS].instance_group[0].count == 3
     assert configs[spec.LANGUAGE_MODEL].model_transaction_policy.decoupled
+    assert configs[spec.LANGUAGE_MODEL].instance_group[0].count == 1
+
+
+def test_instances_can_be_pinned_to_gpus():
+    serving = ServingConfig(instance_kind="KIND_GPU", language_model_instances=2, gpus=(0,))
+    configs = model_configs(MODEL, serving, "pytorch")
+    group = configs[spec.LANGUAGE_MODEL].instance_group[0]
+    assert (group.count, list(group.gpus)) == (2, [0])
+    assert list(configs[spec.VISION_ENCODER].instance_group[0].gpus) == [0]
+    assert not configs[spec.PREPROCESS].instance_group[0].gpus  # CPU work
+    assert ServingConfig.from_dict({"gpus": [0, 1]}).gpus == (0, 1)
+    with pytest.raises(ValueError, match="gpus must be GPU indices"):
+        ServingConfig(gpus=(-1,))
 
 
 def test_engines_share_one_tensor_contract():
