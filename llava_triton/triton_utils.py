@@ -56,3 +56,31 @@ def triton_error(pb_utils, exc: BaseException):
         code, message = "INTERNAL", f"internal error: {type(exc).__name__}: {exc}"
     code = getattr(pb_utils.TritonError, code, None)  # error codes exist from Triton 23.10 on
     return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+
+
+def batched_model(pb_utils, serve):
+    """A `TritonPythonModel` class for a model served by a `llava_triton.vision.BatchedModule`.
+
+    `serve(version_dir, instance_kind, device_id)` builds the module once per instance; every
+    request Triton's dynamic batcher hands over goes through one forward pass, and a request
+    that fails validation gets its own error response while the others succeed.
+    """
+
+    class TritonPythonModel:
+        def initialize(self, args):
+            self.runner = serve(version_dir(args), args["model_instance_kind"], args["model_instance_device_id"])
+
+        def execute(self, requests):
+            arrays = []
+            for request in requests:
+                tensor = pb_utils.get_input_tensor_by_name(request, self.runner.input_name)
+                arrays.append(None if tensor is None else tensor.as_numpy())
+            responses = []
+            for result in self.runner.run_requests(arrays):
+                if isinstance(result, Exception):
+                    responses.append(pb_utils.InferenceResponse(output_tensors=[], error=triton_error(pb_utils, result)))
+                else:
+                    responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.runner.output_name, result)]))
+            return responses
+
+    return TritonPythonModel
