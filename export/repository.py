@@ -72,7 +72,8 @@ def _instances(count: int, serving: ServingConfig, cpu_only: bool = False) -> li
 
 def _queue_policy(serving: ServingConfig) -> mc.ModelQueuePolicy:
     # A full queue refuses new requests at once (UNAVAILABLE) instead of letting them time out.
-    return mc.ModelQueuePolicy(max_queue_size=serving.max_queue_size)
+    return mc.ModelQueuePolicy(max_queue_size=serving.max_queue_size, default_timeout_microseconds=serving.queue_timeout_us,
+                               timeout_action=mc.ModelQueuePolicy.REJECT)
 
 
 def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict[str, mc.ModelConfig]:
@@ -85,7 +86,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     preprocess = mc.ModelConfig(
         name=spec.PREPROCESS, backend="python", max_batch_size=0,
         input=[_input(spec.IN_IMAGES, mc.TYPE_STRING, [-1], optional=True),
-               _input(spec.IN_PROMPT, mc.TYPE_STRING, [1]), *_sampling_inputs()],
+               _input(spec.IN_PROMPT, mc.TYPE_STRING, [1], optional=True), *_sampling_inputs()],
         output=[_output(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                 _output(spec.PIXEL_VALUES, mc.TYPE_FP32, [-1, *pixel_dims])],
         # Image decoding is CPU work whatever the device: several CPU instances.
@@ -130,7 +131,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     ensemble = mc.ModelConfig(
         name=spec.ENSEMBLE, platform="ensemble", max_batch_size=0,
         input=[_input(spec.IN_IMAGES, mc.TYPE_STRING, [-1], optional=True),
-               _input(spec.IN_PROMPT, mc.TYPE_STRING, [1]), *_sampling_inputs()],
+               _input(spec.IN_PROMPT, mc.TYPE_STRING, [1], optional=True), *_sampling_inputs()],
         output=_generation_outputs(),
         ensemble_scheduling=mc.ModelEnsembling(step=[
             # Sampling inputs go to preprocess too, so bad values are refused before any image work.

@@ -168,6 +168,8 @@ class Engine:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError."""
         try:
             num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
+            if num_images and not bool(torch.isfinite(image_embeds[:num_images]).all()):
+                raise InvalidRequestError("image_embeds holds NaN or infinite values")
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
         except InvalidRequestError:
             self.metrics.request_refused("invalid")
@@ -233,16 +235,26 @@ class Engine:
 
     # -- internals ------------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
-        # Asking Triton whether a request was cancelled is an IPC round trip: at most every 20 ms.
+        """Drop cancelled requests, and waiting ones past queue_timeout_us.
+
+        Asking Triton whether a request was cancelled is an IPC round trip: at most every 20 ms.
+        """
         now = time.monotonic()
         if now - self._last_cancel_check < 0.02:
             return
         self._last_cancel_check = now
+        deadline = now - self.serving.queue_timeout_us / 1e6
         with self._cond:
             for seq in [s for s in self._waiting if s.sink.cancelled()]:
                 self._waiting.remove(seq)
                 self.metrics.request_refused("cancelled")
                 seq.sink.error("request cancelled")
+            # Waiting requests have not produced a token yet: last_event is their submission time.
+            for seq in [s for s in self._waiting if s.last_event < deadline]:
+                self._waiting.remove(seq)
+                self.metrics.request_refused("queue_timeout")
+                seq.sink.error(f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a KV-cache slot "
+                               "(queue_timeout_us); retry later")
         for seq in [s for s in self._prefilling + self._running if s.sink.cancelled()]:
             self._release(seq)
             self.metrics.request_refused("cancelled")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_triton.errors import InvalidRequestError
-from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
+from llava_triton.spec import IMAGE_TOKEN, IN_IMAGES, IN_PROMPT, SAMPLING_INPUTS, ModelSpec, ServingConfig
 
 # Formats we decode, as PIL names them (recognised by their leading bytes), with their usual names.
 SUPPORTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
@@ -93,7 +94,8 @@ def decode_image(data: bytes, serving: ServingConfig, index: int = 0, *,
         raise InvalidRequestError(f"image {index}: empty (0 bytes)")
     if len(data) > serving.max_image_bytes:
         raise InvalidRequestError(
-            f"image {index}: {len(data)} bytes is more than the limit of {serving.max_image_bytes} bytes")
+            f"image {index}: {len(data)} bytes is more than the limit of {serving.max_image_bytes} bytes "
+            "(max_image_bytes)")
     image_format = _sniff_format(data)
     if image_format is None:
         other = _other_format(data)
@@ -105,8 +107,10 @@ def decode_image(data: bytes, serving: ServingConfig, index: int = 0, *,
     try:
         image = Image.open(io.BytesIO(data), formats=[image_format])
     except Image.DecompressionBombError as err:  # PIL's own limit, far above ours: only huge headers
+        claimed = re.search(r"\((\d+) pixels\)", str(err))  # PIL refuses before it returns the image
         raise InvalidRequestError(
-            f"image {index}: more than the limit of {serving.max_image_pixels} pixels ({err})") from None
+            f"image {index}: more than the limit of {serving.max_image_pixels} pixels (max_image_pixels): its header "
+            f"says {claimed.group(1) if claimed else 'more than PIL.Image.MAX_IMAGE_PIXELS'} pixels") from None
     except UnidentifiedImageError:  # its message names a Python object, not the problem
         raise InvalidRequestError(f"{corrupt} (unreadable header)") from None
     except _DECODE_ERRORS as err:
@@ -116,7 +120,7 @@ def decode_image(data: bytes, serving: ServingConfig, index: int = 0, *,
         image.close()
         raise InvalidRequestError(
             f"image {index}: {width}x{height} = {width * height} pixels is more than the limit of "
-            f"{serving.max_image_pixels} pixels")
+            f"{serving.max_image_pixels} pixels (max_image_pixels)")
     if shortest_edge is not None:
         scale = shortest_edge / min(width, height)
         resized = round(width * scale) * round(height * scale)
@@ -124,7 +128,7 @@ def decode_image(data: bytes, serving: ServingConfig, index: int = 0, *,
             image.close()
             raise InvalidRequestError(
                 f"image {index}: {width}x{height} is too elongated: with its short side resized to {shortest_edge} "
-                f"it has {resized} pixels, more than the limit of {serving.max_image_pixels} pixels")
+                f"it has {resized} pixels, more than the limit of {serving.max_image_pixels} pixels (max_image_pixels)")
     try:
         image.load()  # the full decode: raises on truncated data since LOAD_TRUNCATED_IMAGES is False
         ImageOps.exif_transpose(image, in_place=True)
@@ -144,7 +148,7 @@ def decode_prompt(prompt: str | bytes, serving: ServingConfig) -> str:
         data = bytes(prompt)
     if len(data) > serving.max_prompt_bytes:
         raise InvalidRequestError(
-            f"prompt is {len(data)} bytes, more than the limit of {serving.max_prompt_bytes} bytes")
+            f"prompt is {len(data)} bytes, more than the limit of {serving.max_prompt_bytes} bytes (max_prompt_bytes)")
     try:
         prompt = data.decode("utf-8")
     except UnicodeDecodeError as err:
@@ -152,6 +156,34 @@ def decode_prompt(prompt: str | bytes, serving: ServingConfig) -> str:
     if not prompt.strip():
         raise InvalidRequestError("prompt is empty")
     return prompt
+
+
+def request_prompt(value: np.ndarray | None) -> bytes:
+    """The one prompt of a request's `prompt` tensor (None when the client left the input out)."""
+    if value is None:
+        raise InvalidRequestError("the prompt input is required (BYTES [1], the user message)")
+    items = np.asarray(value, dtype=object).reshape(-1)
+    if items.size != 1:
+        raise InvalidRequestError(f"prompt must hold exactly one string, got {items.size}")
+    item = items[0]
+    return item if isinstance(item, bytes) else str(item).encode("utf-8", errors="surrogatepass")
+
+
+def check_request_parameters(parameters: str | dict[str, Any] | None) -> None:
+    """Refuse request parameters (the JSON `request.parameters()` gives): every option of this
+    server is an input tensor, so a parameter (say `temperature`, sent the way other servers
+    take it) would otherwise be ignored without a word."""
+    if isinstance(parameters, str):
+        try:
+            parameters = json.loads(parameters) if parameters.strip() else {}
+        except json.JSONDecodeError:
+            raise InvalidRequestError("request parameters are not valid JSON") from None
+    if parameters is not None and not isinstance(parameters, dict):
+        raise InvalidRequestError(f"request parameters must be a JSON object, got {type(parameters).__name__}")
+    if parameters:
+        names = ", ".join(repr(name) for name in sorted(parameters))
+        inputs = ", ".join((IN_PROMPT, IN_IMAGES, *SAMPLING_INPUTS))
+        raise InvalidRequestError(f"unknown request parameters {names}: every option is an input tensor ({inputs})")
 
 
 def build_messages(text: str, num_images: int) -> list[dict[str, Any]]:
@@ -236,7 +268,8 @@ class Preprocessor:
         if len(input_ids) >= limit:
             raise InvalidRequestError(
                 f"prompt is {len(input_ids)} tokens ({num_images} images of {self.spec.num_image_tokens} tokens each "
-                f"included), the limit is {limit - 1} (context of {limit} tokens, one left for the answer)")
+                f"included), the limit is {limit - 1} (context of {limit} tokens, one left for the answer; "
+                "max_seq_len)")
         return input_ids
 
     def decode_images(self, images: Sequence[bytes]) -> list[Image.Image]:
@@ -262,6 +295,8 @@ class Preprocessor:
 
         The prompt is checked and tokenized before any image is decoded (cheap checks first).
         """
+        self._check_image_count(len(images))
+        self._check_request_bytes(images, prompt)
         input_ids = self.build_input_ids(prompt, len(images))
         pixel_values = self.pixel_values(self.decode_images(images))
         if len(images) == 0:
@@ -272,10 +307,20 @@ class Preprocessor:
             pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=np.float32)
         return input_ids, pixel_values
 
+    def _check_request_bytes(self, images: Sequence[bytes], prompt: str | bytes) -> None:
+        limit = self.serving.max_request_bytes
+        # A str prompt is counted as characters: its UTF-8 size is checked by decode_prompt.
+        total = sum(len(image) for image in images) + len(prompt)
+        if total > limit:
+            raise InvalidRequestError(
+                f"request is {total} bytes ({len(images)} images and the prompt), more than the limit of {limit} bytes "
+                "(max_request_bytes)")
+
     def _check_image_count(self, num_images: int) -> None:
         if num_images > self.serving.max_images_per_request:
             raise InvalidRequestError(
-                f"too many images: {num_images}, the limit is {self.serving.max_images_per_request} per request")
+                f"too many images: {num_images}, the limit is {self.serving.max_images_per_request} per request "
+                "(max_images_per_request)")
 
 
 def _load_chat_template(directory: Path, tokenizer: Any) -> str:

@@ -66,13 +66,14 @@ class SamplingParams:
         room = context_length - prompt_tokens
         if room < 1:
             raise InvalidRequestError(
-                f"the prompt has {prompt_tokens} tokens, which leaves no room in the context length of {context_length}")
+                f"the prompt has {prompt_tokens} tokens, which leaves no room in the context length of {context_length} "
+                "(max_seq_len)")
         if self.max_tokens is None:
             return min(serving.default_max_tokens, room)
         if self.max_tokens > room:
             raise InvalidRequestError(
                 f"max_tokens {self.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the context length "
-                f"of {context_length} (at most {room} new tokens fit)")
+                f"of {context_length} (at most {room} new tokens fit), the limit set by max_seq_len")
         return self.max_tokens
 
 
@@ -93,14 +94,16 @@ def _stop_strings(value, serving: ServingConfig) -> tuple[str, ...]:
         return ()
     items = np.asarray(value, dtype=object).reshape(-1)
     if len(items) > serving.max_stop_strings:
-        raise InvalidRequestError(f"at most {serving.max_stop_strings} stop strings are allowed, got {len(items)}")
+        raise InvalidRequestError(f"at most {serving.max_stop_strings} stop strings are allowed, got {len(items)} "
+                                  "(max_stop_strings)")
     stops = []
     for i, item in enumerate(items):
         raw = item if isinstance(item, bytes) else str(item).encode()
         if not raw:
             raise InvalidRequestError(f"stop string {i} is empty")
         if len(raw) > serving.max_stop_string_bytes:
-            raise InvalidRequestError(f"stop string {i} has {len(raw)} bytes, more than the limit of {serving.max_stop_string_bytes}")
+            raise InvalidRequestError(f"stop string {i} has {len(raw)} bytes, more than the limit of "
+                                      f"{serving.max_stop_string_bytes} (max_stop_string_bytes)")
         try:
             stops.append(raw.decode("utf-8"))
         except UnicodeDecodeError:
@@ -126,7 +129,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     for row, (p, generator) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        scores = logits[row] / p.temperature  # (V,)
+        # (V,) in float64: a tiny temperature (1e-40 passes validation) must not overflow to inf,
+        # which would make the probabilities NaN and fail every request of the batch.
+        scores = logits[row].double() / p.temperature
         if p.top_k and p.top_k < scores.numel():
             kth = torch.topk(scores, p.top_k).values[-1]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -137,5 +142,9 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
             drop = cumulative - sorted_scores.softmax(dim=-1) >= p.top_p
             scores = scores.scatter(0, order[drop], float("-inf"))
         probs = scores.softmax(dim=-1)
+        # NaN logits (a model fed non-finite embeddings) leave nothing to sample from: take the argmax
+        # rather than fail the batch in torch.multinomial (chosen on the device: no host sync).
+        greedy = torch.nn.functional.one_hot(tokens[row], probs.numel()).to(probs.dtype)
+        probs = torch.where(torch.isfinite(probs).all(), probs, greedy)
         tokens[row] = torch.multinomial(probs, 1, generator=generator)[0]
     return tokens

@@ -132,6 +132,7 @@ class ServingConfig:
     max_image_bytes: int = 20 * 1024 * 1024
     max_image_pixels: int = 36_000_000  # width * height, read from the header before decoding
     max_prompt_bytes: int = 256 * 1024
+    max_request_bytes: int = 32 * 1024 * 1024  # images + prompt of one request together
     max_stop_strings: int = 16
     max_stop_string_bytes: int = 256
     # Sampling defaults (used when the client omits the input).
@@ -150,6 +151,7 @@ class ServingConfig:
     kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
     cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs (captured at start-up)
     max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
+    queue_timeout_us: int = 30_000_000  # a request waiting longer in a queue is refused
     # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
     instance_kind: str = "KIND_CPU"
     preprocess_instances: int = 2
@@ -162,7 +164,7 @@ class ServingConfig:
     def __post_init__(self) -> None:
         positive = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
-                    "max_queue_size",
+                    "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
         for name in positive:
             if getattr(self, name) <= 0:

@@ -297,3 +297,29 @@ def test_max_seq_len_bounds_each_request(parts):
     engine.submit(ids, None, params(), sink)  # no max_tokens: whatever room is left
     run_until_done(engine, [sink])
     assert len(sink.token_ids) <= 40 - len(ids)
+
+
+def test_a_request_waiting_past_the_queue_timeout_is_refused(parts):
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts, max_num_seqs=1, queue_timeout_us=50_000)
+    ids = prompt_ids(tokenizer, "Hi")
+    running, waiting = Collect(), Collect()
+    engine.submit(ids, None, params(max_tokens=200, ignore_eos=True), running)
+    engine.step()
+    engine.submit(ids, None, params(max_tokens=5), waiting)
+    import time
+    time.sleep(0.1)
+    engine._last_cancel_check = 0.0
+    engine.step()
+    assert waiting.errors and "queue_timeout_us" in waiting.errors[0]
+    assert running.errors == [] and engine.num_waiting == 0
+
+
+def test_non_finite_image_embeddings_are_refused(parts):
+    _, model_spec, tokenizer, _ = parts
+    engine = make_engine(parts)
+    ids = torch.tensor([5] + [model_spec.image_token_index] * model_spec.num_image_tokens + [7])
+    embeds = torch.zeros(1, model_spec.num_image_tokens, model_spec.text_hidden_size)
+    embeds[0, 3, 2] = float("nan")
+    with pytest.raises(InvalidRequestError, match="NaN or infinite"):
+        engine.submit(ids, embeds, params(), Collect())

@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 
 from llava_triton import spec
 from llava_triton.errors import InvalidRequestError
-from llava_triton.preprocess import Preprocessor
+from llava_triton.preprocess import Preprocessor, check_request_parameters, request_prompt
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import load_spec, optional_inputs, triton_error, version_dir
 
@@ -26,14 +26,13 @@ class TritonPythonModel:
         return responses
 
     def _preprocess(self, request):
+        check_request_parameters(request.parameters())
         inputs = optional_inputs(pb_utils, request, (spec.IN_IMAGES, spec.IN_PROMPT))
-        prompt = inputs[spec.IN_PROMPT].reshape(-1)
-        if prompt.size != 1:
-            raise InvalidRequestError(f"prompt must hold exactly one string, got {prompt.size}")
+        prompt = request_prompt(inputs[spec.IN_PROMPT])
         images = [] if inputs[spec.IN_IMAGES] is None else list(inputs[spec.IN_IMAGES].reshape(-1))
         # Sampling values are checked here too, so a bad request is refused before any image work.
         params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
-        input_ids, pixel_values = self.preprocessor(images, prompt[0])
+        input_ids, pixel_values = self.preprocessor(images, prompt)
         params.resolve_max_tokens(len(input_ids), self.serving.token_limit(self.model_spec), self.serving)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
