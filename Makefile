@@ -10,7 +10,7 @@ REPO ?= model_repository
 GRPC_PORT ?= 8001
 PYTEST_ARGS ?=
 
-.PHONY: setup export serve demo test bench lint clean
+.PHONY: setup export serve demo test bench soak lint clean
 
 setup: $(VENV)/.setup-done
 
@@ -42,6 +42,10 @@ test: setup
 
 bench: setup
 	$(PY) -m bench
+
+SOAK_ARGS ?= --duration-s 1800 --concurrency 64
+soak: setup
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 lint: setup
 	$(PY) -m compileall -q llava_triton export client tests model_repository bench

@@ -177,7 +177,9 @@ class Engine:
         seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
                        params=params, max_tokens=max_tokens, sink=sink)
         with self._cond:
-            if len(self._waiting) >= self.serving.max_queue_size:
+            # Requests that a free slot will take at the next step are not queued, whatever
+            # burst they arrived in: only those beyond the free slots count against the limit.
+            if len(self._waiting) - len(self._free_slots) >= self.serving.max_queue_size:
                 self.metrics.request_refused("queue_full")
                 raise ServerBusyError(f"the language model's queue is full ({self.serving.max_queue_size} "
                                       "requests waiting); retry later")

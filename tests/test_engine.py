@@ -203,10 +203,10 @@ def test_cancelled_request_frees_its_slot_and_others_continue(parts):
 
 def test_full_queue_refuses_at_once(parts):
     _, _, tokenizer, _ = parts
-    engine = make_engine(parts, max_queue_size=2)
+    engine = make_engine(parts, max_queue_size=2, max_num_seqs=1)
     ids = prompt_ids(tokenizer, "Hi")
-    engine.submit(ids, None, params(), Collect())
-    engine.submit(ids, None, params(), Collect())
+    for _ in range(3):  # one for the free slot, two queued
+        engine.submit(ids, None, params(), Collect())
     with pytest.raises(ServerBusyError, match="queue is full"):
         engine.submit(ids, None, params(), Collect())
 
