@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import re
 import threading
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
+from bench.soak import scrape_metrics as scrape
 from client import LlavaClient
 from reference import make_test_images
 
 pytestmark = pytest.mark.e2e
 
 IMAGE = make_test_images()["jpeg"]
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus text → {'name{labels}': value} for the llava_* series."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    values = {}
-    for line in text.splitlines():
-        match = re.match(r"^(llava_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+)$", line)
-        if match:
-            values[match.group(1)] = float(match.group(2))
-    return values
 
 
 def test_counters_and_histograms_follow_a_request(triton_server):
