@@ -99,7 +99,7 @@ def markdown(results: dict[str, Any]) -> str:
             if "error" in entry:
                 lines.append(f"| {entry['batch_size']} | {entry['error']} | | | |")
                 continue
-            flag = "" if entry.get("stable", True) else f" (unstable at {entry['stability_percentage']:g} %)"
+            flag = "" if entry.get("stable", True) else " (not stable: one fixed window)"
             lines.append(f"| {entry['batch_size']} | {_fmt(entry['images_per_s'])}{flag} | "
                          f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} | "
                          f"{_fmt(entry.get('percent_of_peak'), 1)} |")

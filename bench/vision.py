@@ -41,12 +41,16 @@ def write_input_data(path: Path | str, pixel_values: np.ndarray) -> Path:
 
 
 def perf_analyzer_args(url: str, batch_size: int, input_data: Path, csv_path: Path, *, model: str,
-                       measurement_requests: int, stability: float, max_trials: int, concurrency: int,
+                       measurement_requests: int, stability: float | None, max_trials: int, concurrency: int,
                        shared_memory: str, output_bytes: int) -> list[str]:
+    """`stability=None`: one window of `max_trials x measurement_requests` requests, no stability search."""
     args = ["-m", model, "-u", url, "-i", "grpc", "-b", str(batch_size), "--input-data", str(input_data),
-            "--concurrency-range", str(concurrency), "--measurement-mode", "count_windows",
-            "--measurement-request-count", str(measurement_requests), "--stability-percentage", f"{stability:g}",
-            "--max-trials", str(max_trials), "-f", str(csv_path)]
+            "--concurrency-range", str(concurrency), "-f", str(csv_path)]
+    if stability is None:
+        args += ["--request-count", str(max_trials * measurement_requests)]
+    else:
+        args += ["--measurement-mode", "count_windows", "--measurement-request-count", str(measurement_requests),
+                 "--stability-percentage", f"{stability:g}", "--max-trials", str(max_trials)]
     if shared_memory != "none":
         args += ["--shared-memory", shared_memory, "--output-shared-memory-size", str(output_bytes)]
     return args
@@ -74,17 +78,18 @@ def measure(url: str, batch_size: int, input_data: Path, work_dir: Path, *, mode
             concurrency: int = 1, shared_memory: str = "system", timeout_s: float = 300.0) -> dict[str, Any]:
     """perf_analyzer at one batch size; a dict with the figures, or with `error` when it failed.
 
-    When the windows do not agree within `stability` % in `max_trials` windows (a noisy machine),
-    it is run once more with a 10x looser criterion and the result is marked `"stable": false`;
-    when shared memory is refused, once more without it.
+    When the windows do not agree within `stability` % in `max_trials` windows (a noisy machine,
+    e.g. CI with other tests on its cores), it is run once more as one fixed window of the same
+    number of requests (`--request-count`, no stability search) and the result is marked
+    `"stable": false`; when shared memory is refused, once more without it.
     """
     from llava_triton.server import perf_analyzer_command, perf_analyzer_env
 
     attempts: list[dict[str, Any]] = []
-    plan = [(shared_memory, stability)]
+    plan: list[tuple[str, float | None]] = [(shared_memory, stability)]
     while plan:
         memory, criterion = plan.pop(0)
-        name = f"perf_{model}_b{batch_size}_{memory}_s{criterion:g}"
+        name = f"perf_{model}_b{batch_size}_{memory}_" + ("fixed" if criterion is None else f"s{criterion:g}")
         csv_path, log_path = Path(work_dir) / f"{name}.csv", Path(work_dir) / f"{name}.log"
         csv_path.unlink(missing_ok=True)
         command = [*perf_analyzer_command(),
@@ -109,7 +114,7 @@ def measure(url: str, batch_size: int, input_data: Path, work_dir: Path, *, mode
         attempt["output_tail"] = output.strip()[-600:]
         if STABLE_FAILURE in output:
             if criterion == stability:
-                plan.append((memory, 10 * stability))  # noisy machine: keep the figure, marked unstable
+                plan.append((memory, None))  # noisy machine: keep a fixed-count figure, marked unstable
         elif memory != "none":
             plan.append(("none", stability))  # shared memory refused here: tensors in the gRPC messages
     last = attempts[-1]

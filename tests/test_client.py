@@ -427,8 +427,8 @@ def test_perf_analyzer_streams_perf_data(server, images, record_dir, tmp_path):
                                   seed=7, stop=["###"], stream=True, ignore_eos=True)
     report = tmp_path / "perf.csv"
     command = [*perf_analyzer_command(), "-m", spec.ENSEMBLE, "-u", server.url_grpc, "-i", "grpc", "--streaming",
-               "--input-data", str(input_data), "--concurrency-range", "2", "--measurement-mode", "count_windows",
-               "--measurement-request-count", "20", "--stability-percentage", "100", "--max-trials", "3",
+               "--input-data", str(input_data), "--concurrency-range", "2",
+               "--request-count", "20",  # one fixed window: this checks what arrives, not how steady a busy CI is
                "-f", str(report)]
     result = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -128,11 +128,31 @@ def test_perf_analyzer_runs_against_the_ensemble_with_real_images(triton_server,
     write_perf_input(input_data, [IMAGES["jpeg"]], "What is in the picture?", max_tokens=8, ignore_eos=True)
     report = tmp_path / "perf.csv"
     command = [*perf_analyzer_command(), "-m", "llava", "-u", triton_server.url_grpc, "-i", "grpc", "--streaming",
-               "--input-data", str(input_data), "--concurrency-range", "2", "--measurement-mode", "count_windows",
-               "--measurement-request-count", "10", "--stability-percentage", "100", "--max-trials", "3",
+               "--input-data", str(input_data), "--concurrency-range", "2",
+               "--request-count", "10",  # one fixed window: a loaded CI machine need not give steady windows
                "-f", str(report)]
     run = subprocess.run(command, env=perf_analyzer_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
     rows = list(csv.DictReader(report.open()))
     assert rows and float(rows[0]["Inferences/Second"]) > 0
     (tmp_path / "perf_stdout.txt").write_text(run.stdout)
+
+
+def test_bench_vision_measurement_falls_back_to_one_fixed_window_when_windows_disagree(
+        triton_server, tiny_checkpoint, tmp_path):
+    # A 0.001 % stability criterion is never met by real windows, as on a noisy machine: the figure is
+    # still measured, from one fixed window, and marked unstable rather than lost.
+    from bench import vision
+    from bench.workload import w1_pixel_values
+    from llava_triton.spec import ModelSpec
+
+    model_spec = ModelSpec.from_pretrained(tiny_checkpoint)
+    input_data = vision.write_input_data(tmp_path / "vision_input.json", w1_pixel_values(tiny_checkpoint))
+    entry = vision.measure(triton_server.url_grpc, 1, input_data, tmp_path, stability=0.001, max_trials=3,
+                           measurement_requests=3, shared_memory="none",
+                           output_item_bytes=model_spec.num_image_tokens * model_spec.vision_hidden_size * 4)
+    assert "error" not in entry, entry
+    assert entry["stable"] is False and entry["images_per_s"] > 0
+    first, fixed = entry["attempts"]
+    assert vision.STABLE_FAILURE in first["output_tail"]
+    assert "--request-count" in fixed["command"] and "9" == fixed["command"][fixed["command"].index("--request-count") + 1]
