@@ -44,23 +44,14 @@ from typing import Any
 
 import numpy as np
 
+from llava_triton.server import TritonServer, backend_stubs, child_pids, cmdline
+
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = ROOT / "tests"
 FINAL = "triton_final_response"
 
 
 # --- the server's processes, memory and metrics ------------------------------------------------
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of a process (from /proc/<pid>/task/*/children)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(p) for p in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return children
-
 
 def process_tree(pid: int) -> list[int]:
     """The process and all its descendants."""
@@ -70,23 +61,6 @@ def process_tree(pid: int) -> list[int]:
         tree.append(current)
         todo += child_pids(current)
     return tree
-
-
-def _cmdline(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
-
-
-def backend_stubs(server_pid: int) -> dict[int, str]:
-    """{pid: model name} of the server's Python-backend stubs (argv: stub <repo>/<model>/<v>/model.py ...)."""
-    stubs = {}
-    for pid in child_pids(server_pid):
-        argv = _cmdline(pid)
-        if argv and argv[0].endswith("triton_python_backend_stub") and len(argv) > 1:
-            stubs[pid] = Path(argv[1]).parent.parent.name
-    return stubs
 
 
 def _status_kib(pid: int) -> dict[str, int]:
@@ -119,7 +93,7 @@ def server_memory(server_pid: int) -> dict[str, Any]:
         processes.append({"pid": pid, "name": "tritonserver" if pid == server_pid else stubs.get(pid, "other"),
                           "rss_bytes": status["VmRSS"] * 1024,
                           **{k.lower() + "_bytes": status.get(k, 0) * 1024 for k in ("RssAnon", "RssFile", "RssShmem")}})
-        regions.update(arg for arg in _cmdline(pid) if arg.startswith("triton_python_backend_shm_region"))
+        regions.update(arg for arg in cmdline(pid) if arg.startswith("triton_python_backend_shm_region"))
     shm_bytes = 0
     for region in regions:
         try:
@@ -648,8 +622,6 @@ def main(argv: list[str] | None = None) -> int:
 
     def log(message: str) -> None:
         print(f"[soak {time.monotonic() - started:7.1f}s] {message}", flush=True)
-
-    from llava_triton.server import TritonServer
 
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -146,6 +147,55 @@ def server_env(install: TritonInstall, project_root: Path | str = PROJECT_ROOT,
     return env
 
 
+# --- processes ---------------------------------------------------------------------------------
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process (from /proc/<pid>/task/*/children)."""
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children += [int(p) for p in (task / "children").read_text().split()]
+        except (OSError, ValueError):
+            continue
+    return children
+
+
+def cmdline(pid: int) -> list[str]:
+    """A process's argv; empty once it has exited (a zombie has none)."""
+    try:
+        return [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
+    except OSError:
+        return []
+
+
+def backend_stubs(server_pid: int) -> dict[int, str]:
+    """{pid: model name} of the server's live Python-backend stubs (argv: stub <repo>/<model>/<v>/model.py ...)."""
+    stubs = {}
+    for pid in child_pids(server_pid):
+        argv = cmdline(pid)
+        if argv and argv[0].endswith(STUB_NAME) and len(argv) > 1:
+            stubs[pid] = Path(argv[1]).parent.parent.name
+    return stubs
+
+
+def exited_backend_stubs(server_pid: int) -> set[int]:
+    """The server's stubs that have exited but are not reaped (zombies: Triton 2.51 never reaps a dead one).
+
+    Why not "a pid seen earlier is gone": during start-up the Python backend runs a short-lived
+    stub per model (to complete its config) and reaps it; that one is not a failure.
+    """
+    dead = set()
+    for pid in child_pids(server_pid):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        comm, _, rest = stat.partition("(")[2].rpartition(")")
+        if STUB_NAME.startswith(comm) and rest.split()[:1] == ["Z"]:  # comm is cut to 15 characters
+            dead.add(pid)
+    return dead
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago (the OS picks it)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -162,12 +212,23 @@ def _free_ports(count: int) -> list[int]:
     return ports
 
 
+SHM_DIR = Path("/dev/shm")
+
+
 @dataclass(eq=False)
 class TritonServer:
     """A tritonserver process. As a context manager it starts, waits until ready and stops.
 
     Ports left as None are picked free. Without `log_path` the log goes to a temporary file
     that `stop()` removes.
+
+    `restart_on_backend_exit=True` supervises the server once it was ready: when one of its
+    Python-backend stubs dies (killed, out of memory, a crash in native code) or tritonserver
+    itself exits, the server is stopped and started again on the same ports, with backoff.
+    Why: Triton 2.51 restarts a dead stub only for non-decoupled models; for the decoupled
+    language model it keeps reporting ready, fails every new request and never ends the streams
+    the dead stub held. Stopping it ends those streams with an error (the connections close),
+    readiness is refused until the new server has loaded its models, and `restarts` counts.
     """
 
     model_repository: Path | str
@@ -180,8 +241,17 @@ class TritonServer:
     project_root: Path | str = PROJECT_ROOT
     exit_timeout_s: int = deploy.EXIT_TIMEOUT_S
     ready_timeout_s: float = 120.0
+    restart_on_backend_exit: bool = False
+    supervise_interval_s: float = 0.5
     process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    restarts: int = field(default=0, init=False)
     _own_log: bool = field(default=False, init=False, repr=False)
+    _launches: int = field(default=0, init=False, repr=False)
+    _stubs: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # watched: {pid: model}
+    _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # every stub seen: {pid: model}
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
+    _watchdog: threading.Thread | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.model_repository = Path(self.model_repository).resolve()
@@ -205,11 +275,30 @@ class TritonServer:
     def url_metrics(self) -> str:
         return f"http://localhost:{self.metrics_port}/metrics"
 
+    @property
+    def shm_prefix(self) -> str:
+        """The Python backend's shared-memory region names of this launch start with this.
+
+        Why: a stub or server that is SIGKILLed leaves its regions in /dev/shm (one per model
+        instance, grown with the tensors it carried); a prefix of our own lets `stop()` remove
+        exactly this server's leftovers.
+        """
+        return f"llava_triton_{os.getpid()}_{id(self):x}_{self._launches}_"
+
     def command(self) -> list[str]:
         return [str(self.install.server),
                 *deploy.server_args(self.model_repository, self.install.backend_directory, self.http_port,
                                     self.grpc_port, self.metrics_port, self.exit_timeout_s),
+                f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
                 *self.extra_args]
+
+    def _launch(self) -> None:
+        with open(self.log_path, "ab") as log:
+            # Own session: a Ctrl-C in the caller's terminal reaches us, not the server, and the
+            # SIGKILL fallback can take the backend stubs down with it.
+            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                            stdin=subprocess.DEVNULL, env=server_env(self.install, self.project_root),
+                                            start_new_session=True)
 
     def start(self) -> "TritonServer":
         if self.process is not None:
@@ -219,12 +308,10 @@ class TritonServer:
             os.close(fd)
             self.log_path, self._own_log = Path(name), True
         self.log_path = Path(self.log_path)
-        with open(self.log_path, "wb") as log:
-            # Own session: a Ctrl-C in the caller's terminal reaches us, not the server, and the
-            # SIGKILL fallback can take the backend stubs down with it.
-            self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=server_env(self.install, self.project_root),
-                                            start_new_session=True)
+        self.log_path.write_bytes(b"")
+        self._stopping.clear()
+        self._stubs = {}
+        self._launch()
         atexit.register(self.stop)
         return self
 
@@ -234,6 +321,13 @@ class TritonServer:
         with open(self.log_path, errors="replace") as log:
             return "".join(collections.deque(log, maxlen=lines))
 
+    def _note(self, message: str) -> None:
+        """A line of ours in the server log (the command line copies that log to stderr)."""
+        line = f"[llava-triton supervisor] {message}"
+        if self.log_path is not None:
+            with open(self.log_path, "a") as log:
+                log.write(line + "\n")
+
     def is_ready(self) -> bool:
         try:
             with urllib.request.urlopen(f"http://{self.url_http}{deploy.READY_PATH}", timeout=2) as response:
@@ -242,25 +336,88 @@ class TritonServer:
             return False
 
     def wait_ready(self, timeout: float | None = None) -> None:
-        """Poll the readiness endpoint; raise TritonServerError with the log tail on failure."""
-        if self.process is None:
+        """Poll the readiness endpoint; raise TritonServerError with the log tail on failure.
+
+        With `restart_on_backend_exit`, the supervision starts here, once the server is ready.
+        """
+        self._wait_ready(timeout)
+        if self.restart_on_backend_exit and self._watchdog is None:
+            self._watchdog = threading.Thread(target=self._supervise, name="tritonserver-supervisor", daemon=True)
+            self._watchdog.start()
+
+    def _wait_ready(self, timeout: float | None = None) -> None:
+        process = self.process
+        if process is None:
             raise RuntimeError("server not started")
         deadline = time.monotonic() + (self.ready_timeout_s if timeout is None else timeout)
         while True:
-            code = self.process.poll()
+            code = process.poll()
             if code is not None:
                 raise TritonServerError(f"tritonserver exited with code {code} before it was ready; "
                                         f"last log lines ({self.log_path}):\n{self.log_tail()}")
+            self._names.update(backend_stubs(process.pid))  # to name one that dies before the server is ready
             if self.is_ready():
+                self._stubs = backend_stubs(process.pid)  # every model is loaded: its stubs run
+                self._names.update(self._stubs)
                 return
+            if self._stopping.is_set():
+                raise TritonServerError("stopped before it was ready")
             if time.monotonic() > deadline:
                 raise TritonServerError(f"tritonserver not ready after {timeout or self.ready_timeout_s:.0f} s; "
                                         f"last log lines ({self.log_path}):\n{self.log_tail()}")
             time.sleep(0.2)
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM, wait, then SIGKILL the whole process group. Returns the exit code."""
-        atexit.unregister(self.stop)
+    def what_died(self) -> str | None:
+        """Why the server is broken: tritonserver exited, or a backend stub it started is gone; else None."""
+        process = self.process
+        if process is None:
+            return None
+        code = process.poll()
+        if code is not None:
+            return f"tritonserver exited with code {code}"
+        alive = backend_stubs(process.pid)
+        dead = {pid: name for pid, name in self._stubs.items() if pid not in alive}  # gone, even if reaped
+        dead |= {pid: self._names.get(pid, "a model") for pid in exited_backend_stubs(process.pid)}
+        self._stubs.update(alive)
+        self._names.update(alive)  # a stub Triton starts again later (non-decoupled models) is watched too
+        if dead:
+            return "the Python-backend stub of " + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(dead.items())) \
+                   + " exited"
+        return None
+
+    def _supervise(self) -> None:
+        backoff = 1.0
+        while not self._stopping.wait(self.supervise_interval_s):
+            cause = self.what_died()
+            if cause is None:
+                continue
+            self._note(f"{cause}; restarting tritonserver (restart {self.restarts + 1})")
+            while not self._stopping.is_set():
+                with self._lock:
+                    if self._stopping.is_set():
+                        return
+                    self._terminate()
+                    self.restarts += 1
+                    self._launches += 1
+                    self._stubs = {}
+                    self._launch()
+                try:
+                    self._wait_ready()
+                except TritonServerError as error:
+                    if self._stopping.is_set():
+                        return
+                    self._note(f"restart failed ({str(error).splitlines()[0]}); next try in {backoff:.0f} s")
+                    if self._stopping.wait(backoff):
+                        return
+                    backoff = min(2 * backoff, 60.0)
+                    continue
+                self._note(f"tritonserver ready again (restart {self.restarts}, "
+                           f"{len(self._stubs)} backend stubs)")
+                backoff = 1.0
+                break
+
+    def _terminate(self, timeout: float | None = None) -> int | None:
+        """SIGTERM, wait, then SIGKILL the process group; remove the shared memory left behind."""
         process, code = self.process, None
         if process is not None:
             if process.poll() is None:
@@ -276,6 +433,19 @@ class TritonServer:
                 pass
             code = process.wait()
             self.process = None
+            for region in SHM_DIR.glob(f"{self.shm_prefix}*"):
+                region.unlink(missing_ok=True)
+        return code
+
+    def stop(self, timeout: float | None = None) -> int | None:
+        """Stop supervising, then SIGTERM, wait, SIGKILL the whole process group. Returns the exit code."""
+        atexit.unregister(self.stop)
+        self._stopping.set()
+        with self._lock:  # a restart in progress finishes launching first, then sees _stopping
+            code = self._terminate(timeout)
+        if self._watchdog is not None and self._watchdog is not threading.current_thread():
+            self._watchdog.join(timeout=10)
+        self._watchdog = None
         if self._own_log and self.log_path is not None:
             Path(self.log_path).unlink(missing_ok=True)
             self.log_path, self._own_log = None, False
@@ -413,6 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    parser.add_argument("--on-backend-exit", choices=("restart", "exit", "ignore"), default="restart",
+                        help="when a Python-backend stub or tritonserver dies after start-up: restart "
+                             "tritonserver on the same ports (default), exit non-zero (let Kubernetes or "
+                             "systemd restart it), or ignore (exec tritonserver unsupervised, as before)")
     parser.add_argument("--check", action="store_true", help="verify the installation and exit")
     argv = sys.argv[1:] if argv is None else argv
     extra: list[str] = []
@@ -430,12 +604,67 @@ def main(argv: list[str] | None = None) -> int:
     except (TritonNotFoundError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    command = server.command()
     print(f"serving {server.model_repository}: gRPC {server.url_grpc}, HTTP {server.url_http}, "
           f"metrics {server.url_metrics}", file=sys.stderr, flush=True)
-    # exec: the server takes over this process, so Ctrl-C and SIGTERM reach it directly.
-    os.execve(command[0], command, server_env(server.install, server.project_root))
-    return 0  # not reached
+    if args.on_backend_exit == "ignore":
+        # exec: the server takes over this process, so Ctrl-C and SIGTERM reach it directly.
+        command = server.command()
+        os.execve(command[0], command, server_env(server.install, server.project_root))
+    return _serve_supervised(server, restart=args.on_backend_exit == "restart")
+
+
+def _serve_supervised(server: TritonServer, *, restart: bool) -> int:
+    """Run the server in the foreground; SIGTERM/SIGINT stop it gracefully (exit timeout applies).
+
+    The server's log goes to stderr (followed from its file), like an unsupervised tritonserver.
+    Exit code: tritonserver's on a requested stop; 1 when it could not start, or, without
+    `restart`, when a backend stub or the server died.
+    """
+    server.restart_on_backend_exit = restart
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+    os.close(fd)
+    server.log_path = Path(name)
+    follower = threading.Thread(target=_follow, args=(server.log_path, stop), daemon=True)
+    follower.start()
+    try:
+        server.start()
+        try:
+            server.wait_ready()
+        except TritonServerError as error:
+            print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
+            return 1
+        died = None
+        while not stop.wait(server.supervise_interval_s):
+            if not restart and (died := server.what_died()):
+                break
+        code = server.stop()
+        if died:
+            print(f"error: {died}; exiting so that the orchestrator restarts the server", file=sys.stderr,
+                  flush=True)
+            return 1
+        return code or 0
+    finally:
+        server.stop()
+        stop.set()
+        follower.join(timeout=2)
+        Path(name).unlink(missing_ok=True)
+
+
+def _follow(path: Path, stop: threading.Event) -> None:
+    """Copy a growing log file to stderr until `stop` is set (then the rest)."""
+    with open(path, "rb") as log:
+        while True:
+            chunk = log.read(65536)
+            if chunk:
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.buffer.flush()
+            elif stop.wait(0.2):
+                sys.stderr.buffer.write(log.read())
+                sys.stderr.buffer.flush()
+                return
 
 
 if __name__ == "__main__":

@@ -26,10 +26,10 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from bench.soak import backend_stubs, kv_cache_state, scrape_metrics, wait_kv_cache_empty
+from bench.soak import kv_cache_state, scrape_metrics, wait_kv_cache_empty
 from client import LlavaClient, LlavaError
 from llava_triton import spec
-from llava_triton.server import TritonServer
+from llava_triton.server import SHM_DIR, TritonServer, backend_stubs
 from reference import hf_generate, hf_inputs, make_test_images
 
 pytestmark = pytest.mark.e2e
@@ -49,7 +49,6 @@ DISCONNECT_FREE_S = 2.0  # a vanished client's: gRPC first has to notice the clo
 REFUSAL_S = 3.0  # a refused request hears so within this; an accepted one runs for many seconds
 # Not ready, restart, ready again: the language model's stub or the whole server, on 2 CPUs.
 RECOVERY_S = 240.0
-SUPERVISION = "restart_on_backend_exit"  # the TritonServer option the stub-kill test asks for
 
 
 class LanguageModelStream:
@@ -435,7 +434,6 @@ def test_shutdown_drains_in_flight_requests_within_the_exit_timeout(fault_server
 class KillObservations:
     """What a client and a readiness probe saw after the stub was killed (seconds after the kill)."""
 
-    supervised: bool
     in_flight_ended: float | None = None
     in_flight_error: str | None = None
     ensemble_in_flight_ended: float | None = None
@@ -447,8 +445,7 @@ class KillObservations:
     new_stub: bool = False
 
     def summary(self) -> str:
-        lines = [f"supervised by TritonServer({SUPERVISION}=True): {self.supervised}",
-                 f"raw language_model stream in flight: ended after {self.in_flight_ended} s, "
+        lines = [f"raw language_model stream in flight: ended after {self.in_flight_ended} s, "
                  f"error {self.in_flight_error!r}",
                  f"llava stream in flight: ended after {self.ensemble_in_flight_ended} s, "
                  f"error {self.ensemble_in_flight_error!r}",
@@ -459,9 +456,6 @@ class KillObservations:
         return "\n".join(lines)
 
 
-@pytest.mark.xfail(strict=True, reason="Triton 2.51 neither restarts a dead decoupled Python-backend stub nor "
-                   "reports not-ready, and the launcher does not supervise it yet (TritonServer has no "
-                   "restart_on_backend_exit): open work of the robustness issue")
 def test_killed_language_model_backend_is_reported_and_recovered(fault_repository, tiny_checkpoint, prompt_ids):
     """SIGKILL the language model's stub process mid-stream. Then the server must say it is not
     ready, recover by itself, and answer later requests exactly; the requests in flight must end
@@ -469,17 +463,16 @@ def test_killed_language_model_backend_is_reported_and_recovered(fault_repositor
 
     Triton 2.51 does none of this for a decoupled Python model: it does not restart the stub (it
     only restarts non-decoupled ones), keeps /v2/health/ready at 200, fails new requests with
-    "Stub process ... is not healthy" and never ends the streams the dead stub held. So the test
-    asks the launcher to supervise: TritonServer(restart_on_backend_exit=True) restarts
-    tritonserver when a backend stub dies (readiness is refused meanwhile, and the dropped
-    connections end the streams in flight with an error).
+    "Stub process ... is not healthy" and never ends the streams the dead stub held. So the
+    launcher supervises: TritonServer(restart_on_backend_exit=True) restarts tritonserver when a
+    backend stub dies (readiness is refused meanwhile, and the dropped connections end the
+    streams in flight with an error).
     """
-    supervised = SUPERVISION in {f.name for f in dataclasses.fields(TritonServer)}
     log_path = BUILD / "test-logs" / "tritonserver-stub-kill.log"
     server = TritonServer(fault_repository, log_path=log_path, exit_timeout_s=5, ready_timeout_s=300,
-                          **({SUPERVISION: True} if supervised else {}))
+                          restart_on_backend_exit=True)
     expected = hf_generate(tiny_checkpoint, [IMAGES["jpeg"]], IMAGE_PROMPT, 8)
-    seen = KillObservations(supervised)
+    seen = KillObservations()
     with server:
         stubs = {pid for pid, name in backend_stubs(server.process.pid).items() if name == spec.LANGUAGE_MODEL}
         assert stubs, f"no {spec.LANGUAGE_MODEL} stub among {backend_stubs(server.process.pid)}"
@@ -512,7 +505,7 @@ def test_killed_language_model_backend_is_reported_and_recovered(fault_repositor
                 seen.ensemble_in_flight_ended = round(time.monotonic() - killed, 1)
                 seen.ensemble_in_flight_error = ensemble_error[0] if ensemble_error else None
 
-        deadline = killed + (RECOVERY_S if supervised else 30)
+        deadline = killed + RECOVERY_S
         while time.monotonic() < deadline and seen.recovered_at is None:
             now = time.monotonic() - killed
             observe_in_flight()
@@ -542,3 +535,5 @@ def test_killed_language_model_backend_is_reported_and_recovered(fault_repositor
     assert seen.not_ready_at is not None, f"the server never reported not ready:\n{report}"
     assert seen.recovered_at is not None and seen.new_stub, f"the server did not recover:\n{report}"
     assert not seen.wrong_answers, report
+    assert server.restarts == 1, report
+    assert "stub of language_model" in log_path.read_text() and not list(SHM_DIR.glob(server.shm_prefix.rsplit("_", 2)[0] + "_*"))  # no launch left shared memory

@@ -230,7 +230,8 @@ def test_deployment_flags_ports_and_probes_match_the_local_server(name, tmp_path
                          install=TritonInstall(server=Path("/opt/tritonserver/bin/tritonserver"),
                                                backend_directory=Path(deploy.IMAGE_BACKEND_DIRECTORY)))
     local_args = [a.replace(str(tmp_path.resolve()), repository) for a in local.command()[1:]]
-    assert local_args == shared
+    # Locally, one more flag: a shared-memory prefix per launch, so a killed server's regions are removed.
+    assert local_args == [*shared, f"--backend-config=python,shm-region-prefix-name={local.shm_prefix}"]
 
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == deploy.PORTS

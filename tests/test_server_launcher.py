@@ -194,32 +194,98 @@ def test_broken_model_raises_with_log_tail(tmp_path):
     assert server.process is None
 
 
-@pytest.mark.e2e
-def test_cli_runs_in_foreground_and_stops_on_sigterm(tmp_path):
-    repository = write_counter_repository(tmp_path / "repository")
+def _start_cli(repository: Path, *options: str) -> tuple[subprocess.Popen, int, int]:
+    """The launcher's stderr goes to repository/../launcher.log (a pipe nobody reads would fill up)."""
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
-    process = subprocess.Popen([sys.executable, "-m", "llava_triton.server", "--model-repository", str(repository),
-                                "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                                "--metrics-port", str(metrics_port)],
-                               cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    with open(repository.parent / "launcher.log", "wb") as log:
+        process = subprocess.Popen([sys.executable, "-m", "llava_triton.server", "--model-repository",
+                                    str(repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
+                                    "--metrics-port", str(metrics_port), *options],
+                                   cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    return process, http_port, grpc_port
+
+
+def _wait_ready(process: subprocess.Popen, http_port: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if _get(f"http://localhost:{http_port}/v2/health/ready") == "":
+                return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"not ready (exit code {process.poll()})")
+
+
+def _counter_stubs(launcher_pid: int) -> set[int]:
+    """The counter model's stub pids, whether the launcher is tritonserver (exec) or its parent."""
+    servers = [launcher_pid, *server_module.child_pids(launcher_pid)]
+    return {pid for server in servers for pid, name in server_module.backend_stubs(server).items()
+            if name == "counter"}
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@pytest.mark.e2e
+def test_cli_unsupervised_execs_tritonserver_and_stops_on_sigterm(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository")
+    process, http_port, grpc_port = _start_cli(repository, "--on-backend-exit", "ignore")
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and process.poll() is None:
-            try:
-                if _get(f"http://localhost:{http_port}/v2/health/ready") == "":
-                    break
-            except OSError:
-                time.sleep(0.2)
-        assert process.poll() is None, "server exited"
+        _wait_ready(process, http_port)
         assert [index for index, _ in stream_counter(f"localhost:{grpc_port}", 2)] == [0, 1]
         # exec: the pid we started is tritonserver itself, so SIGTERM reaches it directly.
+        assert Path(f"/proc/{process.pid}/exe").resolve().name == "tritonserver"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        _kill_group(process)
+
+
+@pytest.mark.e2e
+def test_cli_restarts_tritonserver_when_a_backend_stub_dies_and_stops_on_sigterm(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository")
+    process, http_port, grpc_port = _start_cli(repository)  # --on-backend-exit restart is the default
+    try:
+        _wait_ready(process, http_port)
+        assert [index for index, _ in stream_counter(f"localhost:{grpc_port}", 2)] == [0, 1]
+        stubs = _counter_stubs(process.pid)
+        assert len(stubs) == 1
+        os.kill(stubs.pop(), signal.SIGKILL)
+        log_path = tmp_path / "launcher.log"
+        deadline = time.monotonic() + 90  # the supervisor notices within its interval, stops and starts it
+        while "ready again (restart 1" not in log_path.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _wait_ready(process, http_port)
+        assert [index for index, _ in stream_counter(f"localhost:{grpc_port}", 3)] == [0, 1, 2]
+        assert len(_counter_stubs(process.pid)) == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=60) == 0
+        log = log_path.read_text()
+        assert log.count("the Python-backend stub of counter") == 1 and "ready again (restart 1" in log
+        assert "successfully loaded 'counter'" in log  # the server's own log reaches stderr
+        # Neither launch left a shared-memory region behind (the first one's stub was SIGKILLed).
+        assert not list(server_module.SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
+    finally:
+        _kill_group(process)
+
+
+@pytest.mark.e2e
+def test_cli_exits_non_zero_when_a_backend_stub_dies_for_an_orchestrator_to_restart(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository")
+    process, http_port, _ = _start_cli(repository, "--on-backend-exit", "exit")
+    try:
+        _wait_ready(process, http_port)
+        os.kill(_counter_stubs(process.pid).pop(), signal.SIGKILL)
+        assert process.wait(timeout=60) == 1
+        log = (tmp_path / "launcher.log").read_text()
+        assert "error: the Python-backend stub of counter" in log and "orchestrator restarts" in log
+        assert not list(server_module.SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
+    finally:
+        _kill_group(process)
 
 
 def _get(url: str) -> str:
