@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import collections
+import ctypes
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from llava_triton import deploy
 
@@ -213,6 +215,22 @@ def _free_ports(count: int) -> list[int]:
 
 
 SHM_DIR = Path("/dev/shm")
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when the thread that started it dies.
+
+    Why: the server runs in its own session (a Ctrl-C in the caller's terminal must not reach it
+    before we stop it gracefully), so nothing else takes it down if this process is SIGKILLed;
+    without this it would keep the ports and the GPU. `prctl` is looked up here, before the fork,
+    so the child only makes the one call.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+    return lambda: prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 @dataclass(eq=False)
@@ -220,7 +238,8 @@ class TritonServer:
     """A tritonserver process. As a context manager it starts, waits until ready and stops.
 
     Ports left as None are picked free. Without `log_path` the log goes to a temporary file
-    that `stop()` removes.
+    that `stop()` removes. tritonserver is SIGKILLed by the kernel if the thread that started it
+    ends (PR_SET_PDEATHSIG), so start it from a thread that outlives it (the main thread).
 
     `restart_on_backend_exit=True` supervises the server once it was ready: when one of its
     Python-backend stubs dies (killed, out of memory, a crash in native code) or tritonserver
@@ -249,7 +268,8 @@ class TritonServer:
     _launches: int = field(default=0, init=False, repr=False)
     _stubs: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # watched: {pid: model}
     _names: dict[int, str] = field(default_factory=dict, init=False, repr=False)  # every stub seen: {pid: model}
-    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)  # no more launches
+    _finished: threading.Event = field(default_factory=threading.Event, init=False, repr=False)  # server terminated
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
     _watchdog: threading.Thread | None = field(default=None, init=False, repr=False)
 
@@ -298,7 +318,7 @@ class TritonServer:
             # SIGKILL fallback can take the backend stubs down with it.
             self.process = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                             stdin=subprocess.DEVNULL, env=server_env(self.install, self.project_root),
-                                            start_new_session=True)
+                                            start_new_session=True, preexec_fn=_die_with_parent())
 
     def start(self) -> "TritonServer":
         if self.process is not None:
@@ -310,6 +330,7 @@ class TritonServer:
         self.log_path = Path(self.log_path)
         self.log_path.write_bytes(b"")
         self._stopping.clear()
+        self._finished.clear()
         self._stubs = {}
         self._launch()
         atexit.register(self.stop)
@@ -386,16 +407,18 @@ class TritonServer:
         return None
 
     def _supervise(self) -> None:
+        # This thread starts the restarted servers, and a server dies with the thread that started it
+        # (PR_SET_PDEATHSIG): it runs until stop() has terminated the server (`_finished`).
         backoff = 1.0
-        while not self._stopping.wait(self.supervise_interval_s):
-            cause = self.what_died()
+        while not self._finished.wait(self.supervise_interval_s):
+            cause = None if self._stopping.is_set() else self.what_died()
             if cause is None:
                 continue
             self._note(f"{cause}; restarting tritonserver (restart {self.restarts + 1})")
             while not self._stopping.is_set():
                 with self._lock:
                     if self._stopping.is_set():
-                        return
+                        break
                     self._terminate()
                     self.restarts += 1
                     self._launches += 1
@@ -405,10 +428,9 @@ class TritonServer:
                     self._wait_ready()
                 except TritonServerError as error:
                     if self._stopping.is_set():
-                        return
+                        break
                     self._note(f"restart failed ({str(error).splitlines()[0]}); next try in {backoff:.0f} s")
-                    if self._stopping.wait(backoff):
-                        return
+                    self._stopping.wait(backoff)
                     backoff = min(2 * backoff, 60.0)
                     continue
                 self._note(f"tritonserver ready again (restart {self.restarts}, "
@@ -443,6 +465,7 @@ class TritonServer:
         self._stopping.set()
         with self._lock:  # a restart in progress finishes launching first, then sees _stopping
             code = self._terminate(timeout)
+        self._finished.set()
         if self._watchdog is not None and self._watchdog is not threading.current_thread():
             self._watchdog.join(timeout=10)
         self._watchdog = None

@@ -288,6 +288,36 @@ def test_cli_exits_non_zero_when_a_backend_stub_dies_for_an_orchestrator_to_rest
         _kill_group(process)
 
 
+@pytest.mark.e2e
+def test_a_killed_launcher_takes_tritonserver_with_it(tmp_path):
+    # The server runs in its own session, so a SIGKILL of the launcher alone would leave it running,
+    # holding the ports (and a GPU); PR_SET_PDEATHSIG ends it.
+    repository = write_counter_repository(tmp_path / "repository")
+    process, http_port, _ = _start_cli(repository)
+    try:
+        _wait_ready(process, http_port)
+        servers = server_module.child_pids(process.pid)
+        assert len(servers) == 1
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 10
+        while not _ended(servers[0]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _ended(servers[0])
+        with pytest.raises(OSError):
+            _get(f"http://localhost:{http_port}/v2/health/live")
+    finally:
+        _kill_group(process)
+
+
+def _ended(pid: int) -> bool:
+    """Gone, or a zombie nobody has reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except OSError:
+        return True
+
+
 def _get(url: str) -> str:
     import urllib.request
 
