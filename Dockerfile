@@ -49,5 +49,6 @@ USER 1000:1000
 
 EXPOSE 8000 8001 8002
 # `docker run --gpus all -v $PWD/model_repository:/models/model_repository IMAGE` serves with the
-# flags of `make serve` (llava_triton.server); the chart runs tritonserver with the same flags.
+# flags of `make serve` (llava_triton.server, which restarts tritonserver when a backend stub dies);
+# the chart runs the same launcher with --on-backend-exit=exit, so the kubelet restarts the container.
 CMD ["python3", "-m", "llava_triton.server", "--model-repository", "/models/model_repository"]

@@ -1,8 +1,8 @@
 """What the local server and the Kubernetes deployment must agree on: ports, probe paths, flags.
 
 `llava_triton.server` starts `tritonserver` with `server_args`; the Helm chart in
-`helm/llava-triton` passes the same flags, ports and probe paths to the same binary inside the
-serving image (`Dockerfile`). `tests/test_helm.py` renders the chart and checks it against these
+`helm/llava-triton` runs the same launcher inside the serving image (`Dockerfile`), with the same
+ports and probe paths. `tests/test_helm.py` renders the chart and checks it against these
 values, and starts the real `tritonserver` with the rendered arguments.
 """
 

@@ -22,6 +22,7 @@ import argparse
 import atexit
 import collections
 import ctypes
+import math
 import os
 import shutil
 import signal
@@ -599,31 +600,51 @@ def check() -> bool:
     return ok
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_triton.server", description=__doc__.split("\n")[0],
                                      epilog="Arguments after `--` go to tritonserver unchanged.")
     parser.add_argument("--model-repository", type=Path, help="the model repository to serve")
     parser.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT)
     parser.add_argument("--grpc-port", type=int, default=DEFAULT_GRPC_PORT)
     parser.add_argument("--metrics-port", type=int, default=DEFAULT_METRICS_PORT)
+    parser.add_argument("--exit-timeout-secs", type=int, default=deploy.EXIT_TIMEOUT_S,
+                        help="how long in-flight requests may finish after SIGTERM")
+    parser.add_argument("--ready-timeout-s", type=float, default=0,
+                        help="give up when the models are not loaded after this long; 0: wait as long as it "
+                             "takes (an orchestrator's startup probe decides)")
     parser.add_argument("--on-backend-exit", choices=("restart", "exit", "ignore"), default="restart",
                         help="when a Python-backend stub or tritonserver dies after start-up: restart "
                              "tritonserver on the same ports (default), exit non-zero (let Kubernetes or "
-                             "systemd restart it), or ignore (exec tritonserver unsupervised, as before)")
+                             "systemd restart it), or ignore (exec tritonserver unsupervised)")
     parser.add_argument("--check", action="store_true", help="verify the installation and exit")
-    argv = sys.argv[1:] if argv is None else argv
+    return parser
+
+
+def parse_command_line(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """The launcher's options, and the tritonserver flags given after `--`."""
     extra: list[str] = []
     if "--" in argv:
         split = argv.index("--")
         argv, extra = argv[:split], argv[split + 1:]
-    args = parser.parse_args(argv)
+    return _parser().parse_args(argv), extra
+
+
+def server_from_command_line(args: argparse.Namespace, extra: list[str],
+                             install: TritonInstall | None = None) -> TritonServer:
+    """The TritonServer a command line describes (the Helm chart's container runs one)."""
+    return TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                        metrics_port=args.metrics_port, extra_args=tuple(extra), install=install,
+                        exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout_s or math.inf)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = parse_command_line(sys.argv[1:] if argv is None else argv)
     if args.check:
         return 0 if check() else 1
     if args.model_repository is None:
-        parser.error("--model-repository is required (or --check)")
+        _parser().error("--model-repository is required (or --check)")
     try:
-        server = TritonServer(args.model_repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                              metrics_port=args.metrics_port, extra_args=tuple(extra))
+        server = server_from_command_line(args, extra)
     except (TritonNotFoundError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -3,12 +3,13 @@
 Helm itself renders and lints the chart (Helm v4's Go library, through helm-python-sdk), every
 rendered manifest is validated against Kubernetes' OpenAPI schemas (kubernetes-validate ships them,
 so this runs offline), the Deployment is compared with what `make serve` runs, and the real
-`tritonserver` is started with the rendered arguments. What no test here can do is install the
+launcher and `tritonserver` are started with the rendered arguments. What no test here can do is install the
 chart on a cluster: there is none.
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import dataclasses
 import functools
@@ -33,7 +34,8 @@ import pytest
 import yaml
 
 from llava_triton import deploy, spec
-from llava_triton.server import TritonInstall, TritonServer, find_triton, free_port, server_env
+from llava_triton.server import (TritonInstall, TritonServer, find_triton, free_port, parse_command_line,
+                                 server_env, server_from_command_line)
 from llava_triton.spec import ServingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -214,24 +216,46 @@ def test_values_are_the_local_servers():
     assert values["podSecurityContext"]["runAsUser"] == deploy.IMAGE_UID
 
 
+LAUNCHER = ["python3", "-m", "llava_triton.server"]
+
+
+def launcher_command_line(container: dict) -> tuple[argparse.Namespace, list[str]]:
+    """The rendered container's launcher options and the tritonserver flags after `--`."""
+    assert container["args"][:3] == LAUNCHER
+    return parse_command_line(container["args"][3:])
+
+
+def pod_server(container: dict, tmp_path: Path) -> TritonServer:
+    """The TritonServer the launcher in the image would run (tmp_path stands for the repository)."""
+    launcher, extra = launcher_command_line(container)
+    launcher.model_repository = tmp_path
+    return server_from_command_line(
+        launcher, extra, install=TritonInstall(server=Path("/opt/tritonserver/bin/tritonserver"),
+                                               backend_directory=Path(deploy.IMAGE_BACKEND_DIRECTORY)))
+
+
 @pytest.mark.parametrize("name", OVERRIDES)
 def test_deployment_flags_ports_and_probes_match_the_local_server(name, tmp_path):
     docs = manifests(OVERRIDES[name])
     container = server_container(docs)
     args = container["args"]
-    assert args[0] == "tritonserver"
-    repository = next(a.split("=", 1)[1] for a in args if a.startswith("--model-repository="))
-    shared = deploy.server_args(repository, deploy.IMAGE_BACKEND_DIRECTORY)
-    assert args[1:1 + len(shared)] == shared
+    assert args[:4] == [*LAUNCHER, "--on-backend-exit=exit"]  # the kubelet restarts the container when a stub dies
+    launcher, extra = launcher_command_line(container)
+    assert str(launcher.model_repository).startswith("/models/")
+    assert (launcher.http_port, launcher.grpc_port, launcher.metrics_port) == \
+        (deploy.HTTP_PORT, deploy.GRPC_PORT, deploy.METRICS_PORT)
+    assert launcher.ready_timeout_s == 0  # the startup probe decides how long a load may take
 
-    # What llava_triton.server passes to the same binary on the same ports (only the paths differ).
-    local = TritonServer(tmp_path, http_port=deploy.HTTP_PORT, grpc_port=deploy.GRPC_PORT,
-                         metrics_port=deploy.METRICS_PORT,
-                         install=TritonInstall(server=Path("/opt/tritonserver/bin/tritonserver"),
-                                               backend_directory=Path(deploy.IMAGE_BACKEND_DIRECTORY)))
-    local_args = [a.replace(str(tmp_path.resolve()), repository) for a in local.command()[1:]]
-    # Locally, one more flag: a shared-memory prefix per launch, so a killed server's regions are removed.
-    assert local_args == [*shared, f"--backend-config=python,shm-region-prefix-name={local.shm_prefix}"]
+    # What the launcher in the image passes to tritonserver: the flags every deployment shares
+    # (deploy.server_args, which `make serve` uses too), its shared-memory prefix, the chart's extras.
+    local = pod_server(container, tmp_path)
+    repository = str(launcher.model_repository)
+    command = [a.replace(str(tmp_path.resolve()), repository) for a in local.command()]
+    assert command == ["/opt/tritonserver/bin/tritonserver",
+                       *deploy.server_args(repository, deploy.IMAGE_BACKEND_DIRECTORY,
+                                           exit_timeout_s=chart_values()["server"]["exitTimeoutSeconds"]),
+                       f"--backend-config=python,shm-region-prefix-name={local.shm_prefix}", *extra]
+    assert extra[0] == f"--log-verbose={chart_values()['server']['logVerbose']}"
 
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert ports == deploy.PORTS
@@ -263,9 +287,9 @@ def tritonserver_flags() -> dict[str, str]:
 
 
 @pytest.mark.parametrize("name", OVERRIDES)
-def test_every_rendered_flag_is_one_tritonserver_knows(name):
+def test_every_rendered_flag_is_one_tritonserver_knows(name, tmp_path):
     flags = tritonserver_flags()
-    for arg in server_container(manifests(OVERRIDES[name]))["args"][1:]:
+    for arg in pod_server(server_container(manifests(OVERRIDES[name])), tmp_path).command()[1:]:
         flag, _, value = arg[2:].partition("=")
         assert flag in flags, f"tritonserver has no --{flag}"
         if flags[flag] in ("integer", "boolean"):
@@ -348,36 +372,35 @@ def _http(url: str, method: str = "GET", headers: dict | None = None, body: byte
 
 
 class RenderedServer:
-    """The rendered container's args run by the local tritonserver: the paths inside the image and
-    the ports swapped for local ones, `$(VAR)` expanded from the container's env as the kubelet does."""
+    """The rendered container's args run by the local launcher and tritonserver: the paths inside the
+    image and the ports swapped for local ones, `$(VAR)` expanded from the container's env as the
+    kubelet does."""
 
     def __init__(self, values: dict, tmp_path: Path, models: Path | None = None):
         """`models` stands for the /models volume; without it, a one-model repository is made."""
         self.docs = manifests(values)
         self.container = server_container(self.docs)
-        self.install = find_triton()
         self.env = {e["name"]: _env_value(e, self.docs) for e in self.container.get("env", [])}
         self.ports = {name: free_port() for name in deploy.PORTS}
         by_number = {str(self.container_port(name)): str(port) for name, port in self.ports.items()}
         repository = None if models else _tiny_repository(tmp_path / "echo-models")
         self.certificates = _certificates(tmp_path / "tls") if values.get("grpcTLS", {}).get("enabled") else None
         args = []
-        for arg in self.container["args"][1:]:
+        launcher_command_line(self.container)
+        for arg in self.container["args"][len(LAUNCHER):]:
             flag, _, value = arg.partition("=")
             if flag == "--model-repository":
                 value = str(repository) if repository else value.replace("/models", str(models), 1)
-            elif flag == "--backend-directory":
-                value = str(self.install.backend_directory)
             elif flag in ("--http-port", "--grpc-port", "--metrics-port"):
                 value = by_number[value]
             elif value.startswith("/etc/llava-triton/grpc-tls/"):
                 value = str(self.certificates / Path(value).name)
             value = re.sub(r"\$\((\w+)\)", lambda m: self.env[m.group(1)], value)
             args.append(f"{flag}={value}" if value else flag)
-        self.log = tmp_path / "tritonserver.log"
+        self.log = tmp_path / "tritonserver.log"  # the launcher copies the server's log to its stderr
         with open(self.log, "wb") as log:
-            self.process = subprocess.Popen([str(self.install.server), *args], stdout=log, stderr=subprocess.STDOUT,
-                                            env=server_env(self.install), start_new_session=True)
+            self.process = subprocess.Popen([sys.executable, "-m", "llava_triton.server", *args], cwd=ROOT,
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def container_port(self, name: str) -> int:
         return next(p["containerPort"] for p in self.container["ports"] if p["name"] == name)
@@ -401,7 +424,7 @@ class RenderedServer:
             except subprocess.TimeoutExpired:
                 pass
         try:
-            os.killpg(self.process.pid, signal.SIGKILL)  # the Python backend's stubs too
+            os.killpg(self.process.pid, signal.SIGKILL)  # tritonserver dies with the launcher (PDEATHSIG)
         except (ProcessLookupError, PermissionError):
             pass
         self.process.wait()
@@ -444,6 +467,21 @@ def test_rendered_default_arguments_serve_probes_and_metrics(rendered_server):
                                      timeout=5).read().decode()
     for series in ("nv_inference_queue_duration_us", "nv_inference_request_success"):
         assert re.search(rf'^{series}\{{[^}}]*model="{spec.ENSEMBLE}"', metrics, re.MULTILINE), series
+
+
+@pytest.mark.e2e
+def test_rendered_server_exits_non_zero_when_a_backend_stub_dies(rendered_server):
+    # Triton 2.51 keeps a decoupled model "ready" with its stub dead; the launcher ends the
+    # container's main process instead, so the kubelet restarts the container.
+    from llava_triton.server import backend_stubs, child_pids
+
+    server = rendered_server({})
+    (tritonserver,) = child_pids(server.process.pid)
+    stubs = backend_stubs(tritonserver)
+    assert stubs
+    os.kill(next(iter(stubs)), signal.SIGKILL)
+    assert server.process.wait(timeout=60) == 1
+    assert "exiting so that the orchestrator restarts the server" in server.log.read_text()
 
 
 @pytest.mark.e2e
@@ -539,7 +577,7 @@ def test_export_job_runs_the_export_cli(name):
 def test_a_changed_export_setting_is_a_new_repository_and_job():
     def names(values):
         docs = manifests(values)
-        return only(docs, "Job")["metadata"]["name"], server_container(docs)["args"][1]
+        return only(docs, "Job")["metadata"]["name"], str(launcher_command_line(server_container(docs))[0].model_repository)
 
     default = names({})
     assert names({}) == default
