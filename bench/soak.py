@@ -93,7 +93,8 @@ def server_memory(server_pid: int) -> dict[str, Any]:
         processes.append({"pid": pid, "name": "tritonserver" if pid == server_pid else stubs.get(pid, "other"),
                           "rss_bytes": status["VmRSS"] * 1024,
                           **{k.lower() + "_bytes": status.get(k, 0) * 1024 for k in ("RssAnon", "RssFile", "RssShmem")}})
-        regions.update(arg for arg in cmdline(pid) if arg.startswith("triton_python_backend_shm_region"))
+        if pid in stubs:  # argv: stub <model.py> <shm region name> <size> <growth> <parent pid> ...
+            regions.update(cmdline(pid)[2:3])
     shm_bytes = 0
     for region in regions:
         try:

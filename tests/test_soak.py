@@ -63,6 +63,7 @@ def test_soak_report_is_well_formed(soak):
     final = memory["final_processes"]
     assert {"tritonserver", spec.PREPROCESS, spec.VISION_ENCODER, spec.PROJECTOR, spec.LANGUAGE_MODEL} <= \
         {p["name"] for p in final}
+    assert memory["final_shm_bytes"] > 0  # the stubs' regions were found (by the names in their argv)
     assert sum(p["rssanon_bytes"] + p["rssfile_bytes"] for p in final) + memory["final_shm_bytes"] == \
         memory["final_bytes"]
     assert sum(p["rss_bytes"] for p in final) == memory["final_rss_sum_bytes"]
