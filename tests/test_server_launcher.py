@@ -291,19 +291,21 @@ def test_cli_exits_non_zero_when_a_backend_stub_dies_for_an_orchestrator_to_rest
 @pytest.mark.e2e
 def test_a_killed_launcher_takes_tritonserver_with_it(tmp_path):
     # The server runs in its own session, so a SIGKILL of the launcher alone would leave it running,
-    # holding the ports (and a GPU); PR_SET_PDEATHSIG ends it.
+    # holding the ports (and a GPU); PR_SET_PDEATHSIG ends it, and it ends its backend stubs.
     repository = write_counter_repository(tmp_path / "repository")
     process, http_port, _ = _start_cli(repository)
     try:
         _wait_ready(process, http_port)
         servers = server_module.child_pids(process.pid)
         assert len(servers) == 1
+        stubs = list(server_module.backend_stubs(servers[0]))
+        assert stubs
         process.kill()
         process.wait()
-        deadline = time.monotonic() + 10
-        while not _ended(servers[0]) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 30  # tritonserver shuts down (exit timeout 10 s) and ends its stubs
+        while not all(map(_ended, [*servers, *stubs])) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _ended(servers[0])
+        assert _ended(servers[0]) and all(map(_ended, stubs))
         with pytest.raises(OSError):
             _get(f"http://localhost:{http_port}/v2/health/live")
     finally:
