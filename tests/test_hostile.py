@@ -139,7 +139,6 @@ def test_images_over_the_request_byte_limit_are_refused(triton_server, llava_cli
 LIMIT_CASES = [case for case in CASES if case.limit is not None and case.model == spec.ENSEMBLE]
 
 
-@pytest.mark.parametrize("case", LIMIT_CASES, ids=[case.name for case in LIMIT_CASES])
 def _rss_anon_mib(pid: int) -> float:
     status = dict(line.split(":", 1) for line in open(f"/proc/{pid}/status"))
     return int(status["RssAnon"].split()[0]) / 1024
@@ -173,6 +172,7 @@ def test_refused_large_requests_do_not_pile_up_in_the_servers_heap(triton_server
     assert_still_serving(triton_server, llava_client, valid_answer)
 
 
+@pytest.mark.parametrize("case", LIMIT_CASES, ids=[case.name for case in LIMIT_CASES])
 def test_a_limit_refusal_is_invalid_argument_and_names_the_limit(triton_server, case):
     """The status code, which the stream does not carry: from a plain call to `preprocess`, the
     ensemble step that checks every limit (it takes the same inputs)."""
