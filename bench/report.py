@@ -13,21 +13,21 @@ from PIL import Image, ImageDraw, ImageFont
 NA = "n/a"
 
 
-def _json_safe(value: Any) -> Any:
+def json_safe(value: Any) -> Any:
     """NaN and infinities become null (JSON has neither); paths become strings."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
+        return {str(k): json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 def write_json(path: Path, results: dict[str, Any]) -> Path:
-    path.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False) + "\n")
+    path.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
     return path
 
 

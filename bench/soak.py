@@ -28,7 +28,6 @@ import asyncio
 import collections
 import dataclasses
 import importlib
-import io
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.report import json_safe
 from llava_triton.server import TritonServer, backend_stubs, child_pids, cmdline
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -165,21 +165,10 @@ def _tests_on_path() -> None:
         sys.path.insert(0, str(TESTS))
 
 
-def _varied_image(seed: int) -> bytes:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    size = (int(rng.integers(64, 400)), int(rng.integers(64, 400)))
-    pixels = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).resize(size, Image.NEAREST).save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
-
-
 def valid_cases(checkpoint: Path) -> list[Case]:
     """Valid requests with transformers' greedy answers, and one seeded sampled request."""
     from client.api import build_inputs
-    from reference import hf_generate, make_test_images
+    from reference import hf_generate, make_test_images, varied_image
 
     images = make_test_images()
     requests = [
@@ -189,7 +178,7 @@ def valid_cases(checkpoint: Path) -> list[Case]:
          "<image>\n<image>\nWhat differs between these two?", 12, True),
         ("text only, streamed", [], "Tell me a long story about the sea.", 32, True),
         ("text only", [], "Describe a busy market.", 24, False),
-        *((f"varied jpeg {seed}", [_varied_image(seed)], "What is in the picture?", 8, seed % 2 == 0)
+        *((f"varied jpeg {seed}", [varied_image(seed)], "What is in the picture?", 8, seed % 2 == 0)
           for seed in range(4)),
     ]
     cases = []
@@ -201,25 +190,6 @@ def valid_cases(checkpoint: Path) -> list[Case]:
                       build_inputs("What is in the picture?", [images["jpeg"]], max_tokens=16, temperature=0.8,
                                    top_p=0.9, top_k=50, seed=1234, stream=True)))
     return cases
-
-
-def _raw_case_inputs(case, build_inputs, max_tokens: int) -> list:
-    """A corpus case's tensors: the client's for its prompt, images and options, then `raw` applied."""
-    import tritonclient.grpc as grpcclient
-
-    from llava_triton import spec
-
-    inputs = []
-    if case.model == spec.ENSEMBLE:
-        inputs = build_inputs(case.prompt, list(case.images), **{"max_tokens": max_tokens, **case.options})
-    replaced = {tensor.name for tensor in case.raw}
-    inputs = [tensor for tensor in inputs if tensor.name() not in replaced]
-    for tensor in case.raw:
-        if tensor.value is not None:
-            value = grpcclient.InferInput(tensor.name, list(tensor.value.shape), tensor.datatype)
-            value.set_data_from_numpy(tensor.value)
-            inputs.append(value)
-    return inputs
 
 
 def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
@@ -240,7 +210,7 @@ def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
             expected = None
             if hostile.expect is None:
                 expected = hf_generate(checkpoint, list(hostile.images), hostile.prompt, corpus.MAX_TOKENS)
-            cases.append(Case("corpus", hostile.name, _raw_case_inputs(hostile, build_inputs, corpus.MAX_TOKENS),
+            cases.append(Case("corpus", hostile.name, corpus.raw_inputs(hostile),
                               model=hostile.model, parameters=hostile.parameters, expected_ids=expected,
                               expect_error=hostile.expect))
         return cases, "tests/corpus.py"
@@ -502,18 +472,6 @@ async def run_load(server, mix: Mix, args: argparse.Namespace, log) -> dict[str,
 
 # --- report ------------------------------------------------------------------------------------
 
-def _json_safe(value: Any) -> Any:
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
-
 def verdict(report: dict[str, Any], max_memory_growth: float) -> list[str]:
     """Why the soak failed (empty when it passed)."""
     failures = []
@@ -683,7 +641,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["failures"] = verdict(report, args.max_memory_growth)
     report["verdict"] = "fail" if report["failures"] else "pass"
-    (out / "report.json").write_text(json.dumps(_json_safe(report), indent=2, allow_nan=False) + "\n")
+    (out / "report.json").write_text(json.dumps(json_safe(report), indent=2, allow_nan=False) + "\n")
     write_markdown(out / "report.md", report)
     print((out / "report.md").read_text(), flush=True)
     log(f"{report['verdict']}: {out / 'report.json'}")

@@ -156,6 +156,25 @@ def padded(signature: bytes, size: int) -> bytes:
 
 # --- the corpus ----------------------------------------------------------------------------------
 
+def raw_inputs(case: HostileCase, max_tokens: int = MAX_TOKENS) -> list:
+    """The case's tensors: the client's for its prompt, images and options, then `raw` applied."""
+    import tritonclient.grpc as grpcclient
+
+    from client import build_inputs
+
+    inputs = []
+    if case.model == spec.ENSEMBLE:
+        inputs = build_inputs(case.prompt, list(case.images), **{"max_tokens": max_tokens, **case.options})
+    replaced = {tensor.name for tensor in case.raw}
+    inputs = [tensor for tensor in inputs if tensor.name() not in replaced]
+    for tensor in case.raw:
+        if tensor.value is not None:
+            value = grpcclient.InferInput(tensor.name, list(tensor.value.shape), tensor.datatype)
+            value.set_data_from_numpy(tensor.value)
+            inputs.append(value)
+    return inputs
+
+
 def _float(name: str, value: float) -> RawTensor:
     return RawTensor(name, np.array([value], dtype=np.float32), "FP32")
 

@@ -111,6 +111,16 @@ def _scene(width: int, height: int, seed: int) -> Image.Image:
     return image
 
 
+def varied_image(seed: int) -> bytes:
+    """A JPEG of a seeded random size (64 to 399 px a side) and blocky random colours."""
+    rng = np.random.default_rng(seed)
+    size = (int(rng.integers(64, 400)), int(rng.integers(64, 400)))
+    pixels = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).resize(size, Image.NEAREST).save(buffer, "JPEG", quality=85)
+    return buffer.getvalue()
+
+
 def make_test_images() -> dict[str, bytes]:
     """Small, different, deterministic encoded images: JPEG (landscape), PNG (portrait, RGBA),
     WebP (square, lossless)."""

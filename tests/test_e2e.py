@@ -8,32 +8,19 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
-import io
-import json
 import subprocess
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from client import LlavaClient, LlavaError
 from client.perf_data import write_perf_input
 from llava_triton.server import perf_analyzer_command, perf_analyzer_env
-from reference import hf_generate, make_test_images
+from reference import hf_generate, make_test_images, varied_image
 
 pytestmark = pytest.mark.e2e
 
 MAX_TOKENS = 12
 IMAGES = make_test_images()
-
-
-def varied_image(seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    size = (int(rng.integers(64, 400)), int(rng.integers(64, 400)))
-    pixels = rng.integers(0, 256, (size[1] // 8 + 1, size[0] // 8 + 1, 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).resize(size, Image.NEAREST).save(buffer, "JPEG", quality=85)
-    return buffer.getvalue()
 
 
 CASES = {

@@ -21,8 +21,8 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from client import LlavaClient, LlavaError, build_inputs
-from corpus import MAX_TOKENS, HostileCase, hostile_cases, request_bytes_case
+from client import LlavaClient, LlavaError
+from corpus import MAX_TOKENS, HostileCase, hostile_cases, raw_inputs, request_bytes_case
 from export.repository import read_config
 from llava_triton import spec
 from llava_triton.server import MALLOC_MMAP_THRESHOLD
@@ -50,21 +50,6 @@ class Refused(Exception):
 @pytest.fixture(scope="module")
 def valid_answer(tiny_checkpoint) -> list[int]:
     return hf_generate(tiny_checkpoint, VALID_IMAGES, VALID_PROMPT, MAX_TOKENS)
-
-
-def raw_inputs(case: HostileCase) -> list[grpcclient.InferInput]:
-    """The case's tensors: the client's for its prompt, images and options, then `raw` applied."""
-    inputs = []
-    if case.model == spec.ENSEMBLE:
-        inputs = build_inputs(case.prompt, list(case.images), **{"max_tokens": MAX_TOKENS, **case.options})
-    replaced = {tensor.name for tensor in case.raw}
-    inputs = [tensor for tensor in inputs if tensor.name() not in replaced]
-    for tensor in case.raw:
-        if tensor.value is not None:
-            value = grpcclient.InferInput(tensor.name, list(tensor.value.shape), tensor.datatype)
-            value.set_data_from_numpy(tensor.value)
-            inputs.append(value)
-    return inputs
 
 
 def stream_raw(url: str, model: str, inputs: list[grpcclient.InferInput], parameters=None) -> list[int]:
