@@ -18,9 +18,10 @@ from typing import Callable, Protocol
 
 import torch
 
-from .detokenize import TextStream
+from .detokenize import TextStream, fast_decoder
 from .errors import InvalidRequestError, ServerBusyError
 from .llama import DecodeGraphs, LlamaForCausalLM
+from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
 from .spec import ModelSpec, ServingConfig
 
@@ -58,8 +59,9 @@ class Metrics:
 
     def request_refused(self, reason: str) -> None: ...
     def prompt_tokens(self, count: int) -> None: ...
-    def generated_token(self, first: bool, seconds: float) -> None:
-        """One generated token; `seconds` since submission (first) or since the previous token."""
+    def generated_tokens(self, first_token_s: list[float], inter_token_s: list[float]) -> None:
+        """The tokens of one step: seconds from submission to each first token, and from the
+        previous token to each later one (one call a step: each metric update may be an IPC)."""
     def occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None: ...
 
 
@@ -135,8 +137,9 @@ def kv_cache_slots(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len:
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig,
-                 metrics: Metrics | None = None):
+                 metrics: Metrics | None = None, outbox: Outbox | None = None):
         self.metrics = metrics or Metrics()
+        self.out = outbox or Outbox()  # responses and errors leave through it (see outbox.py)
         self.model = model
         self.tokenizer = tokenizer
         self.spec = spec
@@ -153,6 +156,7 @@ class Engine:
             self.decode_step = graphs
             log.info("captured %d decode CUDA graphs", len(graphs.graphs))
         self.eos = frozenset(spec.eos_token_id)
+        self._decode_ids = fast_decoder(tokenizer)
         # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
         # the start of the cache and decode can attend over a slice instead of a gather.
         self._free_slots = list(range(self.num_slots))
@@ -225,6 +229,9 @@ class Engine:
         self._prefill_chunk()
         if already_running:
             self._decode(already_running)
+        self._report_occupancy()
+
+    def _report_occupancy(self) -> None:
         self.metrics.occupancy(self.num_running, self.num_waiting, 1.0 - self.free_slots / self.num_slots)
 
     def abort_all(self, message: str) -> None:
@@ -233,13 +240,14 @@ class Engine:
             self._waiting.clear()
         for seq in seqs:
             self._release(seq)
-            seq.sink.error(message)
+            self.out.error(seq.sink, message)
 
     # -- internals ------------------------------------------------------------------------
     def _drop_cancelled(self) -> None:
         """Drop cancelled requests, and waiting ones past queue_timeout_us.
 
-        Asking Triton whether a request was cancelled is an IPC round trip: at most every 20 ms.
+        Asking Triton whether a request was cancelled is an IPC round trip: at most every 20 ms,
+        and the outbox may make it from its own thread (ThreadedOutbox).
         """
         now = time.monotonic()
         if now - self._last_cancel_check < 0.02:
@@ -247,20 +255,23 @@ class Engine:
         self._last_cancel_check = now
         deadline = now - self.serving.queue_timeout_us / 1e6
         with self._cond:
-            for seq in [s for s in self._waiting if s.sink.cancelled()]:
+            live = list(self._waiting) + self._prefilling + self._running
+        cancelled = {id(sink) for sink in self.out.cancelled([s.sink for s in live])}
+        with self._cond:
+            for seq in [s for s in self._waiting if id(s.sink) in cancelled]:
                 self._waiting.remove(seq)
                 self.metrics.request_refused("cancelled")
-                seq.sink.error("request cancelled")
+                self.out.error(seq.sink, "request cancelled")
             # Waiting requests have not produced a token yet: last_event is their submission time.
             for seq in [s for s in self._waiting if s.last_event < deadline]:
                 self._waiting.remove(seq)
                 self.metrics.request_refused("queue_timeout")
-                seq.sink.error(f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a KV-cache slot "
+                self.out.error(seq.sink, f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a KV-cache slot "
                                "(queue_timeout_us); retry later")
-        for seq in [s for s in self._prefilling + self._running if s.sink.cancelled()]:
+        for seq in [s for s in self._prefilling + self._running if id(s.sink) in cancelled]:
             self._release(seq)
             self.metrics.request_refused("cancelled")
-            seq.sink.error("request cancelled")
+            self.out.error(seq.sink, "request cancelled")
 
     def _admit(self) -> None:
         with self._cond:
@@ -304,7 +315,7 @@ class Engine:
             except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
                 log.exception("prefill failed")
                 self._release(seq)
-                seq.sink.error(f"prefill failed: {exc}")
+                self.out.error(seq.sink, f"prefill failed: {exc}")
                 continue
             seq.prefilled += chunk.shape[1]
             budget -= chunk.shape[1]
@@ -312,7 +323,7 @@ class Engine:
                 seq.inputs_embeds = seq.image_embeds = None
                 self._prefilling.remove(seq)
                 self._running.append(seq)
-                seq.text = TextStream(self.tokenizer, seq.params.stop)
+                seq.text = TextStream(self.tokenizer, seq.params.stop, self._decode_ids)
                 seq.generator = make_generator(seq.params, self.device)
                 self._append_tokens([seq], sample(logits, [seq.params], [seq.generator]))
 
@@ -333,8 +344,11 @@ class Engine:
 
     def _append_tokens(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
         now = time.monotonic()
+        first_token_s, inter_token_s = [], []
+        outputs: list[tuple[Sink, Output]] = []
+        finished = False
         for seq, token in zip(seqs, tokens.tolist()):
-            self.metrics.generated_token(not seq.output_ids, now - seq.last_event)
+            (inter_token_s if seq.output_ids else first_token_s).append(now - seq.last_event)
             seq.last_event = now
             seq.output_ids.append(token)
             delta = seq.text.push(token)
@@ -346,8 +360,16 @@ class Engine:
             if finish:
                 delta += seq.text.finish()
                 self._release(seq)
+                finished = True
             if seq.params.stream:
-                seq.sink.send(Output(delta, [token], seq.prompt_tokens, len(seq.output_ids), finish, bool(finish)))
+                outputs.append((seq.sink, Output(delta, [token], seq.prompt_tokens, len(seq.output_ids), finish,
+                                                 bool(finish))))
             elif finish:
-                seq.sink.send(Output(seq.text.text, list(seq.output_ids), seq.prompt_tokens, len(seq.output_ids),
-                                     finish, True))
+                outputs.append((seq.sink, Output(seq.text.text, list(seq.output_ids), seq.prompt_tokens,
+                                                 len(seq.output_ids), finish, True)))
+        # Metrics first: a client that has its last response sees them already counted.
+        self.metrics.generated_tokens(first_token_s, inter_token_s)
+        if finished:
+            self._report_occupancy()
+        for sink, output in outputs:
+            self.out.send(sink, output)

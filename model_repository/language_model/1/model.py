@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from llava_triton import spec
 from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM, torch_dtype
+from llava_triton.outbox import ThreadedOutbox
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import instance_device, is_decoupled, load_spec, optional_inputs, triton_error, version_dir
 
@@ -21,6 +22,9 @@ class ResponseSink:
     def __init__(self, request):
         self.request = request
         self.sender = request.get_response_sender()
+        # After the final response Triton frees the request: asking it anything then crashes the
+        # server (TRITONBACKEND_ResponseFactoryIsCancelled on a released factory).
+        self.closed = False
 
     def send(self, output: Output) -> None:
         tensors = [
@@ -31,24 +35,32 @@ class ResponseSink:
             pb_utils.Tensor(spec.OUT_FINISH_REASON, np.array([output.finish_reason.encode()], dtype=object)),
         ]
         flags = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL if output.final else 0
+        self.closed = self.closed or output.final
         self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=flags)
 
     def error(self, message: str) -> None:
         self.fail(pb_utils.TritonError(message))
 
     def fail(self, error) -> None:
+        self.closed = True
         self.sender.send(pb_utils.InferenceResponse(error=error), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
 
     def cancelled(self) -> bool:
-        return self.request.is_cancelled()
+        return not self.closed and self.request.is_cancelled()
 
 
 class TritonMetrics(Metrics):
-    """The engine's metrics as Triton custom metrics, served on the metrics port (/metrics)."""
+    """The engine's metrics as Triton custom metrics, served on the metrics port (/metrics).
+
+    Every update is an IPC round trip to the server, so each is handed to the outbox's thread
+    instead of being made on the engine's.
+    """
 
     LATENCY_BUCKETS = [0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24]
 
-    def __init__(self):
+    def __init__(self, outbox: ThreadedOutbox):
+        self._outbox = outbox
+        self._last_occupancy = None
         # A Metric is only valid while its MetricFamily lives: keep both.
         self._families = []
 
@@ -73,18 +85,33 @@ class TritonMetrics(Metrics):
         self._refused = {}
 
     def request_refused(self, reason: str) -> None:
+        self._outbox.call(self._refuse, reason)
+
+    def _refuse(self, reason: str) -> None:
         if reason not in self._refused:
             self._refused[reason] = self._refused_family.Metric(labels={"reason": reason})
         self._refused[reason].increment(1)
 
     def prompt_tokens(self, count: int) -> None:
-        self._prompt.increment(count)
+        self._outbox.call(self._prompt.increment, count)
 
-    def generated_token(self, first: bool, seconds: float) -> None:
-        self._generated.increment(1)
-        (self._ttft if first else self._itl).observe(seconds)
+    def generated_tokens(self, first_token_s: list[float], inter_token_s: list[float]) -> None:
+        if first_token_s or inter_token_s:
+            self._outbox.call(self._record_tokens, first_token_s, inter_token_s)
+
+    def _record_tokens(self, first_token_s: list[float], inter_token_s: list[float]) -> None:
+        self._generated.increment(len(first_token_s) + len(inter_token_s))
+        for seconds in first_token_s:
+            self._ttft.observe(seconds)
+        for seconds in inter_token_s:
+            self._itl.observe(seconds)
 
     def occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+        if (running, waiting, kv_cache_usage) != self._last_occupancy:  # unchanged: no IPC
+            self._last_occupancy = (running, waiting, kv_cache_usage)
+            self._outbox.call(self._set_occupancy, running, waiting, kv_cache_usage)
+
+    def _set_occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None:
         self._running.set(running)
         self._waiting.set(waiting)
         self._kv.set(kv_cache_usage)
@@ -101,7 +128,9 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=torch_dtype(self.serving.dtype))
         tokenizer = AutoTokenizer.from_pretrained(directory)
-        self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics())
+        # Responses, metric updates and cancellation checks leave from the outbox's thread.
+        self.outbox = ThreadedOutbox()
+        self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox)
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
         self.loop.start()
@@ -124,3 +153,4 @@ class TritonPythonModel:
         self.stop.set()
         self.loop.join(timeout=10)
         self.engine.abort_all("the server is shutting down")
+        self.outbox.close()
