@@ -8,14 +8,29 @@ until it is known not to be, so a streamed answer never shows a stop string.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 _INCOMPLETE = "\ufffd"  # what a tokenizer decodes a partial UTF-8 sequence to
 
 
+def fast_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
+    """`tokenizer.decode(ids, skip_special_tokens=True)`, without transformers' Python layer.
+
+    Streaming decodes twice per token per sequence, and transformers' wrapper (argument
+    conversion, clean-up options) costs several times the Rust decode itself. A fast tokenizer
+    that does no clean-up (LLaVA's Llama tokenizer, our embedded one) decodes to exactly what
+    its backend returns, so that is called directly; anything else keeps `decode`.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+    return lambda ids: backend.decode(list(ids), skip_special_tokens=True)
+
+
 class TextStream:
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), decode: Callable[[Sequence[int]], str] | None = None):
         self.tokenizer = tokenizer
+        self._decode = decode or fast_decoder(tokenizer)
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self._prefix_offset = 0  # start of the decode window
@@ -23,9 +38,6 @@ class TextStream:
         self.text = ""  # everything decoded so far (may end with held-back text)
         self._emitted = 0  # characters of `text` already returned
         self.stopped = False
-
-    def _decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the text that can be shown now ("" if none yet)."""
