@@ -264,6 +264,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from bench import limits as bench_limits
     from bench import report, vision
+    from bench import server_stats
     from bench.loadgen import run_level, summarize
     from bench.workload import IMAGE_SIZE, w1, w1_pixel_values
     from llava_triton import spec
@@ -323,8 +324,10 @@ def main(argv: list[str] | None = None) -> int:
                 skipped_levels.append(concurrency)
                 continue
             num_requests = args.requests or max(2 * concurrency, 8)
+            stats_before = server_stats.scrape(server.url_metrics)
             level = summarize(run_level(server.url_grpc, workload, concurrency, num_requests, mode=args.loadgen,
                                         timeout_s=args.request_timeout_s))
+            level["server"] = server_stats.breakdown(stats_before, server_stats.scrape(server.url_metrics))
             levels.append(level)
             clock.log(f"c={concurrency}: {level['requests']} requests ({level['errors']} failed) in "
                       f"{level['wall_s']:.1f} s: TTFT p50 {level['ttft_ms']['p50']:.1f} ms, ITL p50 "

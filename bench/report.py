@@ -45,6 +45,34 @@ def _gb(value: float | None) -> str:
     return f"{value / 1e9:.2f} GB" if value >= 1e8 else f"{value / 1e6:.2f} MB"
 
 
+SERVER_MODELS = ("preprocess", "vision_encoder", "projector", "llava")
+
+
+def server_table(levels: list[dict[str, Any]]) -> list[str]:
+    """Per level, each ensemble step's mean queue + compute time per request, and the language
+    model's own TTFT and ITL (Triton's metrics; see bench/server_stats.py)."""
+    levels = [level for level in levels if level.get("server")]
+    if not levels:
+        return []
+    header = "| concurrency | " + " | ".join(f"{m} queue / compute (ms)" for m in SERVER_MODELS[:3])
+    lines = ["", "Inside the server (Triton's metrics over each level, means per request; the ensemble steps "
+             "batch dynamically, so mean batch is requests / executions; the language model's TTFT runs from "
+             "its receiving the request to its first token):", "",
+             header + " | mean vision batch | language model TTFT (ms) | language model ITL (ms) |",
+             "|---:|" + "---:|" * (len(SERVER_MODELS[:3]) + 3)]
+    for level in levels:
+        server = level["server"]
+        cells = []
+        for model in SERVER_MODELS[:3]:
+            entry = server["models"].get(model)
+            cells.append(f"{_fmt(entry['queue_ms'], 2)} / {_fmt(entry['compute_ms'], 2)}" if entry else NA)
+        vision = server["models"].get("vision_encoder")
+        lines.append(f"| {level['concurrency']} | " + " | ".join(cells) +
+                     f" | {_fmt(vision['mean_batch'], 2) if vision else NA} | "
+                     f"{_fmt(server['language_model_ttft_ms'], 2)} | {_fmt(server['language_model_itl_ms'], 2)} |")
+    return lines
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine, workload, limits = results["machine"], results["workload"], results["limits"]
     roofline = results["roofline"]
@@ -71,6 +99,8 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_fmt(level['output_tokens_per_s'])} | {_fmt(level['requests_per_s'], 2)} |")
     for skipped in results.get("skipped_levels", []):
         lines.append(f"| {skipped} | not run: time budget of {results['settings']['time_budget_s']} s spent | | | | | |")
+
+    lines += server_table(results["levels"])
 
     baseline = results.get("baseline")
     if baseline and baseline.get("runs"):

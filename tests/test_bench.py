@@ -10,6 +10,7 @@ import math
 
 from PIL import Image
 
+from bench import server_stats
 from bench.__main__ import main as bench_main
 from bench.fake_server import check as fake_check
 from bench.limits import language_model_params
@@ -47,6 +48,14 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
             assert _positive(level[name]["p50"]) and level[name]["p99"] >= level[name]["p50"]
         assert _positive(level["output_tokens_per_s"]) and _positive(level["requests_per_s"])
         assert math.isclose(level["output_tokens_per_s"], level["completion_tokens"] / level["wall_s"], rel_tol=1e-2)
+        # Inside the server: every ensemble step saw each request (the warm-up is not counted).
+        server = level["server"]
+        for model in ("llava", "preprocess", "vision_encoder", "projector"):
+            assert server["models"][model]["requests"] == REQUESTS, (model, server)
+            assert server["models"][model]["compute_ms"] > 0
+        assert 1 <= server["models"]["vision_encoder"]["mean_batch"] <= level["concurrency"]
+        assert 0 < server["language_model_ttft_ms"] < level["ttft_ms"]["p99"]
+        assert server["language_model_itl_ms"] > 0
     assert results["skipped_levels"] == []
 
     assert [entry["batch_size"] for entry in results["vision"]] == [1, 2]
@@ -70,6 +79,7 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
 
     table = (out / "results.md").read_text()
     assert "| concurrency | requests | TTFT p50 (ms)" in table and "n/a" in table
+    assert "| concurrency | preprocess queue / compute (ms)" in table
     assert table.count("\n| 1 |") >= 3 and "\n| 2 |" in table  # levels, baseline and vision rows
     with Image.open(out / "throughput_vs_ttft.png") as image:
         assert image.format == "PNG" and image.size == (960, 640)
@@ -92,3 +102,27 @@ def test_language_model_params_of_the_7b_config():
     text_config = {"hidden_size": 4096, "vocab_size": 32064, "num_hidden_layers": 32, "num_attention_heads": 32,
                    "num_key_value_heads": 32, "intermediate_size": 11008}
     assert language_model_params(text_config)["total"] == 6_738_939_904
+
+
+def test_server_stats_take_each_models_share_from_triton_counters():
+    before = server_stats.parse(
+        'nv_inference_request_success{model="vision_encoder",version="1"} 10\n'
+        'nv_inference_exec_count{model="vision_encoder",version="1"} 5\n'
+        'nv_inference_queue_duration_us{model="vision_encoder",version="1"} 1000\n'
+        'nv_inference_compute_infer_duration_us{model="vision_encoder",version="1"} 50000\n'
+        'nv_inference_request_success{model="idle",version="1"} 3\n'
+        'llava_time_to_first_token_seconds_sum 1.0\nllava_time_to_first_token_seconds_count 10\n'
+        '# HELP ignored\n')
+    after = server_stats.parse(
+        'nv_inference_request_success{model="vision_encoder",version="1"} 30\n'
+        'nv_inference_exec_count{model="vision_encoder",version="1"} 10\n'
+        'nv_inference_queue_duration_us{model="vision_encoder",version="1"} 5000\n'
+        'nv_inference_compute_input_duration_us{model="vision_encoder",version="1"} 2000\n'
+        'nv_inference_compute_infer_duration_us{model="vision_encoder",version="1"} 150000\n'
+        'nv_inference_compute_output_duration_us{model="vision_encoder",version="1"} 8000\n'
+        'nv_inference_request_success{model="idle",version="1"} 3\n'
+        'llava_time_to_first_token_seconds_sum 3.0\nllava_time_to_first_token_seconds_count 20\n')
+    stats = server_stats.breakdown(before, after)
+    assert stats["models"] == {"vision_encoder": {"requests": 20, "executions": 5, "mean_batch": 4.0,
+                                                  "queue_ms": 0.2, "compute_ms": 5.5}}
+    assert stats["language_model_ttft_ms"] == 200.0 and math.isnan(stats["language_model_itl_ms"])
