@@ -149,7 +149,7 @@ class ServingConfig:
     prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, so decodes are not stalled
     max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length
     kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
-    cuda_graphs: bool = True  # on a GPU, replay decode steps from CUDA graphs (captured at start-up)
+    cuda_graphs: bool = True  # on a GPU, replay decode steps and the vision models from CUDA graphs (captured at load)
     max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
     queue_timeout_us: int = 30_000_000  # a request waiting longer in a queue is refused
     # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.

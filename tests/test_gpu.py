@@ -1,0 +1,44 @@
+"""GPU-only checks (skipped where torch sees no CUDA device; run on the H100 with
+`python3 -m pytest tests/test_gpu.py`): the vision models replayed from CUDA graphs give what
+they give eagerly, for every batch size up to the largest bucket and past it."""
+
+import pytest
+import torch
+from transformers import CLIPVisionConfig
+
+from llava_triton.vision import GraphedModule, Projector, VisionEncoder, maybe_graphed
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def tiny_modules(device, dtype):
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+                              image_size=56, patch_size=14, projection_dim=32)
+    encoder = VisionEncoder(config, vision_feature_layer=-2).to(device, dtype)
+    projector = Projector(64, 96).to(device, dtype)
+    return encoder, projector
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_vision_models_match_eager(dtype):
+    device = torch.device("cuda")
+    encoder, projector = tiny_modules(device, dtype)
+    graphed_encoder = GraphedModule(encoder, (3, 56, 56), dtype, device, max_batch=8)
+    graphed_projector = GraphedModule(projector, (16, 64), dtype, device, max_batch=8)
+    assert sorted(graphed_encoder.graphs) == [1, 2, 4, 8]
+    with torch.inference_mode():
+        for n in (1, 3, 8, 11):  # 11: past the largest bucket, eager
+            pixels = torch.randn(n, 3, 56, 56, device=device, dtype=dtype)
+            eager = encoder(pixels)
+            got = graphed_encoder(pixels)
+            # A padded batch may pick another GEMM kernel: equal up to rounding, not bit for bit.
+            torch.testing.assert_close(got, eager)
+            torch.testing.assert_close(graphed_projector(eager), projector(eager))
+
+
+def test_maybe_graphed_is_eager_on_the_cpu_or_when_off():
+    encoder, _ = tiny_modules("cpu", torch.float32)
+    assert maybe_graphed(encoder, (3, 56, 56), torch.float32, torch.device("cpu"), 8, True) is encoder
+    encoder = encoder.cuda()
+    assert maybe_graphed(encoder, (3, 56, 56), torch.float32, torch.device("cuda"), 8, False) is encoder
