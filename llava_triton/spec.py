@@ -150,6 +150,10 @@ class ServingConfig:
     max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length
     kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
     cuda_graphs: bool = True  # on a GPU, replay decode steps and the vision models from CUDA graphs (captured at load)
+    # The language model's threads (engine loop, response sender, Triton's execute) share the GIL;
+    # the engine gives it up at each GPU sync and waits up to this long to get it back (Python's
+    # default is 5 ms, a big share of a decode step).
+    gil_switch_interval_s: float = 0.0005
     max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
     queue_timeout_us: int = 30_000_000  # a request waiting longer in a queue is refused
     # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
@@ -175,6 +179,8 @@ class ServingConfig:
             raise ValueError(f"gpus must be GPU indices, got {self.gpus}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be 0 (the context length) or positive, got {self.max_seq_len}")
+        if not 0.0 < self.gil_switch_interval_s <= 1.0:
+            raise ValueError(f"gil_switch_interval_s must be in (0, 1], got {self.gil_switch_interval_s}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):

@@ -122,6 +122,7 @@ class TritonPythonModel:
         if not is_decoupled(args):
             raise pb_utils.TritonModelException("language_model must be decoupled (model_transaction_policy)")
         self.model_spec, self.serving = load_spec(args)
+        sys.setswitchinterval(self.serving.gil_switch_interval_s)
         directory = version_dir(args)
         device = instance_device(args)
         if device.startswith("cuda"):
