@@ -248,12 +248,15 @@ async def send(connection, case: Case, *, abandon: bool, timeout_s: float) -> Ou
 
     token_ids: list[int] = []
     error = None
+    finished = False  # the request is over: its final response came, or its error (our models send errors as final)
+    trailing = ""  # what went wrong after that, while the server ended the call
     start = time.monotonic()
     responses = connection.stream_infer(one_request(), stream_timeout=timeout_s)
     try:
         async for result, response_error in responses:
             if response_error is not None:
                 error = _error_message(response_error)
+                finished = True
                 break
             ids = result.as_numpy("token_ids")
             token_ids += [] if ids is None else ids.reshape(-1).tolist()
@@ -261,12 +264,26 @@ async def send(connection, case: Case, *, abandon: bool, timeout_s: float) -> Ou
                 break
             final = result.get_response().parameters.get(FINAL)
             if final is None or final.bool_param:  # a non-decoupled model answers once, unflagged
+                finished = True
                 break
+        if finished:
+            # Read on until the server ends the call (status OK), as a client that is done should: a
+            # call cancelled after its last response leaks the server's state for it in Triton 2.51
+            # (the request's protobuf with its input bytes; README, "Soak").
+            async for result, response_error in responses:
+                trailing = f"a response after the final one: {response_error or result.get_response()}"
     except (InferenceServerException, grpc.RpcError) as raised:
-        error = _error_message(raised)
+        if finished:
+            trailing = f"the call did not end cleanly: {_error_message(raised)}"
+        else:
+            error = _error_message(raised)
     finally:
-        responses.cancel()  # ends the call when it is still open (abandoned, error); a no-op otherwise
+        if not finished:
+            responses.cancel()  # abandoned, or a gRPC error: end the call (a no-op once it has ended)
     seconds = time.monotonic() - start
+    if trailing:
+        return Outcome(case.name, "abandoned" if abandon else case.kind, "unexpected_error", seconds, len(token_ids),
+                       trailing)
     if abandon:
         result = "unexpected_error" if error else "ok"
         return Outcome(case.name, "abandoned", result, seconds, len(token_ids), error or "")

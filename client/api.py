@@ -197,6 +197,11 @@ class LlavaClient:
                 except queue.Empty:
                     raise LlavaError(f"no response from {self.url} within {wait:.0f} s") from None
                 if error is not None:
+                    # An error response (no gRPC status: the call itself is fine) ends the request (our
+                    # models send an error as its final response): let the server end the call too.
+                    # Cancelling it now would leak the call's state, with the request's bytes, in
+                    # Triton 2.51's gRPC frontend (README, "Soak").
+                    finished = error.status() is None
                     raise LlavaError(_error_message(error))
                 finished = _is_final(result)
                 chunk = _chunk(result)
@@ -205,7 +210,7 @@ class LlavaClient:
         except InferenceServerException as error:
             raise LlavaError(_error_message(error)) from error
         finally:
-            # Unfinished (closed early, error, timeout): cancel the request on the server too.
+            # Unfinished (closed early, timeout, no answer): cancel the request on the server too.
             connection.stop_stream(cancel_requests=not finished)
             self._idle.put(connection)
 

@@ -446,3 +446,34 @@ def test_perf_analyzer_streams_perf_data(server, images, record_dir, tmp_path):
     assert received[spec.IN_IGNORE_EOS]["value"] == [True]
     assert set(received) == {spec.IN_PROMPT, spec.IN_IMAGES, spec.IN_MAX_TOKENS, spec.IN_TEMPERATURE,
                              spec.IN_TOP_K, spec.IN_SEED, spec.IN_STOP, spec.IN_STREAM, spec.IN_IGNORE_EOS}
+
+
+class _RefusingConnection:
+    """Stands in for a tritonclient gRPC connection whose one request gets `error`; records stop_stream."""
+
+    def __init__(self, error):
+        self.error = error
+        self.cancel_requests = None
+
+    def start_stream(self, callback, stream_timeout=None):
+        self.callback = callback
+
+    def async_stream_infer(self, model, inputs, **options):
+        self.callback(None, self.error)
+
+    def stop_stream(self, cancel_requests=False):
+        self.cancel_requests = cancel_requests
+
+
+@pytest.mark.parametrize("status, cancelled", [(None, False), ("StatusCode.UNAVAILABLE", True)])
+def test_an_error_response_ends_the_call_without_cancelling_it(status, cancelled):
+    # An error response is the request's last: cancelling the call after it leaks the call's state,
+    # with the request's bytes, in Triton 2.51. A gRPC error (a status) ended the call already.
+    from tritonclient.utils import InferenceServerException
+
+    connection = _RefusingConnection(InferenceServerException(msg="temperature must be >= 0", status=status))
+    client = LlavaClient("localhost:1")
+    client._acquire = lambda: connection
+    with pytest.raises(LlavaError, match="temperature must be >= 0"):
+        client.generate("refuse me", temperature=-1.0)
+    assert connection.cancel_requests is cancelled

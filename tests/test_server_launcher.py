@@ -120,6 +120,15 @@ def test_server_env_orders_the_path_like_an_interpreter(monkeypatch):
     assert install.python_stub.is_file()
 
 
+def test_every_server_keeps_no_grpc_call_state_for_reuse(tmp_path):
+    # A pooled gRPC call state keeps the input buffers of the largest request it served, and
+    # Triton 2.51 leaks the state of some cancelled streams with them (deploy.GRPC_INFER_ALLOCATION_POOL_SIZE).
+    from llava_triton import deploy
+
+    assert "--grpc-infer-allocation-pool-size=0" in deploy.server_args("/models", "/backends")
+    assert "--grpc-infer-allocation-pool-size=0" in TritonServer(tmp_path).command()
+
+
 def test_find_triton_prefers_the_server_on_path(tmp_path, monkeypatch):
     bin_dir, backends = tmp_path / "bin", tmp_path / "triton_home" / "backends"
     bin_dir.mkdir()

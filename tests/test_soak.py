@@ -107,3 +107,85 @@ def test_soak_verdict_fails_on_each_condition(changes, reason):
     assert verdict(made_up_report(), 0.10) == []
     failures = verdict(made_up_report(**changes), 0.10)
     assert len(failures) == 1 and reason in failures[0], failures
+
+
+# --- how the soak's client ends a call (no server: a stand-in for tritonclient's stream) ---------
+
+class FakeStream:
+    """Stands in for tritonclient.grpc.aio's stream_infer iterator: yields (result, error) pairs."""
+
+    def __init__(self, items):
+        self.items = list(items)
+        self.cancelled = False
+        self.ended = False  # read until the server ended the call
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.cancelled or not self.items:
+            self.ended = not self.cancelled
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+        return True
+
+
+class FakeConnection:
+    def __init__(self, items):
+        self.stream = FakeStream(items)
+
+    def stream_infer(self, inputs_iterator, stream_timeout=None):
+        return self.stream
+
+
+def _response(token_ids, final):
+    import numpy as np
+    from tritonclient.grpc import InferResult, service_pb2
+
+    response = service_pb2.ModelInferResponse(model_name=spec.ENSEMBLE)
+    output = response.outputs.add(name="token_ids", datatype="INT64", shape=[len(token_ids)])
+    assert output.name == "token_ids"
+    response.raw_output_contents.append(np.array(token_ids, dtype=np.int64).tobytes())
+    response.parameters["triton_final_response"].bool_param = final
+    return InferResult(response), None
+
+
+def _send(items, *, abandon=False, expect_error=None):
+    import asyncio
+
+    from bench.soak import Case, send
+
+    connection = FakeConnection(items)
+    case = Case("corpus" if expect_error else "valid", "case", [], expected_ids=[1, 2], expect_error=expect_error)
+    return asyncio.run(send(connection, case, abandon=abandon, timeout_s=5)), connection.stream
+
+
+def test_send_reads_a_finished_stream_to_its_end_instead_of_cancelling_it():
+    # Triton 2.51 leaks a stream's state (with the request's bytes) when the client cancels the
+    # call after its final response, before the server has ended it.
+    outcome, stream = _send([_response([1], False), _response([2], True)])
+    assert outcome.result == "ok" and outcome.tokens == 2
+    assert stream.ended and not stream.cancelled
+
+
+def test_send_reads_a_refused_request_to_its_end_instead_of_cancelling_it():
+    from tritonclient.utils import InferenceServerException
+
+    outcome, stream = _send([(None, InferenceServerException(msg="top_p must be in (0, 1]"))],
+                            expect_error=r"top_p must be")
+    assert outcome.result == "refused_as_expected"
+    assert stream.ended and not stream.cancelled
+
+
+def test_send_cancels_an_abandoned_stream():
+    outcome, stream = _send([_response([1], False), _response([2], True)], abandon=True)
+    assert outcome.kind == "abandoned" and outcome.result == "ok" and outcome.tokens == 1
+    assert stream.cancelled
+
+
+def test_send_counts_a_response_after_the_final_one_as_an_error():
+    outcome, stream = _send([_response([1, 2], True), _response([3], False)])
+    assert outcome.result == "unexpected_error" and "after the final" in outcome.detail
