@@ -32,9 +32,12 @@ def test_graphed_vision_models_match_eager(dtype):
             pixels = torch.randn(n, 3, 56, 56, device=device, dtype=dtype)
             eager = encoder(pixels)
             got = graphed_encoder(pixels)
-            # A padded batch may pick another GEMM kernel: equal up to rounding, not bit for bit.
-            torch.testing.assert_close(got, eager)
-            torch.testing.assert_close(graphed_projector(eager), projector(eager))
+            # A padded batch may pick another GEMM kernel: equal up to rounding, not bit for bit (in
+            # bf16 a rounding step is 0.4 %, and three layers compound it).
+            tolerance = {} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
+            torch.testing.assert_close(got, eager, **tolerance)
+            torch.testing.assert_close(graphed_projector(eager), projector(eager), **tolerance)
+            assert (got.float() - eager.float()).abs().mean() <= 1e-2 * eager.float().abs().mean()
 
 
 def test_maybe_graphed_is_eager_on_the_cpu_or_when_off():
