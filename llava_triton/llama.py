@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cuda_graphs import batch_buckets, bucket, capture
+
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -319,7 +321,7 @@ class DecodeGraphs:
     def __init__(self, model: LlamaForCausalLM, max_batch: int, length_step: int = 256):
         self.model = model
         device = model.lm_head.weight.device
-        self.batch_buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.batch_buckets = batch_buckets(max_batch)
         self.length_buckets = sorted({min(length_step * i, model.max_seq_len)
                                       for i in range(1, -(-model.max_seq_len // length_step) + 1)})
         self.dummy_position = model.max_seq_len - 1
@@ -328,10 +330,6 @@ class DecodeGraphs:
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
-    @staticmethod
-    def _bucket(value: int, buckets: list[int]) -> int:
-        return next(b for b in buckets if b >= value)
-
     def capture_all(self) -> None:
         for batch in self.batch_buckets:
             for length in self.length_buckets:
@@ -339,21 +337,12 @@ class DecodeGraphs:
 
     def _capture(self, batch: int, length: int) -> None:
         ids, positions = self.input_ids[:batch], self.positions[:batch]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, kernel selection)
-            for _ in range(2):
-                self.model.decode(ids, positions, length)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.model.decode(ids, positions, length)
-        self.graphs[(batch, length)] = (graph, logits)
+        self.graphs[(batch, length)] = capture(lambda: self.model.decode(ids, positions, length), self.pool)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
         n = input_ids.shape[0]
-        batch = self._bucket(n, self.batch_buckets)
-        key = (batch, self._bucket(length, self.length_buckets))
+        batch = bucket(n, self.batch_buckets)
+        key = (batch, bucket(length, self.length_buckets))
         self.input_ids[:n].copy_(input_ids)
         self.input_ids[n:batch].zero_()
         self.positions[:n].copy_(positions)

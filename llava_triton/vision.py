@@ -35,6 +35,7 @@ from torch import nn
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
+from llava_triton.cuda_graphs import batch_buckets, bucket, capture
 from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, ModelSpec, read_spec
 
@@ -271,32 +272,20 @@ class GraphedModule:
     def __init__(self, module: nn.Module, item_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                  max_batch: int):
         self.module = module
-        self.buckets = sorted({min(2 ** i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.buckets = batch_buckets(max_batch)
         self.inputs = torch.zeros((max_batch, *item_shape), dtype=dtype, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         with torch.inference_mode():
             for batch in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
-                self.graphs[batch] = self._capture(batch)
-
-    def _capture(self, batch: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        x = self.inputs[:batch]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):  # warm-up outside the graph (allocator, kernel selection)
-            for _ in range(2):
-                self.module(x)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.module(x)
-        return graph, out
+                x = self.inputs[:batch]
+                self.graphs[batch] = capture(lambda: self.module(x), self.pool)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, *item_shape) on the device, in the module's dtype -> the module's output (n, ...), a view
         of the graph's output buffer (valid until the next call)."""
         n = x.shape[0]
-        batch = next((b for b in self.buckets if b >= n), None)
+        batch = bucket(n, self.buckets)
         if batch is None:
             return self.module(x)
         self.inputs[:n].copy_(x)
