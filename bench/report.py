@@ -45,7 +45,7 @@ def _gb(value: float | None) -> str:
     return f"{value / 1e9:.2f} GB" if value >= 1e8 else f"{value / 1e6:.2f} MB"
 
 
-SERVER_MODELS = ("preprocess", "vision_encoder", "projector", "llava")
+SERVER_MODELS = ("preprocess", "vision_encoder", "projector")  # the ensemble steps before the language model
 
 
 def server_table(levels: list[dict[str, Any]]) -> list[str]:
@@ -54,16 +54,16 @@ def server_table(levels: list[dict[str, Any]]) -> list[str]:
     levels = [level for level in levels if level.get("server")]
     if not levels:
         return []
-    header = "| concurrency | " + " | ".join(f"{m} queue / compute (ms)" for m in SERVER_MODELS[:3])
+    header = "| concurrency | " + " | ".join(f"{m} queue / compute (ms)" for m in SERVER_MODELS)
     lines = ["", "Inside the server (Triton's metrics over each level, means per request; the ensemble steps "
              "batch dynamically, so mean batch is requests / executions; the language model's TTFT runs from "
              "its receiving the request to its first token):", "",
              header + " | mean vision batch | language model TTFT (ms) | language model ITL (ms) |",
-             "|---:|" + "---:|" * (len(SERVER_MODELS[:3]) + 3)]
+             "|---:|" + "---:|" * (len(SERVER_MODELS) + 3)]
     for level in levels:
         server = level["server"]
         cells = []
-        for model in SERVER_MODELS[:3]:
+        for model in SERVER_MODELS:
             entry = server["models"].get(model)
             cells.append(f"{_fmt(entry['queue_ms'], 2)} / {_fmt(entry['compute_ms'], 2)}" if entry else NA)
         vision = server["models"].get("vision_encoder")

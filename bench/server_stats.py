@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import urllib.request
-from typing import Any
+from typing import Any, Iterator
 
 _LINE = re.compile(r'^(nv_inference_[a-z_]+|llava_[a-z_]+)(?:\{([^}]*)\})? ([0-9.eE+-]+|nan|NaN)$')
 _MODEL = re.compile(r'model="([^"]*)"')
@@ -22,15 +22,19 @@ LM_SERIES = ("llava_time_to_first_token_seconds_sum", "llava_time_to_first_token
              "llava_inter_token_latency_seconds_sum", "llava_inter_token_latency_seconds_count")
 
 
+def samples(text: str) -> Iterator[tuple[str, str, float]]:
+    """(name, labels, value) of each nv_inference_* and llava_* sample in Prometheus text."""
+    for line in text.splitlines():
+        match = _LINE.match(line)
+        if match:
+            yield match.group(1), match.group(2) or "", float(match.group(3))
+
+
 def parse(text: str) -> dict[str, Any]:
     """Prometheus text -> {"models": {model: {counter: value}}, "llava": {series: value}} (summed over instances)."""
     models: dict[str, dict[str, float]] = {}
     llava: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _LINE.match(line)
-        if not match:
-            continue
-        name, labels, value = match.group(1), match.group(2) or "", float(match.group(3))
+    for name, labels, value in samples(text):
         if name in COUNTERS:
             model = _MODEL.search(labels)
             if model:

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import server_stats
 from bench.report import json_safe
 from llava_triton.server import TritonServer, backend_stubs, child_pids, cmdline
 
@@ -108,12 +109,8 @@ def server_memory(server_pid: int) -> dict[str, Any]:
 def scrape_metrics(url: str) -> dict[str, float]:
     """Prometheus text from Triton's metrics endpoint -> {'name{labels}': value} for the llava_* series."""
     text = urllib.request.urlopen(url, timeout=5).read().decode()
-    values = {}
-    for line in text.splitlines():
-        match = re.match(r"^(llava_[a-z_]+(?:\{[^}]*\})?) ([0-9.eE+-]+)$", line)
-        if match:
-            values[match.group(1)] = float(match.group(2))
-    return values
+    return {f"{name}{{{labels}}}" if labels else name: value
+            for name, labels, value in server_stats.samples(text) if name.startswith("llava_")}
 
 
 def kv_cache_state(metrics_url: str) -> dict[str, float]:
