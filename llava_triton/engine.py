@@ -135,6 +135,31 @@ def kv_cache_slots(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len:
     return slots
 
 
+def compile_model(model: LlamaForCausalLM) -> bool:
+    """Compile the model's layers (LlamaForCausalLM.compile_layers) and make the calls that compile them,
+    before any CUDA graph capture; eager layers if that fails. Returns whether compiled layers
+    are used."""
+    started = time.monotonic()
+    model.compile_layers()
+    device = model.lm_head.weight.device
+    try:
+        with torch.inference_mode():
+            # Dummy tokens at cache positions that every request writes before it reads them. Odd
+            # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
+            embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
+            model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
+            # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
+            for batch in sorted({1, min(2, model.max_slots)}):
+                positions = torch.full((batch,), model.max_seq_len - 1, device=device)
+                model.decode(torch.zeros_like(positions), positions, max(model.max_seq_len // 2, 1))
+    except Exception:  # noqa: BLE001 - eager layers are slower but correct: serve rather than fail to load
+        log.exception("torch.compile of the language model's layers failed; running them eagerly")
+        model.uncompile_layers()
+        return False
+    log.info("compiled the language model's layers in %.1f s", time.monotonic() - started)
+    return True
+
+
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig,
                  metrics: Metrics | None = None, outbox: Outbox | None = None):
@@ -149,7 +174,10 @@ class Engine:
         self.max_seq_len = serving.token_limit(spec)
         self.num_slots = kv_cache_slots(model, serving, self.max_seq_len)
         model.setup_caches(self.num_slots, self.max_seq_len)
+        model.fuse()
         self.decode_step = model.decode
+        if serving.torch_compile and self.device.type == "cuda":
+            compile_model(model)
         if serving.cuda_graphs and self.device.type == "cuda":
             graphs = DecodeGraphs(model, self.num_slots)
             graphs.capture_all()
@@ -301,31 +329,55 @@ class Engine:
         return embeds[None]
 
     def _prefill_chunk(self) -> None:
+        """Spend up to prefill_chunk_tokens on prompts, oldest first, in one packed forward pass."""
         budget = self.serving.prefill_chunk_tokens
+        chunks: list[tuple[Sequence, int, int]] = []  # (sequence, start, length)
         for seq in list(self._prefilling):
             if budget <= 0:
                 break
-            try:
-                with torch.inference_mode():
-                    if seq.inputs_embeds is None:
+            if seq.inputs_embeds is None:
+                try:
+                    with torch.inference_mode():
                         seq.inputs_embeds = self._embed_prompt(seq)
-                    start = seq.prefilled
-                    chunk = seq.inputs_embeds[:, start: start + budget]
-                    logits = self.model.prefill(chunk, seq.slot, start)
-            except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
-                log.exception("prefill failed")
-                self._release(seq)
-                self.out.error(seq.sink, f"prefill failed: {exc}")
-                continue
-            seq.prefilled += chunk.shape[1]
-            budget -= chunk.shape[1]
+                except Exception as exc:  # noqa: BLE001 - one bad request must not take the batch down
+                    self._fail_prefill(seq, exc)
+                    continue
+            length = min(budget, seq.prompt_tokens - seq.prefilled)
+            chunks.append((seq, seq.prefilled, length))
+            budget -= length
+        if chunks:
+            self._prefill(chunks)
+
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]]) -> None:
+        try:
+            with torch.inference_mode():
+                packed = torch.cat([seq.inputs_embeds[:, start: start + n] for seq, start, n in chunks], dim=1)
+                logits = self.model.prefill(packed, [(seq.slot, start, n) for seq, start, n in chunks])  # (S, V)
+        except Exception as exc:  # noqa: BLE001
+            if len(chunks) == 1:
+                self._fail_prefill(chunks[0][0], exc)
+            else:  # find the request that fails; the others go on
+                for chunk in chunks:
+                    self._prefill([chunk])
+            return
+        done, rows = [], []
+        for i, (seq, _, n) in enumerate(chunks):
+            seq.prefilled += n
             if seq.prefilled == seq.prompt_tokens:
                 seq.inputs_embeds = seq.image_embeds = None
                 self._prefilling.remove(seq)
                 self._running.append(seq)
                 seq.text = TextStream(self.tokenizer, seq.params.stop, self._decode_ids)
                 seq.generator = make_generator(seq.params, self.device)
-                self._append_tokens([seq], sample(logits, [seq.params], [seq.generator]))
+                done.append(seq)
+                rows.append(i)
+        if done:
+            self._append_tokens(done, sample(logits[rows], [s.params for s in done], [s.generator for s in done]))
+
+    def _fail_prefill(self, seq: Sequence, exc: Exception) -> None:
+        log.error("prefill failed", exc_info=exc)
+        self._release(seq)
+        self.out.error(seq.sink, f"prefill failed: {exc}")
 
     def _decode(self, seqs: list[Sequence]) -> None:
         # Decode slots 0..n-1 as one batch (a slice of the cache, no copy). Slots in that range

@@ -151,44 +151,75 @@ class Attention(nn.Module):
         # Only ask SDPA for grouped-query attention when there is some: it narrows the kernels.
         self.gqa = self.num_kv_heads != self.num_heads
         self.cache: KVCache | None = None
+        self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix, after fuse()
+
+    def fuse(self) -> None:
+        """One GEMM for q, k and v instead of three (the same rows, concatenated)."""
+        self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split([self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                                              self.num_kv_heads * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def prefill(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot: int, start: int) -> torch.Tensor:
-        """x (1, T, C): tokens start..start+T-1 of the sequence in `slot`."""
-        T = x.shape[1]
-        q, k, v = self._qkv(x, cos, sin)
-        end = start + T
-        self.cache.k[slot, :, start:end] = k[0]
-        self.cache.v[slot, :, start:end] = v[0]
-        if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
-        else:
-            # A later chunk attends to the cached prefix and causally to itself.
-            keys = self.cache.k[slot: slot + 1, :, :end]
-            values = self.cache.v[slot: slot + 1, :, :end]
-            mask = torch.arange(end, device=x.device)[None, :] <= torch.arange(start, end, device=x.device)[:, None]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
-        return self.o_proj(y.transpose(1, 2).reshape(1, T, -1))
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int, int]],
+               masks: list[torch.Tensor | None]) -> torch.Tensor:
+        """Prefill attention over prompt chunks of several sequences packed one after another:
+        q (1, nh, N, hs), k and v (1, nkv, N, hs); segment i is tokens start..start+length-1 of the
+        sequence in `slot` (segments[i] = (slot, start, length)) → (1, N, nh * hs), contiguous.
+
+        Each chunk's keys and values go to its slot's cache, and attention runs per segment, so no
+        token sees another sequence's. masks[i] is None for a first chunk (plain causal attention),
+        else (length, end): the chunk attends to its cached prefix and causally to itself.
+        """
+        ys, offset = [], 0
+        for (slot, start, length), mask in zip(segments, masks):
+            rows = slice(offset, offset + length)
+            end = start + length
+            self.cache.k[slot, :, start:end] = k[0, :, rows]
+            self.cache.v[slot, :, start:end] = v[0, :, rows]
+            if mask is None:
+                y = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True,
+                                                   enable_gqa=self.gqa)
+            else:
+                keys = self.cache.k[slot: slot + 1, :, :end]
+                values = self.cache.v[slot: slot + 1, :, :end]
+                y = F.scaled_dot_product_attention(q[:, :, rows], keys, values, attn_mask=mask, enable_gqa=self.gqa)
+            ys.append(y.transpose(1, 2))  # (1, length, nh, hs)
+            offset += length
+        # Whatever the attention kernel's output layout, the same contiguous one for what follows
+        # (the compiled prefill_out would compile again for other strides).
+        y = ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)
+        return y.reshape(1, y.shape[1], -1).contiguous()
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               length: int) -> torch.Tensor:
-        """x (B, 1, C): one new token for each of the sequences in slots 0..B-1, at `positions` (B,)."""
-        B = x.shape[0]
+               mask: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, C): one new token for each of the sequences in slots 0..B-1, at `positions` (B,);
+        mask (B, 1, 1, L): which of cache positions 0..L-1 each row attends to."""
+        B, L = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
         rows = torch.arange(B, device=x.device)
         self.cache.k[rows, :, positions] = k[:, :, 0]  # (B, nkv, hs)
         self.cache.v[rows, :, positions] = v[:, :, 0]
-        keys = self.cache.k[:B, :, :length]  # (B, nkv, L, hs), a view
-        values = self.cache.v[:B, :, :length]
-        mask = (torch.arange(length, device=x.device)[None, :] <= positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
+        keys = self.cache.k[:B, :, :L]  # (B, nkv, L, hs), a view
+        values = self.cache.v[:B, :, :L]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
+
+
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    return fused
 
 
 class MLP(nn.Module):
@@ -197,9 +228,18 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj: nn.Linear | None = None  # gate and up in one matrix, after fuse()
+
+    def fuse(self) -> None:
+        self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -209,6 +249,30 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+# A layer's work as free functions, so that one compiled version of each (LlamaForCausalLM.compile_layers)
+# serves every layer: only the weights differ.
+
+def decode_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                 positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """One layer of a decode step, h (B, 1, C)."""
+    h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, positions, mask)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+def prefill_qkv(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """A prefill layer up to attention: h (1, N, C) → q, k, v with RoPE applied."""
+    return layer.self_attn._qkv(layer.input_layernorm(h), cos, sin)
+
+
+def prefill_out(layer: DecoderLayer, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A prefill layer after attention: h (1, N, C), y (1, N, nh * hs) → the layer's output."""
+    h = h + layer.self_attn.o_proj(y)
+    return h + layer.mlp(layer.post_attention_layernorm(h))
+
+
+_LAYER_FUNCTIONS = {"decode_layer": decode_layer, "prefill_qkv": prefill_qkv, "prefill_out": prefill_out}
 
 
 class LlamaModel(nn.Module):
@@ -232,6 +296,7 @@ class LlamaForCausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.max_slots = 0
         self.max_seq_len = 0
+        self.uncompile_layers()
 
     # -- set-up -------------------------------------------------------------------------
     def setup_caches(self, max_slots: int, max_seq_len: int) -> None:
@@ -249,26 +314,57 @@ class LlamaForCausalLM(nn.Module):
         self.register_buffer("rope_sin", emb.sin().to(weight.device, weight.dtype), persistent=False)
         self.max_slots, self.max_seq_len = max_slots, max_seq_len
 
+    def fuse(self) -> None:
+        """Concatenate q/k/v and gate/up weights: 4 GEMMs a layer instead of 7. The same
+        products, so the same results up to the GEMM library's blocking (used on GPUs only)."""
+        for layer in self.model.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def compile_layers(self) -> None:
+        """Fuse each layer's small kernels (norms, RoPE, SiLU, residual adds) with torch.compile,
+        for decode and for the parts of prefill around attention (which stays eager: it is a loop
+        over the packed sequences). One compiled function serves all layers and, with dynamic
+        shapes, nearly every batch, length and prompt size; it compiles on its first calls, so
+        make those before capturing CUDA graphs."""
+        for name, function in _LAYER_FUNCTIONS.items():
+            setattr(self, name, torch.compile(function, dynamic=True, fullgraph=True))
+
+    def uncompile_layers(self) -> None:
+        for name, function in _LAYER_FUNCTIONS.items():
+            setattr(self, name, function)
+
     # -- forward ------------------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
 
-    def _layers(self, h: torch.Tensor, attend) -> torch.Tensor:
-        for layer in self.model.layers:
-            h = h + attend(layer.self_attn, layer.input_layernorm(h))
-            h = h + layer.mlp(layer.post_attention_layernorm(h))
-        return self.model.norm(h)
-
     @torch.inference_mode()
-    def prefill(self, inputs_embeds: torch.Tensor, slot: int, start: int = 0) -> torch.Tensor:
-        """inputs_embeds (1, T, C) for positions start..start+T-1 → logits of the last token (1, V), float32."""
-        T = inputs_embeds.shape[1]
-        if start + T > self.max_seq_len:
-            raise ValueError(f"sequence of {start + T} tokens exceeds the cache's {self.max_seq_len}")
-        cos = self.rope_cos[start: start + T][None, None]  # (1, 1, T, hs)
-        sin = self.rope_sin[start: start + T][None, None]
-        h = self._layers(inputs_embeds, lambda attn, x: attn.prefill(x, cos, sin, slot, start))
-        return self.lm_head(h[:, -1]).float()
+    def prefill(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
+        """inputs_embeds (1, N, C): prompt chunks of several sequences packed one after another,
+        segments [(slot, start, length)] with lengths summing to N → logits of each segment's
+        last token (S, V), float32."""
+        device = inputs_embeds.device
+        if sum(length for _, _, length in segments) != inputs_embeds.shape[1]:
+            raise ValueError(f"segments of {[n for _, _, n in segments]} tokens do not pack {inputs_embeds.shape[1]}")
+        masks = []
+        for _, start, length in segments:
+            if start + length > self.max_seq_len:
+                raise ValueError(f"sequence of {start + length} tokens exceeds the cache's {self.max_seq_len}")
+            # A later chunk: row i (position start+i) attends to cache positions 0..start+i.
+            masks.append(None if start == 0 else torch.arange(start + length, device=device)[None, :]
+                         <= torch.arange(start, start + length, device=device)[:, None])
+        positions = torch.cat([torch.arange(start, start + length) for _, start, length in segments]).to(device)
+        cos = self.rope_cos[positions][None, None]  # (1, 1, N, hs)
+        sin = self.rope_sin[positions][None, None]
+        # An inference tensor like every later layer's input: the compiled layers would compile
+        # again for a normal tensor (torch.compile guards on the dispatch keys).
+        h = inputs_embeds.clone()
+        for layer in self.model.layers:
+            q, k, v = self.prefill_qkv(layer, h, cos, sin)
+            h = self.prefill_out(layer, h, layer.self_attn.attend(q, k, v, segments, masks))
+        last = torch.tensor([length for _, _, length in segments]).cumsum(0).to(device) - 1
+        # The norm is per token: normalising only the last tokens gives the same logits.
+        return self.lm_head(self.model.norm(h[0, last])).float()
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
@@ -276,11 +372,14 @@ class LlamaForCausalLM(nn.Module):
 
         Attention reads cache positions 0..length-1 (a row attends to those up to its position).
         """
+        positions = positions.clone()  # an inference tensor, whatever the caller's (see prefill)
         cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, hs)
         sin = self.rope_sin[positions][:, None, None]
+        mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
         h = self.embed(input_ids)[:, None]  # (B, 1, C)
-        h = self._layers(h, lambda attn, x: attn.decode(x, cos, sin, positions, length))
-        return self.lm_head(h[:, 0]).float()
+        for layer in self.model.layers:
+            h = self.decode_layer(layer, h, cos, sin, positions, mask)  # mask (B, 1, 1, L)
+        return self.lm_head(self.model.norm(h[:, 0])).float()
 
     # -- weights ------------------------------------------------------------------------
     @classmethod

@@ -323,3 +323,31 @@ def test_non_finite_image_embeddings_are_refused(parts):
     embeds[0, 3, 2] = float("nan")
     with pytest.raises(InvalidRequestError, match="NaN or infinite"):
         engine.submit(ids, embeds, params(), Collect())
+
+
+def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, monkeypatch):
+    _, model_spec, tokenizer, hf = parts
+    engine = make_engine(parts, prefill_chunk_tokens=4096)
+    calls = []
+    prefill = engine.model.prefill
+
+    def failing_for_slot_1(embeds, segments):
+        calls.append([slot for slot, _, _ in segments])
+        if any(slot == 1 for slot, _, _ in segments):
+            raise RuntimeError("injected fault")
+        return prefill(embeds, segments)
+
+    monkeypatch.setattr(engine.model, "prefill", failing_for_slot_1)
+    prompts = ["What is in the picture?", "Describe a cat.", "Tell me a long story about the sea and sky."]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    sinks = [Collect() for _ in prompts]
+    for x, sink in zip(ids, sinks):
+        engine.submit(x, None, params(max_tokens=5, temperature=0.0), sink)
+    run_until_done(engine, sinks)
+    # One packed call for the three prompts, then each alone to find the one that fails.
+    assert calls == [[0, 1, 2], [0], [1], [2]]
+    assert sinks[1].errors == ["prefill failed: injected fault"] and sinks[1].outputs == []
+    for i in (0, 2):
+        assert sinks[i].errors == []
+        assert sinks[i].token_ids == hf_greedy(hf, ids[i], 5)[: len(sinks[i].token_ids)]
+    assert engine.free_slots == SERVING.max_num_seqs

@@ -59,10 +59,42 @@ def test_decode_graphs_match_eager_decode():
     assert graphs.batch_buckets == [1, 2, 4] and graphs.length_buckets == [16, 32, 48, 64]
     with torch.inference_mode():
         for slot in range(3):  # three prompts of different lengths, prefilled eagerly
-            model.prefill(torch.randn(1, 5 + slot, 64, device="cuda"), slot)
+            model.prefill(torch.randn(1, 5 + slot, 64, device="cuda"), [(slot, 0, 5 + slot)])
         ids = torch.tensor([3, 7, 11], device="cuda")
         positions = torch.tensor([5, 6, 7], device="cuda")
         eager = model.decode(ids, positions, 8).clone()
         replayed = graphs(ids, positions, 8).clone()  # batch 3 padded to 4, length 8 to 16
     # Batch 3 runs as a padded batch of 4: another GEMM kernel may round differently.
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_fused_decode_graphs_match_eager_decode():
+    """The serving configuration on a GPU: fused projections, torch.compile'd decode layers
+    (one compiled function for every layer), replayed from CUDA graphs."""
+    from torch._dynamo.utils import counters
+
+    from llava_triton.engine import compile_model
+    from llava_triton.llama import DecodeGraphs, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).cuda().eval()
+    model.setup_caches(max_slots=4, max_seq_len=64)
+    ids = torch.tensor([3, 7, 11], device="cuda")
+    positions = torch.tensor([5, 6, 7], device="cuda")
+    with torch.inference_mode():
+        # Three prompts of different lengths in one packed prefill.
+        model.prefill(torch.randn(1, 18, 64, device="cuda"), [(0, 0, 5), (1, 0, 6), (2, 0, 7)])
+        eager = model.decode(ids, positions, 8).clone()
+        model.fuse()
+        fused = model.decode(ids, positions, 8).clone()
+        counters.clear()
+        assert compile_model(model)
+        graphs = DecodeGraphs(model, max_batch=4, length_step=16)
+        graphs.capture_all()
+        replayed = graphs(ids, positions, 8).clone()
+    torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
+    # As in tests/test_llama.py: prefill 2, decode 4, whatever the layers and buckets.
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])

@@ -1,0 +1,80 @@
+"""The serving Llama on its own (CPU): packed prefill, fused projections and compiled layers give
+what the plain eager path gives. Equality with transformers is checked in test_engine/test_e2e."""
+
+import pytest
+import torch
+
+from llava_triton.engine import compile_model
+from llava_triton.llama import LlamaConfig, LlamaForCausalLM
+
+CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+
+
+def make_model(slots: int = 4, seq_len: int = 64) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).eval()
+    model.setup_caches(slots, seq_len)
+    return model
+
+
+def caches(model: LlamaForCausalLM) -> list[torch.Tensor]:
+    return [t.clone() for layer in model.model.layers for t in (layer.self_attn.cache.k, layer.self_attn.cache.v)]
+
+
+def test_packed_prefill_equals_one_sequence_at_a_time():
+    x = torch.randn(1, 20, 64)
+    # Slot 2 gets a later chunk (positions 4..8) after a first one of 4 tokens.
+    one_by_one = make_model()
+    first = one_by_one.prefill(x[:, :4], [(2, 0, 4)])
+    expected = torch.cat([one_by_one.prefill(x[:, 4:9], [(0, 0, 5)]),
+                          one_by_one.prefill(x[:, 9:15], [(1, 0, 6)]),
+                          one_by_one.prefill(x[:, 15:20], [(2, 4, 5)])])
+    packed = make_model()
+    assert torch.equal(packed.prefill(x[:, :4], [(2, 0, 4)]), first)
+    got = packed.prefill(x[:, 4:], [(0, 0, 5), (1, 0, 6), (2, 4, 5)])
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches(packed), caches(one_by_one)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_projections_give_the_same_logits():
+    x = torch.randn(1, 11, 64)
+    ids, positions = torch.tensor([3, 9]), torch.tensor([5, 6])
+    model = make_model()
+    expected = model.prefill(x, [(0, 0, 5), (1, 0, 6)]), model.decode(ids, positions, 16)
+    model.fuse()
+    assert not hasattr(model.model.layers[0].self_attn, "q_proj")  # the separate weights are freed
+    got = model.prefill(x, [(0, 0, 5), (1, 0, 6)]), model.decode(ids, positions, 16)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_prefill_refuses_segments_that_do_not_fit():
+    model = make_model(seq_len=16)
+    with pytest.raises(ValueError, match="do not pack"):
+        model.prefill(torch.randn(1, 6, 64), [(0, 0, 5)])
+    with pytest.raises(ValueError, match="exceeds the cache's 16"):
+        model.prefill(torch.randn(1, 6, 64), [(0, 12, 6)])
+
+
+def test_compiled_layers_match_eager_for_every_shape_with_few_compilations():
+    """torch.compile (inductor, here on the CPU; on a GPU it is what `torch_compile` turns on)
+    must trace the layers whole and not compile again for each batch, length or prompt size."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = make_model(), make_model()
+    eager.fuse()
+    compiled.fuse()
+    counters.clear()
+    assert compile_model(compiled)
+    for chunk in ([(0, 0, 7)], [(1, 0, 3), (2, 0, 9)], [(0, 7, 2), (3, 0, 1)]):
+        x = torch.randn(1, sum(n for _, _, n in chunk), 64)
+        torch.testing.assert_close(compiled.prefill(x, chunk), eager.prefill(x, chunk), rtol=1e-4, atol=1e-4)
+    for batch, length in ((1, 16), (2, 16), (3, 32), (4, 48), (4, 64), (1, 64)):
+        ids, positions = torch.arange(batch) + 5, torch.arange(batch) + 9
+        torch.testing.assert_close(compiled.decode(ids, positions, length), eager.decode(ids, positions, length),
+                                   rtol=1e-4, atol=1e-4)
+    # One graph for each prefill part; four for decode (batch 1 or more, times a length short of
+    # or equal to the cache's), whatever the number of layers, batches, lengths and prompts.
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
