@@ -131,15 +131,16 @@ def test_bench_vision_measurement_falls_back_to_one_fixed_window_when_windows_di
     # still measured, from one fixed window, and marked unstable rather than lost.
     from bench import vision
     from bench.workload import w1_pixel_values
-    from llava_triton.spec import ModelSpec
+    from llava_triton.spec import VISION_ENCODER, read_spec
 
-    model_spec = ModelSpec.from_pretrained(tiny_checkpoint)
-    input_data = vision.write_input_data(tmp_path / "vision_input.json", w1_pixel_values(tiny_checkpoint))
+    model_spec, serving = read_spec(triton_server.model_repository / VISION_ENCODER / "1")
+    input_data = vision.write_input_data(tmp_path / "vision_input.json", w1_pixel_values(tiny_checkpoint), serving)
     entry = vision.measure(triton_server.url_grpc, 1, input_data, tmp_path, stability=0.001, max_trials=3,
                            measurement_requests=3, shared_memory="none",
-                           output_item_bytes=model_spec.num_image_tokens * model_spec.vision_hidden_size * 4)
+                           output_item_bytes=vision.output_item_bytes(model_spec, serving))
     assert "error" not in entry, entry
     assert entry["stable"] is False and entry["images_per_s"] > 0
     first, fixed = entry["attempts"]
     assert vision.STABLE_FAILURE in first["output_tail"]
     assert "--request-count" in fixed["command"] and "9" == fixed["command"][fixed["command"].index("--request-count") + 1]
+
