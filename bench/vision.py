@@ -7,9 +7,10 @@ perf_analyzer's "Inferences/Second" already counts every batch item (request rat
 `-b 4` at concurrency 1 it reports about 4 / latency), so images/s = inferences/s.
 
 By default the tensors go through system shared memory (`--shared-memory system`), so the figure
-is the model's and not that of copying B x 1.35 MB in and B x 576 x 1024 x 4 bytes out (half
-that with an FP16 wire) over gRPC; in the `llava` ensemble these tensors never leave the server either. If perf_analyzer fails
-with shared memory, it is run again without, and the result says which was used.
+is the model's and not that of copying B x 1.35 MB in and B x 576 x 1024 x 4 bytes out over
+gRPC (FP32; half of each with an FP16 wire); in the `llava` ensemble these tensors never leave
+the server either. If perf_analyzer fails with shared memory, it is run again without, and the
+result says which was used.
 """
 
 from __future__ import annotations

@@ -114,9 +114,10 @@ def test_image_tensors_travel_in_the_wire_dtype(dtype, wire, wire_dtype):
     assert f"TYPE_{spec.wire_type_name(serving)}" == mc.DataType.Name(wire)
     for engine in ENGINES:
         types = image_tensor_types(model_configs(MODEL, serving, engine))
-        assert sorted(types) == sorted([(spec.PREPROCESS, spec.PIXEL_VALUES), (spec.VISION_ENCODER, spec.PIXEL_VALUES),
-                                        (spec.VISION_ENCODER, spec.IMAGE_FEATURES), (spec.PROJECTOR, spec.IMAGE_FEATURES),
-                                        (spec.PROJECTOR, spec.IMAGE_EMBEDS), (spec.LANGUAGE_MODEL, spec.IMAGE_EMBEDS)])
+        assert sorted(types) == sorted([
+            (spec.PREPROCESS, spec.PIXEL_VALUES), (spec.VISION_ENCODER, spec.PIXEL_VALUES),
+            (spec.VISION_ENCODER, spec.IMAGE_FEATURES), (spec.PROJECTOR, spec.IMAGE_FEATURES),
+            (spec.PROJECTOR, spec.IMAGE_EMBEDS), (spec.LANGUAGE_MODEL, spec.IMAGE_EMBEDS)])
         assert set(types.values()) == {wire}, (engine, types)
     # Only those: the sampling inputs keep their types.
     ensemble = model_configs(MODEL, serving, "pytorch")[spec.ENSEMBLE]
