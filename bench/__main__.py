@@ -339,11 +339,13 @@ def main(argv: list[str] | None = None) -> int:
             clock.log(notes[-1])
 
         if not args.skip_vision:
-            input_data = vision.write_input_data(out / "vision_input.json", w1_pixel_values(checkpoint))
-            output_item_bytes = model_spec.num_image_tokens * model_spec.vision_hidden_size * 4  # FP32 features
+            # The tensors' dtype is the served vision encoder's wire dtype (FP16 for half-precision models).
+            encoder_spec, encoder_serving = read_spec(repository / spec.VISION_ENCODER / "1")
+            input_data = vision.write_input_data(out / "vision_input.json", w1_pixel_values(checkpoint),
+                                                 encoder_serving)
             for batch_size in dict.fromkeys(args.vision_batch_sizes):
                 entry = vision.measure(server.url_grpc, batch_size, input_data, out,
-                                       output_item_bytes=output_item_bytes,
+                                       output_item_bytes=vision.output_item_bytes(encoder_spec, encoder_serving),
                                        measurement_requests=args.vision_requests,
                                        shared_memory=args.vision_shared_memory)
                 vision_results.append(entry)

@@ -1,14 +1,16 @@
 """perf_analyzer on the `vision_encoder` model with the W1 image's real pixel values.
 
-The input-data file holds one FP32 (3, H, W) `pixel_values` item, base64 of its raw bytes
+The input-data file holds one (3, H, W) `pixel_values` item in the served repository's wire dtype
+(`spec.wire_dtype`: FP32, or FP16 for half-precision models), base64 of its raw bytes
 (perf_analyzer's docs/input_data.md); with `-b B` perf_analyzer sends it B times per request.
 perf_analyzer's "Inferences/Second" already counts every batch item (request rate x B: with
 `-b 4` at concurrency 1 it reports about 4 / latency), so images/s = inferences/s.
 
 By default the tensors go through system shared memory (`--shared-memory system`), so the figure
 is the model's and not that of copying B x 1.35 MB in and B x 576 x 1024 x 4 bytes out over
-gRPC; in the `llava` ensemble these tensors never leave the server either. If perf_analyzer fails
-with shared memory, it is run again without, and the result says which was used.
+gRPC (FP32; half of each with an FP16 wire); in the `llava` ensemble these tensors never leave
+the server either. If perf_analyzer fails with shared memory, it is run again without, and the
+result says which was used.
 """
 
 from __future__ import annotations
@@ -24,20 +26,29 @@ from typing import Any
 import numpy as np
 
 from llava_triton import spec
+from llava_triton.preprocess import pixel_values_to_wire
+from llava_triton.spec import ModelSpec, ServingConfig
 
 STABLE_FAILURE = "Failed to obtain stable measurement"
 
 
-def write_input_data(path: Path | str, pixel_values: np.ndarray) -> Path:
-    """perf_analyzer `--input-data` JSON with one `pixel_values` item (FP32, shape per spec)."""
-    pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+def write_input_data(path: Path | str, pixel_values: np.ndarray, serving: ServingConfig) -> Path:
+    """perf_analyzer `--input-data` JSON with one `pixel_values` item: the image processor's FP32
+    (3, H, W) values, converted to the wire dtype of `serving` as the `preprocess` model sends them."""
+    pixel_values = np.asarray(pixel_values, dtype=np.float32)
     if pixel_values.ndim != 3:
         raise ValueError(f"pixel_values must be one image (3, H, W), got shape {pixel_values.shape}")
+    pixel_values = np.ascontiguousarray(pixel_values_to_wire(pixel_values, serving))
     item = {"content": {"b64": base64.b64encode(pixel_values.tobytes()).decode("ascii")},
             "shape": list(pixel_values.shape)}
     path = Path(path)
     path.write_text(json.dumps({"data": [{spec.PIXEL_VALUES: item}]}) + "\n")
     return path
+
+
+def output_item_bytes(model: ModelSpec, serving: ServingConfig) -> int:
+    """Bytes of one image's `image_features` (the vision encoder's output) in the wire dtype."""
+    return model.num_image_tokens * model.vision_hidden_size * spec.wire_dtype(serving).itemsize
 
 
 def perf_analyzer_args(url: str, batch_size: int, input_data: Path, csv_path: Path, *, model: str,

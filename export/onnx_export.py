@@ -18,7 +18,7 @@ from torch import nn
 
 from llava_triton import vision
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, VISION_ENCODER, ModelSpec,
-                               ServingConfig)
+                               ServingConfig, wire_dtype)
 
 ONNX_OPSET = 18  # LayerNormalization (>= 17) parses into TensorRT's normalization layer
 # ONNX Runtime (CPU, FP32) against PyTorch (CPU, FP32): the largest absolute difference may be at
@@ -135,7 +135,7 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
     Exports and checks ONNX in `work_dir` (the TensorRT engine needs it; `onnx=False` skips it for
     the PyTorch engine, e.g. to save minutes on a 7B checkpoint). Then `engine="pytorch"` writes each model's
     weights (in the checkpoint's dtype) and module config into `<repo_dir>/<name>/1/`, and
-    `engine="tensorrt"` builds `<repo_dir>/<name>/1/model.plan` (FP16, FP32 inputs and outputs).
+    `engine="tensorrt"` builds `<repo_dir>/<name>/1/model.plan` (FP16, inputs and outputs in the wire dtype).
     Returns the ONNX check results and the written artifacts per model.
     """
     from export import tensorrt  # lazy inside: it imports the `tensorrt` package only when building
@@ -175,7 +175,7 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
                 (PROJECTOR, IMAGE_FEATURES, vision.image_features_shape(spec), projector_dir)):
             plan = tensorrt.build_engine(onnx_results[name]["onnx"], version_dir / "model.plan", input_name,
                                          item_shape, serving.vision_max_batch_size, fp16=True,
-                                         opt_batch_size=opt_batch_size)
+                                         opt_batch_size=opt_batch_size, io_dtype=wire_dtype(serving).name)
             artifacts[name] = [plan]
     _log(f"done in {time.perf_counter() - started:.1f} s ({engine})")
     return {"engine": engine, "onnx": onnx_results, "artifacts": artifacts}

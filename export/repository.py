@@ -82,13 +82,15 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     pixel_dims = [model.num_channels, model.image_size, model.image_size]
     features_dims = [model.num_image_tokens, model.vision_hidden_size]
     embeds_dims = [model.num_image_tokens, model.text_hidden_size]
+    # pixel_values, image_features and image_embeds: FP16 for half-precision models, FP32 otherwise.
+    wire = mc.DataType.Value(f"TYPE_{spec.wire_type_name(serving)}")
 
     preprocess = mc.ModelConfig(
         name=spec.PREPROCESS, backend="python", max_batch_size=0,
         input=[_input(spec.IN_IMAGES, mc.TYPE_STRING, [-1], optional=True),
                _input(spec.IN_PROMPT, mc.TYPE_STRING, [1], optional=True), *_sampling_inputs()],
         output=[_output(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
-                _output(spec.PIXEL_VALUES, mc.TYPE_FP32, [-1, *pixel_dims])],
+                _output(spec.PIXEL_VALUES, wire, [-1, *pixel_dims])],
         # Image decoding is CPU work whatever the device: several CPU instances.
         instance_group=_instances(serving.preprocess_instances, serving, cpu_only=True),
     )
@@ -96,8 +98,8 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     def vision_model(name: str, input_name: str, input_dims: list[int], output_name: str, output_dims: list[int]):
         config = mc.ModelConfig(
             name=name, max_batch_size=serving.vision_max_batch_size,
-            input=[_input(input_name, mc.TYPE_FP32, input_dims)],
-            output=[_output(output_name, mc.TYPE_FP32, output_dims)],
+            input=[_input(input_name, wire, input_dims)],
+            output=[_output(output_name, wire, output_dims)],
             dynamic_batching=mc.ModelDynamicBatching(
                 preferred_batch_size=list(serving.vision_preferred_batch_sizes),
                 max_queue_delay_microseconds=serving.vision_max_queue_delay_us,
@@ -116,7 +118,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     language_model = mc.ModelConfig(
         name=spec.LANGUAGE_MODEL, backend="python", max_batch_size=0,
         input=[_input(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
-               _input(spec.IMAGE_EMBEDS, mc.TYPE_FP32, [-1, *embeds_dims], optional=True),
+               _input(spec.IMAGE_EMBEDS, wire, [-1, *embeds_dims], optional=True),
                *_sampling_inputs()],
         output=_generation_outputs(),
         # Decoupled: any number of responses per request (streaming); the model batches in flight.

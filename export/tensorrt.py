@@ -5,9 +5,11 @@ nothing else needs it. A plan only runs on the TensorRT version (and GPU archite
 it, so build it where Triton's TensorRT backend has the same TensorRT, e.g. in the matching NGC
 container.
 
-Precision: with `fp16=True` the network stays weakly typed and TensorRT may run any layer in FP16,
-while the engine's inputs and outputs keep the ONNX model's FP32, so Triton's config uses TYPE_FP32
-either way. Normalization layers are pinned to FP32 compute, since CLIP's hidden states have
+Precision: with `fp16=True` the network stays weakly typed and TensorRT may run any layer in FP16.
+The engine's input and output take `io_dtype`, the ensemble's wire dtype (`spec.wire_dtype`: FP32,
+or FP16 when the language model computes in half precision), so they match Triton's config; TensorRT
+converts between them and the layers' precision (as trtexec's `--inputIOFormats=fp16:chw`).
+Normalization layers are pinned to FP32 compute, since CLIP's hidden states have
 outliers large enough to overflow FP16 in a variance. Expect FP16-level differences from the FP32
 PyTorch path; none of this could be run where it was written (no TensorRT there).
 """
@@ -43,15 +45,21 @@ def tensorrt_available() -> bool:
     return torch.cuda.is_available()
 
 
+IO_DTYPES = ("float32", "float16")
+
+
 def build_engine(onnx_path: str | Path, plan_path: str | Path, input_name: str,
                  input_shape_without_batch: tuple[int, ...], max_batch_size: int, fp16: bool = True,
-                 opt_batch_size: int | None = None) -> Path:
+                 opt_batch_size: int | None = None, io_dtype: str = "float32") -> Path:
     """Parse `onnx_path`, build an engine for batch sizes 1..max_batch_size, and write it to `plan_path`.
 
     The optimization profile on `input_name` is min 1, opt `opt_batch_size` (default the max), max
-    `max_batch_size`; it must cover the config's max_batch_size. Raises TensorRTUnavailableError
-    without TensorRT or a GPU, RuntimeError if parsing or building fails.
+    `max_batch_size`; it must cover the config's max_batch_size. The network's inputs and outputs take
+    `io_dtype` ("float32" or "float16"). Raises TensorRTUnavailableError without TensorRT or a GPU,
+    RuntimeError if parsing or building fails.
     """
+    if io_dtype not in IO_DTYPES:
+        raise ValueError(f"io_dtype must be one of {IO_DTYPES}, got {io_dtype!r}")
     if not tensorrt_available():
         raise TensorRTUnavailableError(UNAVAILABLE_MESSAGE)
     trt = _import_tensorrt()
@@ -70,6 +78,12 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, input_name: str,
         errors = "\n".join(str(parser.get_error(index)) for index in range(parser.num_errors))
         raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
 
+    # The ONNX model's inputs and outputs are FP32; TensorRT inserts the conversions to io_dtype.
+    inputs = [network.get_input(index) for index in range(network.num_inputs)]
+    outputs = [network.get_output(index) for index in range(network.num_outputs)]
+    for tensor in inputs + outputs:
+        tensor.dtype = trt.float16 if io_dtype == "float16" else trt.float32
+
     config = builder.create_builder_config()
     if fp16:
         if not hasattr(trt.BuilderFlag, "FP16"):  # removed in TensorRT 11 (strong typing only)
@@ -87,7 +101,7 @@ def build_engine(onnx_path: str | Path, plan_path: str | Path, input_name: str,
     config.add_optimization_profile(profile)
 
     print(f"[tensorrt] building {plan_path} (batch 1..{max_batch_size}, opt {opt_batch_size}, "
-          f"{'FP16' if fp16 else 'FP32'}); this takes minutes ...", flush=True)
+          f"{'FP16' if fp16 else 'FP32'}, {io_dtype} inputs and outputs); this takes minutes ...", flush=True)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path} (see its log above)")

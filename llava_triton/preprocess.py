@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_triton.errors import InvalidRequestError
-from llava_triton.spec import IMAGE_TOKEN, IN_IMAGES, IN_PROMPT, SAMPLING_INPUTS, ModelSpec, ServingConfig
+from llava_triton.spec import IMAGE_TOKEN, IN_IMAGES, IN_PROMPT, SAMPLING_INPUTS, ModelSpec, ServingConfig, wire_dtype
 
 # Formats we decode, as PIL names them (recognised by their leading bytes), with their usual names.
 SUPPORTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
@@ -291,7 +291,7 @@ class Preprocessor:
         return pixel_values
 
     def __call__(self, images: Sequence[bytes], prompt: str | bytes) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids int64 [seq_len], pixel_values float32 [max(N, 1), 3, H, W]) for one request.
+        """(input_ids int64 [seq_len], pixel_values [max(N, 1), 3, H, W] in `wire_dtype`) for one request.
 
         The prompt is checked and tokenized before any image is decoded (cheap checks first).
         """
@@ -305,7 +305,7 @@ class Preprocessor:
             # only as many image embeddings as there are image-token runs in input_ids (none here).
             size = self.spec.image_size
             pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=np.float32)
-        return input_ids, pixel_values
+        return input_ids, pixel_values_to_wire(pixel_values, self.serving)
 
     def _check_request_bytes(self, images: Sequence[bytes], prompt: str | bytes) -> None:
         limit = self.serving.max_request_bytes
@@ -321,6 +321,27 @@ class Preprocessor:
             raise InvalidRequestError(
                 f"too many images: {num_images}, the limit is {self.serving.max_images_per_request} per request "
                 "(max_images_per_request)")
+
+
+def pixel_values_to_wire(pixel_values: np.ndarray, serving: ServingConfig) -> np.ndarray:
+    """float32 pixel values in the dtype the vision encoder takes (`wire_dtype(serving)`).
+
+    For a bfloat16 model they are rounded to bfloat16 first (to nearest even, as torch's cast): float16
+    holds those values exactly (|x| >= 2**-14), so the encoder's float16 -> bfloat16 cast gives what
+    float32 -> bfloat16 gives. Rounding to float16 and then again to bfloat16 would move about one
+    value in 16 by a bfloat16 step (double rounding). Pixel values are finite (the image processor's).
+    """
+    dtype = wire_dtype(serving)
+    if serving.dtype == "bfloat16":
+        # In place on one array: a new array per step would cost more than the rounding itself.
+        bits = np.ascontiguousarray(pixel_values, dtype=np.float32).view(np.uint32)
+        rounded = bits >> 16
+        rounded &= 1  # the lowest bit bfloat16 keeps: a tie rounds to make it 0 (even)
+        rounded += 0x7FFF
+        rounded += bits
+        rounded &= 0xFFFF0000  # bfloat16 is float32's upper 16 bits
+        return rounded.view(np.float32).astype(dtype)
+    return pixel_values.astype(dtype, copy=False)
 
 
 def _load_chat_template(directory: Path, tokenizer: Any) -> str:

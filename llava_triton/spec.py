@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 # Model names in the Triton model repository.
 PREPROCESS = "preprocess"
 VISION_ENCODER = "vision_encoder"
@@ -42,9 +44,9 @@ OUT_PROMPT_TOKENS = "prompt_tokens"  # INT32 [1]
 OUT_COMPLETION_TOKENS = "completion_tokens"  # INT32 [1], generated so far
 OUT_FINISH_REASON = "finish_reason"  # BYTES [1]: "" while running, then "stop" or "length"
 
-# Internal tensors between the ensemble steps.
+# Internal tensors between the ensemble steps; the three image tensors travel in `wire_dtype(serving)`.
 INPUT_IDS = "input_ids"  # INT64 [seq_len], `<image>` already expanded to num_image_tokens ids
-PIXEL_VALUES = "pixel_values"  # FP32 [num_images, 3, image_size, image_size]
+PIXEL_VALUES = "pixel_values"  # [num_images, 3, image_size, image_size]
 IMAGE_FEATURES = "image_features"  # [num_images, num_image_tokens, vision_hidden_size]
 IMAGE_EMBEDS = "image_embeds"  # [num_images, num_image_tokens, text_hidden_size]
 
@@ -208,6 +210,29 @@ class ServingConfig:
         if unknown:
             raise ValueError(f"unknown serving options: {sorted(unknown)}")
         return cls(**data)
+
+
+# Triton's names of the dtypes `wire_dtype` gives (config.pbtxt's TYPE_<name>).
+TRITON_TYPE_NAMES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}
+
+
+def wire_dtype(serving: ServingConfig) -> np.dtype:
+    """The dtype of pixel_values, image_features and image_embeds between the ensemble steps.
+
+    FP32 when the models compute in float32: the CPU path stays bit-exact with transformers.
+    FP16 when they compute in float16 or bfloat16, which halves the host copies between the steps
+    (numpy and Triton's Python backend have no bfloat16). bfloat16 -> float16 is exact for values in
+    float16's normal range (|x| in [2**-14, 65504]): float16 has more mantissa bits (10 against 7);
+    smaller values lose at most 2**-25 as float16 subnormals. Larger ones become inf, which the next
+    step's non-finite check refuses (the projector's input check, the language model's on
+    image_embeds) rather than compute with.
+    """
+    return np.dtype(np.float32 if serving.dtype == "float32" else np.float16)
+
+
+def wire_type_name(serving: ServingConfig) -> str:
+    """Triton's name of `wire_dtype(serving)`: "FP32" or "FP16" (config.pbtxt says TYPE_<name>)."""
+    return TRITON_TYPE_NAMES[wire_dtype(serving)]
 
 
 def full_hf_config(checkpoint: str | Path) -> dict[str, Any]:

@@ -5,15 +5,20 @@ Speed is never asserted: the figures only have to exist, be positive and add up.
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 
+import numpy as np
+import pytest
 from PIL import Image
 
-from bench import server_stats
+from bench import server_stats, vision
 from bench.__main__ import main as bench_main
 from bench.fake_server import check as fake_check
 from bench.limits import language_model_params
+from llava_triton import spec
+from llava_triton.spec import ModelSpec, ServingConfig
 
 REQUESTS, OUTPUT_TOKENS = 3, 8
 
@@ -126,3 +131,21 @@ def test_server_stats_take_each_models_share_from_triton_counters():
     assert stats["models"] == {"vision_encoder": {"requests": 20, "executions": 5, "mean_batch": 4.0,
                                                   "queue_ms": 0.2, "compute_ms": 5.5}}
     assert stats["language_model_ttft_ms"] == 200.0 and math.isnan(stats["language_model_itl_ms"])
+
+
+def test_vision_input_and_output_sizes_follow_the_wire_dtype(tmp_path):
+    model = ModelSpec(image_size=28, patch_size=14, num_channels=3, vision_hidden_size=8, text_hidden_size=16,
+                      vocab_size=64, image_token_index=32, vision_feature_layer=-2,
+                      vision_feature_select_strategy="default", max_position_embeddings=128, eos_token_id=(2,))
+    pixel_values = np.linspace(-2, 2, 3 * 28 * 28, dtype=np.float32).reshape(3, 28, 28)
+    for dtype, itemsize in (("float32", 4), ("bfloat16", 2)):
+        serving = ServingConfig(dtype=dtype)
+        path = vision.write_input_data(tmp_path / f"{dtype}.json", pixel_values, serving)
+        (item,) = json.loads(path.read_text())["data"]
+        raw = base64.b64decode(item[spec.PIXEL_VALUES]["content"]["b64"])
+        assert item[spec.PIXEL_VALUES]["shape"] == [3, 28, 28] and len(raw) == pixel_values.size * itemsize
+        np.testing.assert_allclose(np.frombuffer(raw, spec.wire_dtype(serving)).reshape(3, 28, 28), pixel_values,
+                                   rtol=2**-8, atol=0)
+        assert vision.output_item_bytes(model, serving) == 4 * 8 * itemsize
+    with pytest.raises(ValueError, match="one image"):
+        vision.write_input_data(tmp_path / "batch.json", pixel_values[None], ServingConfig())

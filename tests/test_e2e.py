@@ -9,12 +9,13 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import subprocess
+from pathlib import Path
 
 import pytest
 
 from client import LlavaClient, LlavaError
 from client.perf_data import write_perf_input
-from llava_triton.server import perf_analyzer_command, perf_analyzer_env
+from llava_triton.server import TritonServer, perf_analyzer_command, perf_analyzer_env
 from reference import hf_generate, make_test_images, varied_image
 
 pytestmark = pytest.mark.e2e
@@ -131,15 +132,43 @@ def test_bench_vision_measurement_falls_back_to_one_fixed_window_when_windows_di
     # still measured, from one fixed window, and marked unstable rather than lost.
     from bench import vision
     from bench.workload import w1_pixel_values
-    from llava_triton.spec import ModelSpec
+    from llava_triton.spec import VISION_ENCODER, read_spec
 
-    model_spec = ModelSpec.from_pretrained(tiny_checkpoint)
-    input_data = vision.write_input_data(tmp_path / "vision_input.json", w1_pixel_values(tiny_checkpoint))
+    model_spec, serving = read_spec(triton_server.model_repository / VISION_ENCODER / "1")
+    input_data = vision.write_input_data(tmp_path / "vision_input.json", w1_pixel_values(tiny_checkpoint), serving)
     entry = vision.measure(triton_server.url_grpc, 1, input_data, tmp_path, stability=0.001, max_trials=3,
                            measurement_requests=3, shared_memory="none",
-                           output_item_bytes=model_spec.num_image_tokens * model_spec.vision_hidden_size * 4)
+                           output_item_bytes=vision.output_item_bytes(model_spec, serving))
     assert "error" not in entry, entry
     assert entry["stable"] is False and entry["images_per_s"] > 0
     first, fixed = entry["attempts"]
     assert vision.STABLE_FAILURE in first["output_tail"]
     assert "--request-count" in fixed["command"] and "9" == fixed["command"][fixed["command"].index("--request-count") + 1]
+
+
+def test_bfloat16_export_streams_an_answer_with_fp16_between_the_steps(tiny_checkpoint, tmp_path):
+    # A GPU deployment's settings (bfloat16 models, FP16 tensors between the ensemble's steps) served
+    # on the CPU. Its tokens may differ from float32's, so the answer is checked for form, not content.
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.__main__ import main as export_main
+    from export.repository import read_config
+    from llava_triton import spec
+
+    repository = tmp_path / "repository"
+    assert export_main(["--model", str(tiny_checkpoint), "--output", str(repository), "--work-dir",
+                        str(tmp_path / "work"), "--engine", "pytorch", "--device", "cpu", "--dtype", "bfloat16",
+                        "--no-onnx", "--set", "preprocess_instances=1"]) == 0
+    encoder = read_config(repository / spec.VISION_ENCODER / "config.pbtxt")
+    assert [t.data_type for t in (*encoder.input, *encoder.output)] == [mc.TYPE_FP16, mc.TYPE_FP16]
+    log_path = Path(__file__).resolve().parent.parent / "build" / "test-logs" / "tritonserver-bfloat16.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    images, prompt = CASES["one jpeg, no tag"]
+    with TritonServer(repository, log_path=log_path, ready_timeout_s=300) as server, \
+            LlavaClient(server.url_grpc) as client:
+        chunks = list(client.stream(prompt, images, max_tokens=8, ignore_eos=True))
+        again = client.generate(prompt, images, max_tokens=8, ignore_eos=True, stream=False)
+    assert len(chunks) == 8 and [c.finish_reason for c in chunks] == [""] * 7 + ["length"]
+    token_ids = [t for c in chunks for t in c.token_ids]
+    assert again.token_ids == token_ids and again.text == "".join(c.text for c in chunks)  # greedy: the same
+    assert chunks[-1].prompt_tokens > 576  # the image's tokens are in the prompt

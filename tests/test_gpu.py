@@ -2,11 +2,13 @@
 `python3 -m pytest tests/test_gpu.py`): the vision models replayed from CUDA graphs give what
 they give eagerly, for every batch size up to the largest bucket and past it."""
 
+import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig
 
-from llava_triton.vision import GraphedModule, Projector, VisionEncoder, maybe_graphed
+from llava_triton.errors import InvalidRequestError
+from llava_triton.vision import BatchedModule, GraphedModule, Projector, VisionEncoder, maybe_graphed
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,6 +40,25 @@ def test_graphed_vision_models_match_eager(dtype):
             torch.testing.assert_close(got, eager, **tolerance)
             torch.testing.assert_close(graphed_projector(eager), projector(eager), **tolerance)
             assert (got.float() - eager.float()).abs().mean() <= 1e-2 * eager.float().abs().mean()
+
+
+def test_fp16_wire_stages_through_pinned_memory_and_refuses_nan_rows_on_the_gpu():
+    device = torch.device("cuda")
+    encoder, _ = tiny_modules(device, torch.bfloat16)
+    graphed = maybe_graphed(encoder, (3, 56, 56), torch.bfloat16, device, 8, True)
+    batched = BatchedModule(graphed, "pixel_values", "image_features", (3, 56, 56), (16, 64), device, torch.bfloat16,
+                            np.dtype(np.float16))
+    pixels = torch.randn(3, 3, 56, 56, generator=torch.Generator().manual_seed(1)).half().numpy()
+    nan = pixels[:1].copy()
+    nan[0, 0, 0, 0] = np.nan
+    good, refused, alone = batched.run_requests([pixels, nan, pixels[1:2]])
+    assert isinstance(refused, InvalidRequestError) and "pixel_values contains NaN" in str(refused)
+    assert good.dtype == alone.dtype == np.float16 and good.shape == (3, 16, 64)
+    with torch.inference_mode():
+        expected = encoder(torch.from_numpy(pixels).to(device).to(torch.bfloat16)).float().cpu().numpy()
+    # Another batch size may pick another GEMM kernel: equal up to bfloat16 rounding.
+    np.testing.assert_allclose(good.astype(np.float32), expected, rtol=5e-2, atol=5e-2)
+    np.testing.assert_allclose(alone.astype(np.float32), expected[1:2], rtol=5e-2, atol=5e-2)
 
 
 def test_maybe_graphed_is_eager_on_the_cpu_or_when_off():

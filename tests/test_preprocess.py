@@ -15,7 +15,8 @@ from PIL import Image, ImageFile
 from reference import hf_inputs, make_mode_images, make_test_images, tiny_checkpoint
 
 from llava_triton.errors import InvalidRequestError
-from llava_triton.preprocess import PROCESSOR_FILES, Preprocessor, copy_processor_files, decode_image
+from llava_triton.preprocess import (PROCESSOR_FILES, Preprocessor, copy_processor_files, decode_image,
+                                     pixel_values_to_wire)
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
 
 PIXEL_ATOL = 1e-6
@@ -106,6 +107,40 @@ def test_no_image_matches_hf_and_sends_one_zero_image(checkpoint, preprocessor):
     input_ids, pixel_values = assert_matches_hf(checkpoint, preprocessor, [], "Tell me about the sea.")
     assert 1000 not in input_ids
     assert pixel_values.shape == (1, 3, 336, 336) and not pixel_values.any()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_models_get_fp16_pixel_values(checkpoint, preprocessor, dtype):
+    import torch
+
+    half = with_limits(preprocessor, dtype=dtype)
+    images = [IMAGES["jpeg"], IMAGES["png"]]
+    input_ids, pixel_values = half(images, PROMPT)
+    full_ids, full_pixel_values = preprocessor(images, PROMPT)
+    assert pixel_values.dtype == np.float16 and pixel_values.shape == full_pixel_values.shape
+    np.testing.assert_array_equal(input_ids, full_ids)
+    # The encoder casts FP16 to its dtype: that gives what it gets from the float32 values directly.
+    compute = getattr(torch, dtype)
+    got = torch.from_numpy(pixel_values).to(compute)
+    assert torch.equal(got, torch.from_numpy(full_pixel_values).to(compute))
+    assert half([], PROMPT)[1].dtype == np.float16
+
+
+def test_pixel_values_to_wire_rounds_once():
+    import torch
+
+    values = np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 2
+    values = values[np.abs(values) >= 2**-14]  # below, float16 holds fewer bits than bfloat16 (subnormals)
+    values[:4] = [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 2**-14]  # ties: to even, as torch rounds
+    expected = torch.from_numpy(values).to(torch.bfloat16)
+    wire = pixel_values_to_wire(values, ServingConfig(dtype="bfloat16"))
+    assert wire.dtype == np.float16 and torch.equal(torch.from_numpy(wire).to(torch.bfloat16), expected)
+    # Rounding to float16 first and then to bfloat16 would differ on about 1 value in 16.
+    twice = torch.from_numpy(values.astype(np.float16)).to(torch.bfloat16)
+    assert 0.03 < float((twice != expected).float().mean()) < 0.1
+    np.testing.assert_array_equal(pixel_values_to_wire(values, ServingConfig(dtype="float16")),
+                                  values.astype(np.float16))
+    assert pixel_values_to_wire(values, ServingConfig()) is values  # float32: untouched
 
 
 def test_prompt_format(preprocessor):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
 
-from export.repository import model_configs, read_config, write_configs
+from export.repository import ENGINES, model_configs, read_config, write_configs
 from llava_triton import spec
 from llava_triton.spec import ModelSpec, ServingConfig, read_spec
 
@@ -71,8 +72,9 @@ def test_engines_share_one_tensor_contract():
         model_configs(MODEL, ServingConfig(), "onnx")
 
 
-def test_ensemble_wiring_is_consistent():
-    configs = model_configs(MODEL, ServingConfig(), "pytorch")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_ensemble_wiring_is_consistent(dtype):
+    configs = model_configs(MODEL, ServingConfig(dtype=dtype), "pytorch")
     ensemble = configs[spec.ENSEMBLE]
     available = {t.name: (t.data_type, t.optional) for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
@@ -94,6 +96,39 @@ def test_ensemble_wiring_is_consistent():
     # Every input is optional so that a missing prompt reaches preprocess and gets a clear error
     # (Triton's ensemble would otherwise answer a request without it with an empty success).
     assert all(t.optional for t in ensemble.input)
+
+
+def image_tensor_types(configs) -> dict[tuple[str, str], int]:
+    """Data type of every pixel_values, image_features and image_embeds tensor, by (model, tensor)."""
+    image_tensors = (spec.PIXEL_VALUES, spec.IMAGE_FEATURES, spec.IMAGE_EMBEDS)
+    return {(config.name, tensor.name): tensor.data_type for config in configs.values()
+            for tensor in (*config.input, *config.output) if tensor.name in image_tensors}
+
+
+@pytest.mark.parametrize("dtype,wire,wire_dtype", [("float32", mc.TYPE_FP32, np.float32),
+                                                   ("float16", mc.TYPE_FP16, np.float16),
+                                                   ("bfloat16", mc.TYPE_FP16, np.float16)])
+def test_image_tensors_travel_in_the_wire_dtype(dtype, wire, wire_dtype):
+    serving = ServingConfig(dtype=dtype)
+    assert spec.wire_dtype(serving) == wire_dtype
+    assert f"TYPE_{spec.wire_type_name(serving)}" == mc.DataType.Name(wire)
+    for engine in ENGINES:
+        types = image_tensor_types(model_configs(MODEL, serving, engine))
+        assert sorted(types) == sorted([
+            (spec.PREPROCESS, spec.PIXEL_VALUES), (spec.VISION_ENCODER, spec.PIXEL_VALUES),
+            (spec.VISION_ENCODER, spec.IMAGE_FEATURES), (spec.PROJECTOR, spec.IMAGE_FEATURES),
+            (spec.PROJECTOR, spec.IMAGE_EMBEDS), (spec.LANGUAGE_MODEL, spec.IMAGE_EMBEDS)])
+        assert set(types.values()) == {wire}, (engine, types)
+    # Only those: the sampling inputs keep their types.
+    ensemble = model_configs(MODEL, serving, "pytorch")[spec.ENSEMBLE]
+    assert [t.data_type for t in ensemble.input if t.name == spec.IN_TEMPERATURE] == [mc.TYPE_FP32]
+
+
+@pytest.mark.parametrize("dtype,wire", [("float32", mc.TYPE_FP32), ("bfloat16", mc.TYPE_FP16)])
+def test_written_configs_say_the_wire_dtype(tmp_path, dtype, wire):
+    write_configs(tmp_path, MODEL, ServingConfig(dtype=dtype), "pytorch")
+    configs = {name: read_config(tmp_path / name / "config.pbtxt") for name in spec.MODEL_NAMES}
+    assert set(image_tensor_types(configs).values()) == {wire}
 
 
 def test_written_files_parse_back(tmp_path):

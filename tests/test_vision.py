@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import shutil
@@ -260,6 +261,63 @@ def test_served_modules_batch_requests(exported, checkpoint):
     assert encoder.forward([first[:0]])[0].shape == (0, spec.num_image_tokens, spec.vision_hidden_size)
 
 
+@pytest.fixture(scope="module")
+def served_bfloat16(exported, tmp_path_factory):
+    """The exported encoder and projector served as a bfloat16 deployment: FP16 on the wire."""
+    _, repo, _, spec = exported
+    serving = dataclasses.replace(SERVING, dtype="bfloat16")
+    modules = []
+    for name, serve in ((VISION_ENCODER, vision.serve_encoder), (PROJECTOR, vision.serve_projector)):
+        version_dir = tmp_path_factory.mktemp(name) / "1"
+        shutil.copytree(repo / name / "1", version_dir)
+        write_spec(version_dir, spec, serving)
+        modules.append(serve(version_dir, "CPU", "0"))
+    return modules
+
+
+def test_served_modules_batch_requests_with_an_fp16_wire(served_bfloat16, exported, checkpoint):
+    model, _ = checkpoint
+    spec = exported[3]
+    encoder, projector = served_bfloat16
+    assert (encoder.dtype, encoder.wire_dtype, projector.wire_dtype) == (torch.bfloat16, np.float16, np.float16)
+    first, second = _pixels(2, seed=3).numpy().astype(np.float16), _pixels(1, seed=4).numpy().astype(np.float16)
+    nan, inf = second.copy(), first.copy()
+    nan[0, 1, 2, 3] = np.nan
+    inf[1, 0, 0, 0] = np.inf  # the second image of a request: the whole request is refused
+    # The non-finite requests sit between good ones in one forward, which refuses exactly them.
+    results = encoder.run_requests([first, nan, None, second, first.astype(np.float32), inf, first[:, :, :8]])
+    for index, message in ((1, "pixel_values contains NaN or infinite values"), (2, "missing input"),
+                           (4, "pixel_values must be FP16, got float32"), (5, "pixel_values contains NaN"),
+                           (6, "must have shape")):
+        assert isinstance(results[index], InvalidRequestError) and message in str(results[index]), index
+    features = [results[0], results[3]]
+    assert [f.shape for f in features] == [(2, spec.num_image_tokens, spec.vision_hidden_size),
+                                           (1, spec.num_image_tokens, spec.vision_hidden_size)]
+    assert all(f.dtype == np.float16 and np.isfinite(f).all() for f in features)
+    # A NaN request in the projector's batch is refused the same way, naming its input.
+    bad_features = features[1].copy()
+    bad_features[0, 0, 0] = np.nan
+    embeds = projector.run_requests([features[0], bad_features, features[1]])
+    assert isinstance(embeds[1], InvalidRequestError) and "image_features contains NaN" in str(embeds[1])
+    for pixels, result in ((first, embeds[0]), (second, embeds[2])):
+        assert result.dtype == np.float16
+        expected = _reference(model, torch.from_numpy(pixels.astype(np.float32)), -2, "default").numpy()
+        np.testing.assert_allclose(result.astype(np.float32), expected, rtol=0.05, atol=0.05)  # bfloat16 compute
+    assert encoder.forward([first[:0]])[0].dtype == np.float16
+
+
+def test_fp16_wire_output_beyond_fp16_range_is_refused_by_the_next_step():
+    # A bfloat16 value past 65504 becomes inf in FP16; the next model's check refuses it.
+    def scale(rows: torch.Tensor) -> torch.Tensor:
+        return rows * 1e6
+
+    step = vision.BatchedModule(scale, "x", "y", (2,), (2,), torch.device("cpu"), torch.bfloat16, np.dtype(np.float16))
+    (big, small) = step.run_requests([np.array([[0.5, 1.0]], np.float16), np.array([[1e-5, 0.0]], np.float16)])
+    assert np.isinf(big).all() and np.isfinite(small).all()
+    (refused,) = dataclasses.replace(step, input_name="y").run_requests([big])
+    assert isinstance(refused, InvalidRequestError) and "y contains NaN or infinite values" in str(refused)
+
+
 def test_serving_refuses_artifacts_that_disagree_with_the_spec(exported, tmp_path):
     _, repo, _, spec = exported
     version_dir = tmp_path / "1"
@@ -341,3 +399,9 @@ def test_tensorrt_unavailable_is_clear(tmp_path, checkpoint, exported):
     assert not (tmp_path / "work").exists()  # refused before any slow work
     with pytest.raises(ValueError, match="engine must be one of"):
         export_vision(path, tmp_path / "repo", tmp_path / "work", exported[3], SERVING, "onnxruntime")
+
+
+def test_tensorrt_io_dtype_is_checked_first(tmp_path):
+    with pytest.raises(ValueError, match="io_dtype must be one of"):
+        trt_export.build_engine(tmp_path / "x.onnx", tmp_path / "model.plan", PIXEL_VALUES, (3, 32, 32), 4,
+                                io_dtype="bfloat16")

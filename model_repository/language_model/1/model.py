@@ -143,6 +143,8 @@ class TritonPythonModel:
             try:
                 input_ids = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, spec.INPUT_IDS).as_numpy().copy())
                 embeds = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_EMBEDS)
+                # In the wire dtype (FP32, or FP16 for half-precision models: spec.wire_dtype), kept as is
+                # here; the engine checks it is finite and casts it to the model's dtype at prefill.
                 image_embeds = None if embeds is None else torch.from_numpy(embeds.as_numpy().copy())
                 params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
                 self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink)

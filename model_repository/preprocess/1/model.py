@@ -36,5 +36,5 @@ class TritonPythonModel:
         params.resolve_max_tokens(len(input_ids), self.serving.token_limit(self.model_spec), self.serving)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
-            pb_utils.Tensor(spec.PIXEL_VALUES, pixel_values.astype(np.float32)),
+            pb_utils.Tensor(spec.PIXEL_VALUES, pixel_values),  # already in spec.wire_dtype(self.serving)
         ])
