@@ -325,7 +325,8 @@ class Engine:
         embeds = self.model.embed(torch.where(is_image, 0, ids))
         if seq.image_embeds is not None:
             # In order, as transformers' masked_scatter: image i fills the i-th run of image tokens.
-            embeds[is_image] = seq.image_embeds.to(self.device, self.dtype).reshape(-1, embeds.shape[-1])
+            # Upload in the wire dtype (FP16 is half of FP32), then convert on the device.
+            embeds[is_image] = seq.image_embeds.to(self.device).to(self.dtype).reshape(-1, embeds.shape[-1])
         return embeds[None]
 
     def _prefill_chunk(self) -> None:

@@ -146,7 +146,9 @@ class ServingConfig:
     # the language model batches in flight (requests join and leave between decode steps).
     vision_max_batch_size: int = 32
     vision_preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
-    vision_max_queue_delay_us: int = 2000
+    # How long a lone image waits for others to batch with: every request pays it when traffic is
+    # light, while under load batches form anyway from what queues during a forward pass.
+    vision_max_queue_delay_us: int = 500
     max_num_seqs: int = 32  # sequences decoded together; more wait in the language model's queue
     prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, so decodes are not stalled
     max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length

@@ -104,14 +104,16 @@ def test_compiled_fused_decode_graphs_match_eager_decode():
     model.setup_caches(max_slots=4, max_seq_len=64)
     ids = torch.tensor([3, 7, 11], device="cuda")
     positions = torch.tensor([5, 6, 7], device="cuda")
+    prompts = torch.randn(1, 18, 64, device="cuda")
+    segments = [(0, 0, 5), (1, 0, 6), (2, 0, 7)]  # three prompts of different lengths, packed
     with torch.inference_mode():
-        # Three prompts of different lengths in one packed prefill.
-        model.prefill(torch.randn(1, 18, 64, device="cuda"), [(0, 0, 5), (1, 0, 6), (2, 0, 7)])
+        model.prefill(prompts, segments)
         eager = model.decode(ids, positions, 8).clone()
         model.fuse()
         fused = model.decode(ids, positions, 8).clone()
         counters.clear()
-        assert compile_model(model)
+        assert compile_model(model)  # its warm-up writes dummy tokens into slots 0 and 1, as at load
+        model.prefill(prompts, segments)  # again, through the compiled prefill parts
         graphs = DecodeGraphs(model, max_batch=4, length_step=16)
         graphs.capture_all()
         replayed = graphs(ids, positions, 8).clone()
