@@ -154,9 +154,10 @@ class ServingConfig:
     max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length
     kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
     cuda_graphs: bool = True  # on a GPU, replay decode steps and the vision models from CUDA graphs (captured at load)
-    # On a GPU, fuse the language model's small kernels (norms, RoPE, SiLU, residual adds) in decode
-    # and around prefill attention with torch.compile, at load and before capturing the graphs;
-    # eager layers if it cannot compile (no C compiler).
+    # On a GPU, fuse the small kernels (norms, RoPE, activations, bias and residual adds) around the
+    # GEMMs and attention with torch.compile: the language model's decode and prefill layers, the
+    # vision encoder's layers and the projector. At load, before capturing the graphs; eager layers
+    # if it cannot compile (no C compiler).
     torch_compile: bool = True
     # The language model's threads (engine loop, response sender, Triton's execute) share the GIL;
     # the engine gives it up at each GPU sync and waits up to this long to get it back (Python's

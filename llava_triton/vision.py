@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -79,6 +80,7 @@ class VisionEncoder(nn.Module):
         tower_config.num_hidden_layers = num_layers_needed(vision_feature_layer, vision_config.num_hidden_layers)
         tower_config._attn_implementation = "sdpa"
         self.vision_tower = CLIPVisionModel(tower_config)
+        self.encoder_layer = encoder_layer  # compile_layers() replaces it with a compiled version
         self.eval()
 
     @property
@@ -99,12 +101,32 @@ class VisionEncoder(nn.Module):
         return cls(CLIPVisionConfig.from_dict(config["vision_config"]), config["vision_feature_layer"],
                    config["vision_feature_select_strategy"])
 
+    def compile_layers(self) -> None:
+        """torch.compile one encoder layer function (dynamic shapes, so every batch bucket shares it)
+        that serves all the layers: layer norms, bias adds, the activation and the residuals fuse
+        into few kernels around the GEMMs and attention. It compiles on its first call; make that
+        before capturing CUDA graphs."""
+        self.encoder_layer = torch.compile(encoder_layer, dynamic=True, fullgraph=True)
+
+    def uncompile_layers(self) -> None:
+        self.encoder_layer = encoder_layer
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # The tower is cut at the selected layer, so its last hidden state is the selected one.
-        hidden_states = self.vision_tower(pixel_values=pixel_values).last_hidden_state  # (B, 1 + num_patches, D)
+        # CLIPVisionModel.forward's steps, minus the pooled output (post_layernorm of CLS) LLaVA
+        # does not use. The tower is cut at the selected layer, so its last hidden state is the
+        # selected one.
+        tower = self.vision_tower
+        hidden_states = tower.pre_layrnorm(tower.embeddings(pixel_values))  # (B, 1 + num_patches, D)
+        for layer in tower.encoder.layers:
+            hidden_states = self.encoder_layer(layer, hidden_states)
         if self.vision_feature_select_strategy == "default":
             hidden_states = hidden_states[:, 1:]  # (B, num_patches, D): drop CLS
         return hidden_states
+
+
+def encoder_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """One CLIP encoder layer, a free function so that one compiled version serves every layer."""
+    return layer(hidden_states, None)
 
 
 class Projector(nn.Module):
@@ -130,7 +152,17 @@ class Projector(nn.Module):
     def from_module_config(cls, config: dict[str, Any]) -> "Projector":
         return cls(**config)
 
+    def compile_layers(self) -> None:
+        """torch.compile the forward (dynamic shapes): the bias add and activation fuse into one kernel."""
+        self.forward = torch.compile(self._forward, dynamic=True, fullgraph=True)
+
+    def uncompile_layers(self) -> None:
+        self.__dict__.pop("forward", None)  # the class's forward again
+
     def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        return self._forward(image_features)
+
+    def _forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_features)))
 
 
@@ -298,6 +330,30 @@ class GraphedModule:
         return out[:n]
 
 
+def _is_gpu(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def maybe_compiled(module: VisionEncoder | Projector, item_shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device, enabled: bool) -> None:
+    """`module.compile_layers()` on a GPU when enabled, compiled here by calls at batch 1 and 3 (batch 1
+    is specialised, 3 gives the dynamic-batch version every other bucket shares); eager layers if
+    compilation fails. Call before capturing CUDA graphs."""
+    if not enabled or not _is_gpu(device):
+        return
+    started = time.monotonic()
+    module.compile_layers()
+    try:
+        with torch.inference_mode():
+            for batch in (1, 3):
+                module(torch.zeros((batch, *item_shape), dtype=dtype, device=device))
+    except Exception:  # noqa: BLE001 - eager is slower but correct: serve rather than fail to load
+        log.exception("torch.compile of %s failed; running it eagerly", type(module).__name__)
+        module.uncompile_layers()
+        return
+    log.info("compiled %s in %.1f s", type(module).__name__, time.monotonic() - started)
+
+
 def maybe_graphed(module: nn.Module, item_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
                   max_batch: int, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
     """`GraphedModule` on a GPU when enabled; the module itself otherwise, or if capture fails."""
@@ -442,6 +498,7 @@ def serve_encoder(version_dir: str | Path, instance_kind: str, device_id: str | 
     encoder = load_encoder(version_dir, device, dtype)
     output_item_shape = (encoder.num_image_tokens, encoder.hidden_size)
     _check_against_spec(IMAGE_FEATURES, output_item_shape, (model.num_image_tokens, model.vision_hidden_size))
+    maybe_compiled(encoder, pixel_values_shape(model), dtype, device, serving.torch_compile)
     run = maybe_graphed(encoder, pixel_values_shape(model), dtype, device, serving.vision_max_batch_size,
                         serving.cuda_graphs)
     return BatchedModule(run, PIXEL_VALUES, IMAGE_FEATURES, pixel_values_shape(model), output_item_shape,
@@ -455,6 +512,7 @@ def serve_projector(version_dir: str | Path, instance_kind: str, device_id: str 
     projector = load_projector(version_dir, device, dtype)
     _check_against_spec(IMAGE_EMBEDS, (projector.vision_hidden_size, projector.text_hidden_size),
                         (model.vision_hidden_size, model.text_hidden_size))
+    maybe_compiled(projector, image_features_shape(model), dtype, device, serving.torch_compile)
     run = maybe_graphed(projector, image_features_shape(model), dtype, device, serving.vision_max_batch_size,
                         serving.cuda_graphs)
     return BatchedModule(run, IMAGE_FEATURES, IMAGE_EMBEDS, image_features_shape(model),

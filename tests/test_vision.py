@@ -172,6 +172,54 @@ def test_save_for_serving_round_trip(checkpoint, tmp_path):
         torch.testing.assert_close(half_projector(half_encoder(pixel_values)).float(), expected, rtol=0.05, atol=0.05)
 
 
+def test_compiled_modules_match_eager_for_every_batch_with_few_compilations(checkpoint, tmp_path):
+    """torch.compile (inductor, here on the CPU; on a GPU `torch_compile` turns it on): one compiled
+    encoder layer serves every layer and, with the dynamic batch, every batch size."""
+    from torch._dynamo.utils import counters
+
+    _, path = checkpoint
+    vision.save_for_serving(*vision.load_from_checkpoint(path), tmp_path / "enc", tmp_path / "proj")
+    eager = (vision.load_encoder(tmp_path / "enc"), vision.load_projector(tmp_path / "proj"))
+    compiled = (vision.load_encoder(tmp_path / "enc"), vision.load_projector(tmp_path / "proj"))
+    counters.clear()
+    for module in compiled:
+        module.compile_layers()
+    with torch.inference_mode():
+        for batch in (1, 2, 3, 5):
+            pixels = _pixels(batch, seed=batch)
+            features = compiled[0](pixels)
+            torch.testing.assert_close(features, eager[0](pixels), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled[1](features), eager[1](features), rtol=1e-4, atol=1e-5)
+    # Batch 1 is specialised, every other batch shares the dynamic version: two graphs per module.
+    assert counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+    for module in compiled:
+        module.uncompile_layers()
+    assert compiled[0].encoder_layer is vision.encoder_layer and "forward" not in compiled[1].__dict__
+
+
+def test_maybe_compiled_is_eager_on_the_cpu_when_off_or_when_compilation_fails(checkpoint, monkeypatch, caplog):
+    _, path = checkpoint
+    encoder, projector = vision.load_from_checkpoint(path)
+    cpu = torch.device("cpu")
+    vision.maybe_compiled(encoder, (3, IMAGE_SIZE, IMAGE_SIZE), torch.float32, cpu, True)  # CPU: never compiled
+    vision.maybe_compiled(projector, (16, 32), torch.float32, torch.device("cuda"), False)  # off
+    assert encoder.encoder_layer is vision.encoder_layer and "forward" not in projector.__dict__
+
+    def broken_compile(function, **options):  # what a machine without a C compiler gives
+        def run(*args):
+            raise RuntimeError("no C compiler")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    # The warm-up calls fail; the module goes back to its eager layers (its device is not looked at).
+    monkeypatch.setattr(vision, "_is_gpu", lambda device: True)
+    vision.maybe_compiled(projector, (16, 32), torch.float32, cpu, True)
+    assert "forward" not in projector.__dict__
+    assert "torch.compile of Projector failed; running it eagerly" in caplog.text
+    with torch.inference_mode():
+        assert projector(torch.zeros(2, 16, 32)).shape == (2, 16, 48)
+
+
 def test_concat_and_split():
     batches = [np.full((n, 2, 3), n, np.float32) for n in (2, 1, 3)]
     stacked, sizes = vision.concat_batches(batches)
