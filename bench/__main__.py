@@ -66,6 +66,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="perf_analyzer --measurement-request-count (requests per window)")
     parser.add_argument("--vision-shared-memory", choices=("system", "none"), default="system",
                         help="perf_analyzer tensors through system shared memory (falls back to none if refused)")
+    parser.add_argument("--vision-concurrency", type=int, default=1,
+                        help="perf_analyzer requests in flight: above 1, one request's tensor copies overlap "
+                             "another's compute (with vision_instances > 1, on another instance)")
     parser.add_argument("--skip-baseline", action="store_true", help="no transformers baseline")
     parser.add_argument("--baseline-batch-sizes", type=int, nargs="+", default=None,
                         help=f"default: the concurrency levels up to {BASELINE_MAX_BATCH}")
@@ -79,6 +82,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("concurrency", "vision_batch_sizes"):
         if any(value < 1 for value in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} values must be positive")
+    if args.vision_concurrency < 1:
+        parser.error("--vision-concurrency must be positive")
     if args.requests is not None and args.requests < 1:
         parser.error("--requests must be positive")
     if args.output_tokens < 1:
@@ -347,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                 entry = vision.measure(server.url_grpc, batch_size, input_data, out,
                                        output_item_bytes=vision.output_item_bytes(encoder_spec, encoder_serving),
                                        measurement_requests=args.vision_requests,
-                                       shared_memory=args.vision_shared_memory)
+                                       concurrency=args.vision_concurrency, shared_memory=args.vision_shared_memory)
                 vision_results.append(entry)
                 if "error" in entry:
                     clock.log(f"vision_encoder batch {batch_size}: perf_analyzer failed: {entry['error'][-300:]}")
@@ -393,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                      "loadgen": args.loadgen, "time_budget_s": args.time_budget_s,
                      "server_pythonpath": args.server_pythonpath,
                      "vision_batch_sizes": args.vision_batch_sizes, "vision_requests": args.vision_requests,
+                     "vision_concurrency": args.vision_concurrency,
                      "baseline_repeats": args.baseline_repeats},
         "levels": levels,
         "skipped_levels": skipped_levels,

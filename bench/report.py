@@ -121,8 +121,9 @@ def markdown(results: dict[str, Any]) -> str:
     vision = results.get("vision") or []
     if vision:
         memory = sorted({v.get("shared_memory", NA) for v in vision if "error" not in v})
+        concurrency = sorted({str(v.get("concurrency", NA)) for v in vision})
         lines += ["", f"`vision_encoder` alone (perf_analyzer, gRPC, {', '.join(memory) or NA} shared memory, "
-                      "concurrency 1, the W1 image's pixel values):",
+                      f"concurrency {', '.join(concurrency)}, the W1 image's pixel values):",
                   "", "| batch | images/s | latency p50 (ms) | model execute (ms) | % of peak |",
                   "|---:|---:|---:|---:|---:|"]
         for entry in vision:

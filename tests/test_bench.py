@@ -31,7 +31,8 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
     out = tmp_path / "bench"
     argv = ["--checkpoint", str(tiny_checkpoint), "--repository", str(model_repository), "--no-export",
             "--concurrency", "1", "2", "--requests", str(REQUESTS), "--output-tokens", str(OUTPUT_TOKENS),
-            "--warmup", "1", "--vision-batch-sizes", "1", "2", "--vision-requests", "5", "--out", str(out)]
+            "--warmup", "1", "--vision-batch-sizes", "1", "2", "--vision-requests", "5", "--vision-concurrency", "2",
+            "--out", str(out)]
     assert bench_main(argv) == 0
 
     results = json.loads((out / "results.json").read_text())
@@ -66,6 +67,7 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
     assert [entry["batch_size"] for entry in results["vision"]] == [1, 2]
     for entry in results["vision"]:
         assert "error" not in entry, entry
+        assert entry["concurrency"] == 2
         assert _positive(entry["images_per_s"]) and _positive(entry["latency_p50_ms"])
         assert math.isclose(entry["requests_per_s"] * entry["batch_size"], entry["images_per_s"], rel_tol=1e-2)
 
@@ -85,6 +87,7 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
     table = (out / "results.md").read_text()
     assert "| concurrency | requests | TTFT p50 (ms)" in table and "n/a" in table
     assert "| concurrency | preprocess queue / compute (ms)" in table
+    assert "system shared memory, concurrency 2, the W1 image's" in table
     assert table.count("\n| 1 |") >= 3 and "\n| 2 |" in table  # levels, baseline and vision rows
     with Image.open(out / "throughput_vs_ttft.png") as image:
         assert image.format == "PNG" and image.size == (960, 640)
