@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import importlib.util
 import json
 import shutil
@@ -414,8 +415,11 @@ def _load_adapter(name: str, monkeypatch):
 def test_triton_adapters(exported, monkeypatch):
     _, repo, _, spec = exported
     encoder = _load_adapter(VISION_ENCODER, monkeypatch)
+    frozen = []  # gc.freeze() recorded, not done: it would last for the rest of the test session
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
     encoder.initialize({"model_repository": str(repo / VISION_ENCODER), "model_version": "1",
                         "model_instance_kind": "CPU", "model_instance_device_id": "0"})
+    assert frozen, "the adapter leaves the objects it loaded to the garbage collector (no gc.freeze())"
     pixels = _pixels(2, seed=5).numpy()
     responses = encoder.execute([{PIXEL_VALUES: _FakeTensor(PIXEL_VALUES, pixels)},
                                  {PIXEL_VALUES: _FakeTensor(PIXEL_VALUES, pixels[:, :1])},

@@ -13,7 +13,8 @@ from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM, torch_dtype
 from llava_triton.outbox import ThreadedOutbox
 from llava_triton.sampling import SamplingParams
-from llava_triton.triton_utils import instance_device, is_decoupled, load_spec, optional_inputs, triton_error, version_dir
+from llava_triton.triton_utils import (freeze_loaded_objects, instance_device, is_decoupled, load_spec, optional_inputs,
+                                      triton_error, version_dir)
 
 
 class ResponseSink:
@@ -132,6 +133,7 @@ class TritonPythonModel:
         # Responses, metric updates and cancellation checks leave from the outbox's thread.
         self.outbox = ThreadedOutbox()
         self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox)
+        freeze_loaded_objects()  # after compiling and capturing: the engine thread starts next
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
         self.loop.start()

@@ -8,13 +8,14 @@ from llava_triton import spec
 from llava_triton.errors import InvalidRequestError
 from llava_triton.preprocess import Preprocessor, check_request_parameters, request_prompt
 from llava_triton.sampling import SamplingParams
-from llava_triton.triton_utils import load_spec, optional_inputs, triton_error, version_dir
+from llava_triton.triton_utils import freeze_loaded_objects, load_spec, optional_inputs, triton_error, version_dir
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.model_spec, self.serving = load_spec(args)
         self.preprocessor = Preprocessor.from_pretrained(version_dir(args), self.model_spec, self.serving)
+        freeze_loaded_objects()
 
     def execute(self, requests):
         responses = []
