@@ -94,8 +94,11 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     """How many images input_ids refers to, checked against the image embeddings sent with it."""
     if input_ids.ndim != 1 or input_ids.numel() == 0:
         raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
-    is_image = input_ids == spec.image_token_index
-    bad = (~is_image) & ((input_ids < 0) | (input_ids >= spec.vocab_size))
+    # In numpy: it runs on Triton's execute thread, and each torch op would give up the GIL and
+    # wait to get it back from the engine thread.
+    ids = input_ids.numpy()
+    is_image = ids == spec.image_token_index
+    bad = (~is_image) & ((ids < 0) | (ids >= spec.vocab_size))
     if bool(bad.any()):
         raise InvalidRequestError(f"input_ids holds ids outside the vocabulary [0, {spec.vocab_size})")
     image_tokens = int(is_image.sum())
@@ -199,9 +202,9 @@ class Engine:
                sink: Sink) -> Sequence:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError."""
         try:
+            # Whether image_embeds is finite is checked at prefill, on the device (_embed_prompt): on the
+            # CPU, on Triton's execute thread, the check took 15-60 ms a request under load.
             num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
-            if num_images and not bool(torch.isfinite(image_embeds[:num_images]).all()):
-                raise InvalidRequestError("image_embeds holds NaN or infinite values")
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
         except InvalidRequestError:
             self.metrics.request_refused("invalid")
@@ -324,9 +327,12 @@ class Engine:
         is_image = ids == self.spec.image_token_index
         embeds = self.model.embed(torch.where(is_image, 0, ids))
         if seq.image_embeds is not None:
+            # Upload in the wire dtype (FP16 is half of FP32), then check and convert on the device.
+            image_embeds = seq.image_embeds.to(self.device)
+            if not bool(torch.isfinite(image_embeds).all()):
+                raise InvalidRequestError("image_embeds holds NaN or infinite values")
             # In order, as transformers' masked_scatter: image i fills the i-th run of image tokens.
-            # Upload in the wire dtype (FP16 is half of FP32), then convert on the device.
-            embeds[is_image] = seq.image_embeds.to(self.device).to(self.dtype).reshape(-1, embeds.shape[-1])
+            embeds[is_image] = image_embeds.to(self.dtype).reshape(-1, embeds.shape[-1])
         return embeds[None]
 
     def _prefill_chunk(self) -> None:
@@ -376,8 +382,12 @@ class Engine:
             self._append_tokens(done, sample(logits[rows], [s.params for s in done], [s.generator for s in done]))
 
     def _fail_prefill(self, seq: Sequence, exc: Exception) -> None:
-        log.error("prefill failed", exc_info=exc)
         self._release(seq)
+        if isinstance(exc, InvalidRequestError):  # the request's fault, found at prefill (image_embeds)
+            self.metrics.request_refused("invalid")
+            self.out.error(seq.sink, str(exc))
+            return
+        log.error("prefill failed", exc_info=exc)
         self.out.error(seq.sink, f"prefill failed: {exc}")
 
     def _decode(self, seqs: list[Sequence]) -> None:

@@ -315,14 +315,24 @@ def test_a_request_waiting_past_the_queue_timeout_is_refused(parts):
     assert running.errors == [] and engine.num_waiting == 0
 
 
-def test_non_finite_image_embeddings_are_refused(parts):
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_image_embeddings_are_refused_at_prefill_and_the_others_go_on(parts, bad):
     _, model_spec, tokenizer, _ = parts
     engine = make_engine(parts)
+    refused = []
+    engine.metrics.request_refused = refused.append
     ids = torch.tensor([5] + [model_spec.image_token_index] * model_spec.num_image_tokens + [7])
-    embeds = torch.zeros(1, model_spec.num_image_tokens, model_spec.text_hidden_size)
-    embeds[0, 3, 2] = float("nan")
-    with pytest.raises(InvalidRequestError, match="NaN or infinite"):
-        engine.submit(ids, embeds, params(), Collect())
+    embeds = torch.zeros(1, model_spec.num_image_tokens, model_spec.text_hidden_size).half()
+    good_embeds = embeds.clone()
+    embeds[0, 3, 2] = bad
+    broken, good = Collect(), Collect()
+    engine.submit(ids, embeds, params(), broken)  # checked on the device at prefill, not here
+    engine.submit(ids, good_embeds, params(max_tokens=3, ignore_eos=True), good)
+    run_until_done(engine, [broken, good])
+    assert broken.errors == ["image_embeds holds NaN or infinite values"] and not broken.outputs
+    assert refused == ["invalid"]
+    assert good.errors == [] and len(good.token_ids) == 3
+    assert engine.free_slots == engine.num_slots
 
 
 def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, monkeypatch):
