@@ -1,9 +1,10 @@
 """In-flight batching for the language model.
 
-Requests join between decode steps and leave as soon as they finish: each `step()` first
-spends a budget of prompt tokens on prefill (long prompts in chunks, so running streams are
-not stalled for a whole prompt), then decodes one token for every running sequence in a
-single batched forward pass. A sequence owns one KV-cache slot from admission to the end.
+Requests join between decode steps and leave as soon as they finish: each `step()` decodes one
+token for every running sequence in a single batched forward pass and, when prompts are waiting,
+spends a budget of their tokens on prefill in that same pass (long prompts in chunks, so running
+streams are not stalled for a whole prompt). A sequence owns one KV-cache slot from admission to
+the end.
 """
 
 from __future__ import annotations
