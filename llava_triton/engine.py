@@ -1,10 +1,9 @@
 """In-flight batching for the language model.
 
-Requests join between decode steps and leave as soon as they finish: each `step()` decodes one
-token for every running sequence in a single batched forward pass and, when prompts are waiting,
-spends a budget of their tokens on prefill in that same pass (long prompts in chunks, so running
-streams are not stalled for a whole prompt). A sequence owns one KV-cache slot from admission to
-the end.
+Requests join between decode steps and leave as soon as they finish: each `step()` first
+spends a budget of prompt tokens on prefill (long prompts in chunks, so running streams are
+not stalled for a whole prompt), then decodes one token for every running sequence in a
+single batched forward pass. A sequence owns one KV-cache slot from admission to the end.
 """
 
 from __future__ import annotations
@@ -258,11 +257,8 @@ class Engine:
         self._drop_cancelled()
         self._admit()
         already_running = list(self._running)
-        chunks = self._prefill_chunks()
-        if chunks:
-            # The running sequences' decode rides along the prompt tokens in the same forward pass.
-            self._prefill(chunks, already_running)
-        elif already_running:
+        self._prefill_chunk()
+        if already_running:
             self._decode(already_running)
         self._report_occupancy()
 
@@ -339,8 +335,8 @@ class Engine:
             embeds[is_image] = image_embeds.to(self.dtype).reshape(-1, embeds.shape[-1])
         return embeds[None]
 
-    def _prefill_chunks(self) -> list[tuple[Sequence, int, int]]:
-        """Up to prefill_chunk_tokens of prompts, oldest first: (sequence, start, length) chunks."""
+    def _prefill_chunk(self) -> None:
+        """Spend up to prefill_chunk_tokens on prompts, oldest first, in one packed forward pass."""
         budget = self.serving.prefill_chunk_tokens
         chunks: list[tuple[Sequence, int, int]] = []  # (sequence, start, length)
         for seq in list(self._prefilling):
@@ -356,29 +352,20 @@ class Engine:
             length = min(budget, seq.prompt_tokens - seq.prefilled)
             chunks.append((seq, seq.prefilled, length))
             budget -= length
-        return chunks
+        if chunks:
+            self._prefill(chunks)
 
-    def _prefill(self, chunks: list[tuple[Sequence, int, int]], decoding: list[Sequence] = ()) -> None:
-        """One packed forward pass over the prompt chunks and, with `decoding`, one token of each of
-        those running sequences. If it fails, each chunk is retried alone (so only a failing prompt
-        fails) and the running sequences are decoded on their own."""
+    def _prefill(self, chunks: list[tuple[Sequence, int, int]]) -> None:
         try:
             with torch.inference_mode():
                 packed = torch.cat([seq.inputs_embeds[:, start: start + n] for seq, start, n in chunks], dim=1)
-                segments = [(seq.slot, start, n) for seq, start, n in chunks]
-                if decoding:
-                    input_ids, positions, length = self._decode_inputs(decoding)
-                    logits = self.model.prefill(packed, segments, input_ids, positions, length)  # (S + n, V)
-                else:
-                    logits = self.model.prefill(packed, segments)  # (S, V)
+                logits = self.model.prefill(packed, [(seq.slot, start, n) for seq, start, n in chunks])  # (S, V)
         except Exception as exc:  # noqa: BLE001
             if len(chunks) == 1:
                 self._fail_prefill(chunks[0][0], exc)
             else:  # find the request that fails; the others go on
                 for chunk in chunks:
                     self._prefill([chunk])
-            if decoding:
-                self._decode(list(decoding))
             return
         done, rows = [], []
         for i, (seq, _, n) in enumerate(chunks):
@@ -391,11 +378,8 @@ class Engine:
                 seq.generator = make_generator(seq.params, self.device)
                 done.append(seq)
                 rows.append(i)
-        # Decode rows follow the S prompt rows, one per slot 0..n-1.
-        seqs = done + list(decoding)
-        rows += [len(chunks) + seq.slot for seq in decoding]
-        if seqs:
-            self._append_tokens(seqs, sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs]))
+        if done:
+            self._append_tokens(done, sample(logits[rows], [s.params for s in done], [s.generator for s in done]))
 
     def _fail_prefill(self, seq: Sequence, exc: Exception) -> None:
         self._release(seq)
@@ -406,23 +390,18 @@ class Engine:
         log.error("prefill failed", exc_info=exc)
         self.out.error(seq.sink, f"prefill failed: {exc}")
 
-    def _decode_inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor, int]:
-        """input_ids (n,) and positions (n,) of slots 0..n-1, and the attention length, to decode `seqs`.
-
-        Slots 0..n-1 are decoded as one batch (a slice of the cache, no copy). Slots in that range
-        that are free or still prefilling ride along on a dummy token written at the last cache
-        position: no sequence reads a position before writing it, so it is harmless.
-        """
+    def _decode(self, seqs: list[Sequence]) -> None:
+        # Decode slots 0..n-1 as one batch (a slice of the cache, no copy). Slots in that range
+        # that are free or still prefilling ride along on a dummy token written at the last
+        # cache position: no sequence reads a position before writing it, so it is harmless.
         n = max(s.slot for s in seqs) + 1
         input_ids = [0] * n
         positions = [self.max_seq_len - 1] * n
         for s in seqs:
             input_ids[s.slot], positions[s.slot] = s.output_ids[-1], s.position
         length = max(s.position for s in seqs) + 1
-        return (torch.tensor(input_ids, device=self.device), torch.tensor(positions, device=self.device), length)
-
-    def _decode(self, seqs: list[Sequence]) -> None:
-        logits = self.decode_step(*self._decode_inputs(seqs))
+        logits = self.decode_step(torch.tensor(input_ids, device=self.device),
+                                  torch.tensor(positions, device=self.device), length)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
         self._append_tokens(seqs, sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs]))
 

@@ -204,21 +204,15 @@ class Attention(nn.Module):
                mask: torch.Tensor) -> torch.Tensor:
         """x (B, 1, C): one new token for each of the sequences in slots 0..B-1, at `positions` (B,);
         mask (B, 1, 1, L): which of cache positions 0..L-1 each row attends to."""
+        B, L = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
-        return self.o_proj(self.decode_attend(q, k, v, positions, mask))
-
-    def decode_attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                      mask: torch.Tensor) -> torch.Tensor:
-        """Decode attention: q (B, nh, 1, hs), k and v (B, nkv, 1, hs) of the new tokens of slots
-        0..B-1 at `positions` → (B, 1, nh * hs). Their keys and values go to the cache first."""
-        B, L = q.shape[0], mask.shape[-1]
-        rows = torch.arange(B, device=q.device)
+        rows = torch.arange(B, device=x.device)
         self.cache.k[rows, :, positions] = k[:, :, 0]  # (B, nkv, hs)
         self.cache.v[rows, :, positions] = v[:, :, 0]
         keys = self.cache.k[:B, :, :L]  # (B, nkv, L, hs), a view
         values = self.cache.v[:B, :, :L]
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
-        return y.transpose(1, 2).reshape(B, 1, -1)
+        return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
 
 def _concat_linears(*linears: nn.Linear) -> nn.Linear:
@@ -346,23 +340,13 @@ class LlamaForCausalLM(nn.Module):
         return self.model.embed_tokens(input_ids)
 
     @torch.inference_mode()
-    def prefill(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]],
-                decode_ids: torch.Tensor | None = None, decode_positions: torch.Tensor | None = None,
-                decode_length: int = 0) -> torch.Tensor:
+    def prefill(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """inputs_embeds (1, N, C): prompt chunks of several sequences packed one after another,
         segments [(slot, start, length)] with lengths summing to N → logits of each segment's
-        last token (S, V), float32.
-
-        With decode_ids and decode_positions (B,), the same forward pass also decodes one token for
-        each of the sequences in slots 0..B-1, as `decode` does with length `decode_length`: their
-        rows ride along the prompt tokens through every projection and MLP, so a step that
-        prefills reads the weights once instead of twice. The logits are then (S + B, V), the
-        decode rows last.
-        """
+        last token (S, V), float32."""
         device = inputs_embeds.device
         if sum(length for _, _, length in segments) != inputs_embeds.shape[1]:
             raise ValueError(f"segments of {[n for _, _, n in segments]} tokens do not pack {inputs_embeds.shape[1]}")
-        num_prompt_tokens = inputs_embeds.shape[1]
         masks = []
         for _, start, length in segments:
             if start + length > self.max_seq_len:
@@ -371,32 +355,17 @@ class LlamaForCausalLM(nn.Module):
             masks.append(None if start == 0 else torch.arange(start + length, device=device)[None, :]
                          <= torch.arange(start, start + length, device=device)[:, None])
         positions = torch.cat([torch.arange(start, start + length) for _, start, length in segments]).to(device)
+        cos = self.rope_cos[positions][None, None]  # (1, 1, N, hs)
+        sin = self.rope_sin[positions][None, None]
         # An inference tensor like every later layer's input: the compiled layers would compile
         # again for a normal tensor (torch.compile guards on the dispatch keys).
         h = inputs_embeds.clone()
-        if decode_ids is not None:
-            decode_positions = decode_positions.clone()
-            decode_mask = (torch.arange(decode_length, device=device)[None, :]
-                           <= decode_positions[:, None])[:, None, None, :]  # (B, 1, 1, L)
-            positions = torch.cat([positions, decode_positions])
-            h = torch.cat([h, self.embed(decode_ids)[None]], dim=1)  # (1, N + B, C)
-        cos = self.rope_cos[positions][None, None]  # (1, 1, N (+ B), hs)
-        sin = self.rope_sin[positions][None, None]
-        prompt = slice(0, num_prompt_tokens)
         for layer in self.model.layers:
-            q, k, v = self.prefill_qkv(layer, h, cos, sin)  # (1, nh or nkv, N (+ B), hs)
-            y = layer.self_attn.attend(q[:, :, prompt], k[:, :, prompt], v[:, :, prompt], segments, masks)
-            if decode_ids is not None:
-                rest = slice(num_prompt_tokens, None)  # one token per decoded sequence: (B, nh, 1, hs)
-                q_dec, k_dec, v_dec = (t[:, :, rest].transpose(0, 2) for t in (q, k, v))
-                y_dec = layer.self_attn.decode_attend(q_dec, k_dec, v_dec, decode_positions, decode_mask)
-                y = torch.cat([y, y_dec.transpose(0, 1)], dim=1).contiguous()  # (1, N + B, nh * hs)
-            h = self.prefill_out(layer, h, y)
-        rows = torch.tensor([length for _, _, length in segments]).cumsum(0).to(device) - 1
-        if decode_ids is not None:
-            rows = torch.cat([rows, torch.arange(num_prompt_tokens, h.shape[1], device=device)])
-        # The norm is per token: normalising only the rows whose logits are wanted gives the same logits.
-        return self.lm_head(self.model.norm(h[0, rows])).float()
+            q, k, v = self.prefill_qkv(layer, h, cos, sin)
+            h = self.prefill_out(layer, h, layer.self_attn.attend(q, k, v, segments, masks))
+        last = torch.tensor([length for _, _, length in segments]).cumsum(0).to(device) - 1
+        # The norm is per token: normalising only the last tokens gives the same logits.
+        return self.lm_head(self.model.norm(h[0, last])).float()
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:

@@ -335,49 +335,17 @@ def test_non_finite_image_embeddings_are_refused_at_prefill_and_the_others_go_on
     assert engine.free_slots == engine.num_slots
 
 
-@pytest.mark.parametrize("fault", [False, True])
-def test_running_sequences_decode_in_the_prefill_forward_pass(parts, monkeypatch, fault):
-    """A prompt admitted while others run is prefilled in the same forward pass as their decode
-    (one pass a step). If that pass fails, the prompt is retried alone and the running
-    sequences decode on their own: every answer still equals transformers'."""
-    _, model_spec, tokenizer, hf = parts
-    engine = make_engine(parts)
-    prefill = engine.model.prefill
-    mixed = []
-
-    def counting(embeds, segments, *decode):
-        mixed.append(bool(decode))
-        if fault and decode:
-            raise RuntimeError("injected fault in the mixed step")
-        return prefill(embeds, segments, *decode)
-
-    monkeypatch.setattr(engine.model, "prefill", counting)
-    prompts = ["What is in the picture?", "Describe a cat.", "Tell me a long story about the sea and sky."]
-    ids = [prompt_ids(tokenizer, p) for p in prompts]
-    sinks = [Collect() for _ in prompts]
-    engine.submit(ids[0], None, params(max_tokens=8, ignore_eos=True), sinks[0])
-    engine.step()
-    engine.step()  # the first sequence is running
-    for x, sink in zip(ids[1:], sinks[1:]):
-        engine.submit(x, None, params(max_tokens=8, ignore_eos=True), sink)
-    run_until_done(engine, sinks)
-    assert mixed[0] is False and True in mixed  # the first prompt alone, then prompts with decode rows
-    for x, sink in zip(ids, sinks):
-        assert sink.errors == [] and sink.token_ids == hf_greedy(hf, x, 8)
-    assert engine.free_slots == SERVING.max_num_seqs
-
-
 def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, monkeypatch):
     _, model_spec, tokenizer, hf = parts
     engine = make_engine(parts, prefill_chunk_tokens=4096)
     calls = []
     prefill = engine.model.prefill
 
-    def failing_for_slot_1(embeds, segments, *decode):
+    def failing_for_slot_1(embeds, segments):
         calls.append([slot for slot, _, _ in segments])
         if any(slot == 1 for slot, _, _ in segments):
             raise RuntimeError("injected fault")
-        return prefill(embeds, segments, *decode)
+        return prefill(embeds, segments)
 
     monkeypatch.setattr(engine.model, "prefill", failing_for_slot_1)
     prompts = ["What is in the picture?", "Describe a cat.", "Tell me a long story about the sea and sky."]

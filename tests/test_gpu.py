@@ -141,11 +141,7 @@ def test_compiled_fused_decode_graphs_match_eager_decode():
         graphs = DecodeGraphs(model, max_batch=4, length_step=16)
         graphs.capture_all()
         replayed = graphs(ids, positions, 8).clone()
-        # A step that prefills slot 3 and decodes slots 0..2 in one compiled forward pass; the
-        # decode rows write the same cache positions again, so they give the same logits.
-        mixed = model.prefill(torch.randn(1, 9, 64, device="cuda"), [(3, 0, 9)], ids, positions, 8)[1:]
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
-    torch.testing.assert_close(mixed, eager, rtol=1e-4, atol=1e-4)
     # As in tests/test_llama.py: prefill 2, decode 4, whatever the layers and buckets.
     assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])

@@ -38,27 +38,6 @@ def test_packed_prefill_equals_one_sequence_at_a_time():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("fused", [False, True])
-def test_prefill_with_decode_rows_equals_prefill_then_decode(fused):
-    """The mixed step: slots 0 and 2 decode one token while slot 1's prompt is prefilled, in one
-    forward pass; slot 3 (free) rides along on a dummy token, as in `decode`."""
-    x = torch.randn(1, 20, 64)
-    models = [make_model(), make_model()]
-    for model in models:
-        if fused:
-            model.fuse()
-        model.prefill(x[:, :6], [(0, 0, 6)])  # slot 0: 6 prompt tokens, then decoding at position 6
-        model.prefill(x[:, 6:10], [(2, 0, 4)])
-    ids, positions = torch.tensor([11, 0, 13, 0]), torch.tensor([6, 63, 4, 63])
-    separate, mixed = models
-    expected = torch.cat([separate.prefill(x[:, 10:17], [(1, 0, 7)]), separate.decode(ids, positions, 7)])
-    got = mixed.prefill(x[:, 10:17], [(1, 0, 7)], ids, positions, 7)
-    assert got.shape == (1 + 4, CONFIG.vocab_size)
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    for a, b in zip(caches(mixed), caches(separate)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-
-
 def test_fused_projections_give_the_same_logits():
     x = torch.randn(1, 11, 64)
     ids, positions = torch.tensor([3, 9]), torch.tensor([5, 6])
@@ -92,11 +71,6 @@ def test_compiled_layers_match_eager_for_every_shape_with_few_compilations():
     for chunk in ([(0, 0, 7)], [(1, 0, 3), (2, 0, 9)], [(0, 7, 2), (3, 0, 1)]):
         x = torch.randn(1, sum(n for _, _, n in chunk), 64)
         torch.testing.assert_close(compiled.prefill(x, chunk), eager.prefill(x, chunk), rtol=1e-4, atol=1e-4)
-    # Prefill with decode rows riding along (the same compiled functions, more rows).
-    for batch in (1, 3):
-        ids, positions, x = torch.arange(batch) + 2, torch.arange(batch) + 3, torch.randn(1, 5, 64)
-        torch.testing.assert_close(compiled.prefill(x, [(3, 0, 5)], ids, positions, 8),
-                                   eager.prefill(x, [(3, 0, 5)], ids, positions, 8), rtol=1e-4, atol=1e-4)
     for batch, length in ((1, 16), (2, 16), (3, 32), (4, 48), (4, 64), (1, 64)):
         ids, positions = torch.arange(batch) + 5, torch.arange(batch) + 9
         torch.testing.assert_close(compiled.decode(ids, positions, length), eager.decode(ids, positions, length),
