@@ -16,8 +16,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cuda_graphs import batch_buckets, bucket, capture
+
+# Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
+# an H100, builds an execution plan for each new shape: 40-800 ms each there (measured), a stall
+# of every stream whenever a prompt of a new length arrives. Flash (causal) and memory-efficient
+# (masked) attention need no plan. Decode keeps cuDNN: its CUDA graphs have fixed shapes, whose
+# plans are built once at capture.
+PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -180,6 +188,11 @@ class Attention(nn.Module):
         token sees another sequence's. masks[i] is None for a first chunk (plain causal attention),
         else (length, end): the chunk attends to its cached prefix and causally to itself.
         """
+        with sdpa_kernel(PREFILL_SDPA_BACKENDS):
+            return self._attend(q, k, v, segments, masks)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int, int]],
+                masks: list[torch.Tensor | None]) -> torch.Tensor:
         ys, offset = [], 0
         for (slot, start, length), mask in zip(segments, masks):
             rows = slice(offset, offset + length)

@@ -38,6 +38,29 @@ def test_packed_prefill_equals_one_sequence_at_a_time():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+def test_prefill_attention_keeps_off_cudnn(monkeypatch):
+    """cuDNN's SDPA builds an execution plan per new shape (40-800 ms on the H100), and prefill
+    shapes change with every prompt length: prefill attention must run with it switched off.
+    Decode keeps it (fixed shapes in its CUDA graphs)."""
+    import torch.nn.functional as F
+
+    original = F.scaled_dot_product_attention
+    cudnn_allowed = []
+
+    def recording(*args, **kwargs):
+        cudnn_allowed.append(torch.backends.cuda.cudnn_sdp_enabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", recording)
+    model = make_model()
+    model.prefill(torch.randn(1, 9, 64), [(0, 0, 5), (1, 0, 4)])  # first chunks: causal
+    model.prefill(torch.randn(1, 3, 64), [(0, 5, 3)])  # a later chunk: masked
+    assert cudnn_allowed == [False] * (3 * CONFIG.num_hidden_layers)
+    cudnn_allowed.clear()
+    model.decode(torch.tensor([1, 2]), torch.tensor([8, 4]), 16)
+    assert cudnn_allowed == [True] * CONFIG.num_hidden_layers
+
+
 def test_fused_projections_give_the_same_logits():
     x = torch.randn(1, 11, 64)
     ids, positions = torch.tensor([3, 9]), torch.tensor([5, 6])
