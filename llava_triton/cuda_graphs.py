@@ -1,11 +1,16 @@
-"""What the decode graphs (llama.DecodeGraphs) and the vision graphs (vision.GraphedModule) share:
-batch buckets, and capturing one static-shape call as a CUDA graph."""
+"""What the language model and the vision models share on a GPU: batch buckets and capturing one
+static-shape call as a CUDA graph (llama.DecodeGraphs, vision.GraphedModule), and compiling their
+layers with an eager fallback."""
 
 from __future__ import annotations
 
-from typing import Callable
+import logging
+import time
+from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -31,3 +36,20 @@ def capture(fn: Callable[[], torch.Tensor], pool) -> tuple[torch.cuda.CUDAGraph,
     with torch.cuda.graph(graph, pool=pool):
         out = fn()
     return graph, out
+
+
+def compile_or_eager(module: Any, what: str, warm_up: Callable[[], Any]) -> bool:
+    """`module.compile_layers()`, then `warm_up()` (in inference mode) to make the calls that compile
+    them, before any CUDA graph capture. If that fails, `module.uncompile_layers()`: eager layers are
+    slower but correct, so serve rather than fail to load. Returns whether compiled layers are used."""
+    started = time.monotonic()
+    module.compile_layers()
+    try:
+        with torch.inference_mode():
+            warm_up()
+    except Exception:  # noqa: BLE001
+        log.exception("torch.compile of %s failed; running it eagerly", what)
+        module.uncompile_layers()
+        return False
+    log.info("compiled %s in %.1f s", what, time.monotonic() - started)
+    return True

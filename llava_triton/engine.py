@@ -20,6 +20,7 @@ import torch
 
 from .detokenize import TextStream, fast_decoder
 from .errors import InvalidRequestError, ServerBusyError
+from .cuda_graphs import compile_or_eager
 from .llama import DecodeGraphs, LlamaForCausalLM
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
@@ -142,25 +143,19 @@ def compile_model(model: LlamaForCausalLM) -> bool:
     """Compile the model's layers (LlamaForCausalLM.compile_layers) and make the calls that compile them,
     before any CUDA graph capture; eager layers if that fails. Returns whether compiled layers
     are used."""
-    started = time.monotonic()
-    model.compile_layers()
     device = model.lm_head.weight.device
-    try:
-        with torch.inference_mode():
-            # Dummy tokens at cache positions that every request writes before it reads them. Odd
-            # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
-            embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
-            model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
-            # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
-            for batch in sorted({1, min(2, model.max_slots)}):
-                positions = torch.full((batch,), model.max_seq_len - 1, device=device)
-                model.decode(torch.zeros_like(positions), positions, max(model.max_seq_len // 2, 1))
-    except Exception:  # noqa: BLE001 - eager layers are slower but correct: serve rather than fail to load
-        log.exception("torch.compile of the language model's layers failed; running them eagerly")
-        model.uncompile_layers()
-        return False
-    log.info("compiled the language model's layers in %.1f s", time.monotonic() - started)
-    return True
+
+    def warm_up() -> None:
+        # Dummy tokens at cache positions that every request writes before it reads them. Odd
+        # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
+        embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
+        model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
+        # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
+        for batch in sorted({1, min(2, model.max_slots)}):
+            positions = torch.full((batch,), model.max_seq_len - 1, device=device)
+            model.decode(torch.zeros_like(positions), positions, max(model.max_seq_len // 2, 1))
+
+    return compile_or_eager(model, "the language model", warm_up)
 
 
 class Engine:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,7 +37,7 @@ from torch import nn
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
-from llava_triton.cuda_graphs import batch_buckets, bucket, capture
+from llava_triton.cuda_graphs import batch_buckets, bucket, capture, compile_or_eager
 from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, TRITON_TYPE_NAMES, ModelSpec, read_spec,
                                wire_dtype)
@@ -330,28 +329,19 @@ class GraphedModule:
         return out[:n]
 
 
-def _is_gpu(device: torch.device) -> bool:
-    return device.type == "cuda"
-
-
 def maybe_compiled(module: VisionEncoder | Projector, item_shape: tuple[int, ...], dtype: torch.dtype,
                    device: torch.device, enabled: bool) -> None:
     """`module.compile_layers()` on a GPU when enabled, compiled here by calls at batch 1 and 3 (batch 1
     is specialised, 3 gives the dynamic-batch version every other bucket shares); eager layers if
-    compilation fails. Call before capturing CUDA graphs."""
-    if not enabled or not _is_gpu(device):
+    compilation fails (`compile_or_eager`). Call before capturing CUDA graphs."""
+    if not enabled or device.type != "cuda":
         return
-    started = time.monotonic()
-    module.compile_layers()
-    try:
-        with torch.inference_mode():
-            for batch in (1, 3):
-                module(torch.zeros((batch, *item_shape), dtype=dtype, device=device))
-    except Exception:  # noqa: BLE001 - eager is slower but correct: serve rather than fail to load
-        log.exception("torch.compile of %s failed; running it eagerly", type(module).__name__)
-        module.uncompile_layers()
-        return
-    log.info("compiled %s in %.1f s", type(module).__name__, time.monotonic() - started)
+
+    def warm_up() -> None:
+        for batch in (1, 3):
+            module(torch.zeros((batch, *item_shape), dtype=dtype, device=device))
+
+    compile_or_eager(module, type(module).__name__, warm_up)
 
 
 def maybe_graphed(module: nn.Module, item_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,

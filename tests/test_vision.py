@@ -21,6 +21,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from export import tensorrt as trt_export
 from export.onnx_export import ONNX_REL_TOLERANCE, OnnxMismatchError, check_error, export_vision
 from llava_triton import vision
+from llava_triton.cuda_graphs import compile_or_eager
 from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, SPEC_FILE, VISION_ENCODER,
                                ModelSpec, ServingConfig, write_spec)
@@ -212,9 +213,9 @@ def test_maybe_compiled_is_eager_on_the_cpu_when_off_or_when_compilation_fails(c
         return run
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    # The warm-up calls fail; the module goes back to its eager layers (its device is not looked at).
-    monkeypatch.setattr(vision, "_is_gpu", lambda device: True)
-    vision.maybe_compiled(projector, (16, 32), torch.float32, cpu, True)
+    # What maybe_compiled (and the language model's compile_model) do on a GPU: the warm-up call
+    # fails, and the module goes back to its eager layers.
+    assert not compile_or_eager(projector, "Projector", lambda: projector(torch.zeros(1, 16, 32)))
     assert "forward" not in projector.__dict__
     assert "torch.compile of Projector failed; running it eagerly" in caplog.text
     with torch.inference_mode():
