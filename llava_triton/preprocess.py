@@ -221,6 +221,10 @@ class Preprocessor:
         if image_token_id != spec.image_token_index:
             raise ValueError(f"tokenizer maps {IMAGE_TOKEN} to {image_token_id}, the config says "
                              f"image_token_index {spec.image_token_index}")
+        # Rescale and normalize map each 8-bit value of each channel to one float: tables of them
+        # replace the processor's float64 arithmetic over every pixel (3 of the 5 ms per image it took).
+        self._pixel_table = pixel_table(image_processor, spec.num_channels)
+        self._wire_pixel_table = pixel_values_to_wire(self._pixel_table, serving)
 
     @classmethod
     def from_pretrained(cls, checkpoint_dir: str | Path, spec: ModelSpec, serving: ServingConfig) -> "Preprocessor":
@@ -279,15 +283,24 @@ class Preprocessor:
                 for index, data in enumerate(images)]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, 3, image_size, image_size) float32 from the checkpoint's image processor."""
+        """(N, 3, image_size, image_size) float32, equal to the checkpoint's image processor's."""
+        return self._pixel_values(images, self._pixel_table)
+
+    def _pixel_values(self, images: Sequence[Image.Image], table: np.ndarray) -> np.ndarray:
         size = self.spec.image_size
+        shape = (len(images), self.spec.num_channels, size, size)
         if not images:
-            return np.zeros((0, self.spec.num_channels, size, size), dtype=np.float32)
-        pixel_values = self.image_processor(list(images), return_tensors="np")["pixel_values"]
-        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
-        if pixel_values.shape != (len(images), self.spec.num_channels, size, size):
-            raise RuntimeError(f"image processor gave pixel_values of shape {pixel_values.shape}, expected "
-                               f"{(len(images), self.spec.num_channels, size, size)}")
+            return np.zeros(shape, dtype=table.dtype)
+        # The processor resizes and crops (8-bit, channels first); the tables do the rest.
+        pixels = self.image_processor(list(images), do_rescale=False, do_normalize=False,
+                                      return_tensors="np")["pixel_values"]
+        if pixels.shape != shape or pixels.dtype != np.uint8:
+            raise RuntimeError(f"image processor gave {pixels.dtype} pixels of shape {pixels.shape}, expected uint8 "
+                               f"{shape}")
+        pixel_values = np.empty(shape, dtype=table.dtype)
+        for index in range(len(images)):
+            for channel in range(shape[1]):
+                np.take(table[channel], pixels[index, channel], out=pixel_values[index, channel])
         return pixel_values
 
     def __call__(self, images: Sequence[bytes], prompt: str | bytes) -> tuple[np.ndarray, np.ndarray]:
@@ -298,14 +311,14 @@ class Preprocessor:
         self._check_image_count(len(images))
         self._check_request_bytes(images, prompt)
         input_ids = self.build_input_ids(prompt, len(images))
-        pixel_values = self.pixel_values(self.decode_images(images))
+        pixel_values = self._pixel_values(self.decode_images(images), self._wire_pixel_table)
         if len(images) == 0:
             # Triton cannot send a batch of 0 images to the (batched) vision model, so a request
             # without images carries one all-zero image. It is harmless: the language model takes
             # only as many image embeddings as there are image-token runs in input_ids (none here).
             size = self.spec.image_size
-            pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=np.float32)
-        return input_ids, pixel_values_to_wire(pixel_values, self.serving)
+            pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=self._wire_pixel_table.dtype)
+        return input_ids, pixel_values
 
     def _check_request_bytes(self, images: Sequence[bytes], prompt: str | bytes) -> None:
         limit = self.serving.max_request_bytes
@@ -321,6 +334,20 @@ class Preprocessor:
             raise InvalidRequestError(
                 f"too many images: {num_images}, the limit is {self.serving.max_images_per_request} per request "
                 "(max_images_per_request)")
+
+
+def pixel_table(image_processor: Any, num_channels: int) -> np.ndarray:
+    """(num_channels, 256) float32: the image processor's rescale and normalize of each 8-bit value.
+
+    Computed by the processor's own methods on a ramp of the 256 values, so indexing the table with
+    an image's pixels gives the same floats, bit for bit, as running those steps on the image.
+    """
+    values = np.broadcast_to(np.arange(256, dtype=np.uint8), (num_channels, 1, 256)).copy()  # channels first
+    if image_processor.do_rescale:
+        values = image_processor.rescale(values, image_processor.rescale_factor)
+    if image_processor.do_normalize:
+        values = image_processor.normalize(values, image_processor.image_mean, image_processor.image_std)
+    return np.ascontiguousarray(values.reshape(num_channels, 256), dtype=np.float32)
 
 
 def pixel_values_to_wire(pixel_values: np.ndarray, serving: ServingConfig) -> np.ndarray:

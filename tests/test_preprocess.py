@@ -1,7 +1,7 @@
 """Preprocessing without a server: equal to transformers' LlavaProcessor, and every refusal.
 
-Tolerances: input_ids must be equal; pixel_values within atol 1e-6 (both sides run the same PIL
-image processor on the same decoded pixels, so they are in fact bit-identical).
+Tolerances: none. input_ids and pixel_values must be equal, bit for bit: both sides resize and crop
+with the same PIL image processor, and our rescale-and-normalize tables come from its own methods.
 """
 
 import dataclasses
@@ -19,7 +19,6 @@ from llava_triton.preprocess import (PROCESSOR_FILES, Preprocessor, copy_process
                                      pixel_values_to_wire)
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
 
-PIXEL_ATOL = 1e-6
 IMAGES = make_test_images()
 PROMPT = "What is in this image?"
 
@@ -53,7 +52,7 @@ def assert_matches_hf(checkpoint, preprocessor, images, prompt):
     assert int((input_ids == preprocessor.spec.image_token_index).sum()) == len(images) * 576
     if images:
         assert pixel_values.shape == hf_pixel_values.shape == (len(images), 3, 336, 336)
-        np.testing.assert_allclose(pixel_values, hf_pixel_values, rtol=0, atol=PIXEL_ATOL)
+        np.testing.assert_array_equal(pixel_values, hf_pixel_values)
     return input_ids, pixel_values
 
 
@@ -123,7 +122,27 @@ def test_half_precision_models_get_fp16_pixel_values(checkpoint, preprocessor, d
     compute = getattr(torch, dtype)
     got = torch.from_numpy(pixel_values).to(compute)
     assert torch.equal(got, torch.from_numpy(full_pixel_values).to(compute))
+    np.testing.assert_array_equal(pixel_values, pixel_values_to_wire(full_pixel_values, half.serving))
     assert half([], PROMPT)[1].dtype == np.float16
+
+
+@pytest.mark.parametrize("settings", [
+    {"image_mean": [0.5, 0.25, 0.125], "image_std": [0.1, 0.2, 0.3]},
+    {"do_normalize": False},
+    {"do_rescale": False},
+    {"rescale_factor": 1 / 127.5, "image_mean": [1.0, 1.0, 1.0], "image_std": [1.0, 1.0, 1.0]},
+])
+def test_other_image_processor_settings_match_the_processor(checkpoint, spec, settings):
+    """The rescale-and-normalize tables follow the checkpoint's processor settings, whatever they are."""
+    from transformers.models.auto.image_processing_auto import AutoImageProcessor
+
+    image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil", local_files_only=True, **settings)
+    loaded = Preprocessor.from_pretrained(checkpoint, spec, ServingConfig())
+    custom = Preprocessor(loaded.tokenizer, image_processor, loaded.chat_template, spec, ServingConfig())
+    decoded = custom.decode_images([IMAGES["jpeg"], IMAGES["png"]])
+    expected = image_processor(decoded, return_tensors="np")["pixel_values"].astype(np.float32)
+    np.testing.assert_array_equal(custom.pixel_values(decoded), expected)
+    assert not np.array_equal(expected, loaded.pixel_values(decoded))  # the settings did change the values
 
 
 def test_pixel_values_to_wire_rounds_once():
