@@ -83,7 +83,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"`{results['command']}`  ",
         f"checkpoint `{results['checkpoint']['path']}` ({results['checkpoint'].get('description')}); "
         f"served by Triton {machine.get('triton_server') or NA} with the {results['repository']['engine']} engine, "
-        f"{results['repository']['serving'].get('dtype')} on {results['repository']['serving'].get('device')}; "
+        f"{results['repository']['serving'].get('dtype')} on {results['repository']['serving'].get('device')}, "
+        f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')} (auto = the model's dtype), "
+        f"decode attention {results['repository']['serving'].get('decode_attention', 'auto')}; "
         f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",
         "",
         f"{workload['description']}. Closed loop: c streams, each sends its next request when the last one "

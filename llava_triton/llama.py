@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cuda_graphs import batch_buckets, bucket, capture
+from .decode_attention import decode_attention_op
 
 # Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
 # an H100, builds an execution plan for each new shape: 40-800 ms each there (measured), a stall
@@ -28,6 +29,8 @@ from .cuda_graphs import batch_buckets, bucket, capture
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# KV-cache dtypes besides the model's own (ServingConfig.kv_cache_dtype).
+KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -145,6 +148,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
 
+def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
+    """x in the cache's dtype. FP8 has no infinity and torch's cast makes NaN of what is past its
+    largest finite value (448 for e4m3): saturate instead, as FP8 KV caches elsewhere do."""
+    if x.dtype == cache.dtype:
+        return x
+    if cache.dtype.itemsize == 1:
+        largest = torch.finfo(cache.dtype).max
+        x = x.clamp(-largest, largest)
+    return x.to(cache.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -159,6 +173,7 @@ class Attention(nn.Module):
         # Only ask SDPA for grouped-query attention when there is some: it narrows the kernels.
         self.gqa = self.num_kv_heads != self.num_heads
         self.cache: KVCache | None = None
+        self.decode_kernel = False  # decode attention by llava_triton.decode_attention instead of SDPA
         self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix, after fuse()
 
     def fuse(self) -> None:
@@ -197,14 +212,14 @@ class Attention(nn.Module):
         for (slot, start, length), mask in zip(segments, masks):
             rows = slice(offset, offset + length)
             end = start + length
-            self.cache.k[slot, :, start:end] = k[0, :, rows]
-            self.cache.v[slot, :, start:end] = v[0, :, rows]
+            self.cache.k[slot, :, start:end] = to_cache_dtype(k[0, :, rows], self.cache.k)
+            self.cache.v[slot, :, start:end] = to_cache_dtype(v[0, :, rows], self.cache.v)
             if mask is None:
                 y = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True,
                                                    enable_gqa=self.gqa)
             else:
-                keys = self.cache.k[slot: slot + 1, :, :end]
-                values = self.cache.v[slot: slot + 1, :, :end]
+                keys = self.cache.k[slot: slot + 1, :, :end].to(q.dtype)  # a no-op unless the cache is FP8
+                values = self.cache.v[slot: slot + 1, :, :end].to(q.dtype)
                 y = F.scaled_dot_product_attention(q[:, :, rows], keys, values, attn_mask=mask, enable_gqa=self.gqa)
             ys.append(y.transpose(1, 2))  # (1, length, nh, hs)
             offset += length
@@ -216,14 +231,18 @@ class Attention(nn.Module):
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
                mask: torch.Tensor) -> torch.Tensor:
         """x (B, 1, C): one new token for each of the sequences in slots 0..B-1, at `positions` (B,);
-        mask (B, 1, 1, L): which of cache positions 0..L-1 each row attends to."""
+        mask (B, 1, 1, L): which of cache positions 0..L-1 each row attends to (row b: 0..positions[b])."""
         B, L = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
         rows = torch.arange(B, device=x.device)
-        self.cache.k[rows, :, positions] = k[:, :, 0]  # (B, nkv, hs)
-        self.cache.v[rows, :, positions] = v[:, :, 0]
-        keys = self.cache.k[:B, :, :L]  # (B, nkv, L, hs), a view
-        values = self.cache.v[:B, :, :L]
+        self.cache.k[rows, :, positions] = to_cache_dtype(k[:, :, 0], self.cache.k)  # (B, nkv, hs)
+        self.cache.v[rows, :, positions] = to_cache_dtype(v[:, :, 0], self.cache.v)
+        if self.decode_kernel:
+            # Each row reads its own positions + 1 cached tokens (not all L), in the cache's dtype.
+            y = decode_attention_op(q[:, :, 0], self.cache.k, self.cache.v, positions + 1, L)  # (B, nh, hs)
+            return self.o_proj(y.reshape(B, 1, -1))
+        keys = self.cache.k[:B, :, :L].to(q.dtype)  # (B, nkv, L, hs), a view unless the cache is FP8
+        values = self.cache.v[:B, :, :L].to(q.dtype)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
@@ -312,13 +331,16 @@ class LlamaForCausalLM(nn.Module):
         self.uncompile_layers()
 
     # -- set-up -------------------------------------------------------------------------
-    def setup_caches(self, max_slots: int, max_seq_len: int) -> None:
-        """Allocate the KV cache and the RoPE tables once, on the weights' device and dtype."""
+    def setup_caches(self, max_slots: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None,
+                     decode_kernel: bool = False) -> None:
+        """Allocate the KV cache (in the weights' dtype unless `kv_cache_dtype`) and the RoPE
+        tables once, on the weights' device; `decode_kernel`: decode attention by the Triton kernel."""
         c = self.config
         weight = self.lm_head.weight
         for layer in self.model.layers:
             layer.self_attn.cache = KVCache(max_slots, c.num_key_value_heads, max_seq_len, c.head_dim,
-                                            weight.dtype, weight.device)
+                                            kv_cache_dtype or weight.dtype, weight.device)
+            layer.self_attn.decode_kernel = decode_kernel
         # Tables in float32 then cast, as transformers' LlamaRotaryEmbedding does per call.
         positions = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(c))  # (S, hs/2)

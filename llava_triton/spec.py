@@ -153,6 +153,15 @@ class ServingConfig:
     prefill_chunk_tokens: int = 512  # prompt tokens prefilled per step, so decodes are not stalled
     max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length
     kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
+    # KV-cache element type: "auto" = the model's dtype; "fp8_e4m3" = FP8 (e4m3, unscaled,
+    # saturating), half the bytes of bfloat16, so twice the tokens fit and decode attention reads
+    # half as much. Not bit-exact with transformers: keys and values are rounded to 3 mantissa bits.
+    kv_cache_dtype: str = "auto"
+    # Decode attention: "triton" = llava_triton.decode_attention (each sequence reads only its own
+    # length; reads an FP8 cache), "sdpa" = PyTorch's scaled_dot_product_attention over the length
+    # bucket, "auto" = triton for an FP8 cache on a GPU where the triton package is importable
+    # (with a bfloat16 cache it measured no faster than SDPA), else sdpa.
+    decode_attention: str = "auto"
     cuda_graphs: bool = True  # on a GPU, replay decode steps and the vision models from CUDA graphs (captured at load)
     # On a GPU, fuse the small kernels (norms, RoPE, activations, bias and residual adds) around the
     # GEMMs and attention with torch.compile: the language model's decode and prefill layers, the
@@ -194,6 +203,10 @@ class ServingConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
+        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"kv_cache_dtype must be auto or fp8_e4m3, got {self.kv_cache_dtype!r}")
+        if self.decode_attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"decode_attention must be auto, triton or sdpa, got {self.decode_attention!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 

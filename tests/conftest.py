@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without a GPU, Triton kernels (llava_triton.decode_attention) run in Triton's interpreter on the
+# CPU. Set before the kernels are defined: triton.jit reads it when it decorates them.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 BUILD = Path(__file__).resolve().parent.parent / "build"
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Forget what torch.compile compiled in earlier tests. Every test compiles the same layer
+    functions (for other models, devices and settings), and past torch._dynamo's recompile limit
+    (8 per function) a fullgraph compile fails, which compile_model turns into eager layers."""
+    torch._dynamo.reset()
+    yield
 
 
 @pytest.fixture(scope="session")

@@ -361,3 +361,25 @@ def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, mon
         assert sinks[i].errors == []
         assert sinks[i].token_ids == hf_greedy(hf, ids[i], 5)[: len(sinks[i].token_ids)]
     assert engine.free_slots == SERVING.max_num_seqs
+
+
+@pytest.mark.parametrize("decode_attention", ["sdpa", "triton"])
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # Triton's interpreter
+def test_fp8_kv_cache_serves_and_its_first_token_matches_transformers(parts, decode_attention):
+    """kv_cache_dtype=fp8_e4m3 on either decode attention (the Triton kernel runs in Triton's
+    interpreter here). Prefill attends to its own fresh keys and values, so the first token is
+    transformers'; later ones read rounded keys and values and may differ."""
+    pytest.importorskip("triton")
+    _, _, tokenizer, hf = parts
+    engine = make_engine(parts, max_num_seqs=2, kv_cache_dtype="fp8_e4m3", decode_attention=decode_attention)
+    assert engine.model.model.layers[0].self_attn.cache.k.dtype == torch.float8_e4m3fn
+    assert engine.model.model.layers[0].self_attn.decode_kernel == (decode_attention == "triton")
+    ids = [prompt_ids(tokenizer, p) for p in ("Describe a cat.", "Tell me a long story about the sea and sky.")]
+    sinks = [Collect() for _ in ids]
+    for x, sink in zip(ids, sinks):
+        engine.submit(x, None, params(max_tokens=8, temperature=0.0, ignore_eos=True), sink)
+    run_until_done(engine, sinks)
+    for x, sink in zip(ids, sinks):
+        assert sink.errors == [] and len(sink.token_ids) == 8
+        assert sink.token_ids[0] == hf_greedy(hf, x, 1)[0]
+    assert engine.free_slots == 2

@@ -113,9 +113,12 @@ def test_decode_graphs_match_eager_decode():
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
 
 
-def test_compiled_fused_decode_graphs_match_eager_decode():
+@pytest.mark.parametrize("decode_kernel", [False, True])
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_compiled_fused_decode_graphs_match_eager_decode(decode_kernel):
     """The serving configuration on a GPU: fused projections, torch.compile'd decode layers
-    (one compiled function for every layer), replayed from CUDA graphs."""
+    (one compiled function for every layer), replayed from CUDA graphs; decode attention by SDPA
+    or by the Triton kernel (compared with eager SDPA decode either way)."""
     from torch._dynamo.utils import counters
 
     from llava_triton.engine import compile_model
@@ -135,6 +138,8 @@ def test_compiled_fused_decode_graphs_match_eager_decode():
         eager = model.decode(ids, positions, 8).clone()
         model.fuse()
         fused = model.decode(ids, positions, 8).clone()
+        for layer in model.model.layers:
+            layer.self_attn.decode_kernel = decode_kernel
         counters.clear()
         assert compile_model(model)  # its warm-up writes dummy tokens into slots 0 and 1, as at load
         model.prefill(prompts, segments)  # again, through the compiled prefill parts

@@ -81,6 +81,7 @@ def test_prefill_refuses_segments_that_do_not_fit():
         model.prefill(torch.randn(1, 6, 64), [(0, 12, 6)])
 
 
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_layers_match_eager_for_every_shape_with_few_compilations():
     """torch.compile (inductor, here on the CPU; on a GPU it is what `torch_compile` turns on)
     must trace the layers whole and not compile again for each batch, length or prompt size."""

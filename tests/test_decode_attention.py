@@ -1,0 +1,134 @@
+"""The Triton decode-attention kernel (run by Triton's interpreter on the CPU, see conftest.py)
+against PyTorch's SDPA on the same cached values, and the FP8 KV cache around it."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from llava_triton import decode_attention as da
+from llava_triton.engine import compile_model, use_decode_kernel
+from llava_triton.llama import LlamaForCausalLM, to_cache_dtype
+from llava_triton.spec import ServingConfig
+from test_llama import CONFIG
+
+pytestmark = [
+    pytest.mark.skipif(not da.available(), reason="the triton package is not installed"),
+    # Triton's interpreter converts 1-element arrays to scalars the way NumPy 1.25 deprecated.
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),
+]
+FP8 = torch.float8_e4m3fn
+# The kernel tests run compiled on a GPU where there is one (tests/test_gpu.py's machine).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(q, k_cache, v_cache, lengths):
+    """SDPA in float32 over each row's first lengths[b] positions (the cache's values as stored)."""
+    B, num_heads, _ = q.shape
+    L = int(lengths.max())
+    mask = (torch.arange(L, device=q.device)[None] < lengths[:, None])[:, None, None]  # (B, 1, 1, L)
+    keys, values = k_cache[:B, :, :L].float(), v_cache[:B, :, :L].float()
+    return F.scaled_dot_product_attention(q.float()[:, :, None], keys, values, attn_mask=mask,
+                                          enable_gqa=num_heads != k_cache.shape[1])[:, :, 0]
+
+
+@pytest.mark.parametrize("cache_dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (FP8, 2e-2)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,splits", [(4, 4, 1), (4, 2, 3), (8, 1, 5)])
+def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits):
+    torch.manual_seed(0)
+    max_len, head_dim = 200, 32
+    q_dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
+    q = torch.randn(4, num_heads, head_dim, dtype=q_dtype, device=DEVICE)
+    # One slot more than rows: slot 4 is not read. Rows: the whole cache, one token, a length that
+    # ends inside a block, and one shorter than the later splits' starts (their ranges are empty).
+    k_cache = torch.randn(5, num_kv_heads, max_len, head_dim, device=DEVICE).to(cache_dtype)
+    v_cache = torch.randn(5, num_kv_heads, max_len, head_dim, device=DEVICE).to(cache_dtype)
+    lengths = torch.tensor([max_len, 1, 77, 5], device=DEVICE)
+    got = da.decode_attention(q, k_cache, v_cache, lengths, splits)
+    assert got.dtype == q_dtype and got.shape == q.shape
+    torch.testing.assert_close(got.float(), reference(q, k_cache, v_cache, lengths), rtol=0, atol=atol)
+
+
+def test_kernel_reads_nothing_past_a_rows_length():
+    torch.manual_seed(1)
+    q = torch.randn(2, 2, 16, device=DEVICE)
+    k_cache, v_cache = torch.randn(2, 2, 128, 16, device=DEVICE), torch.randn(2, 2, 128, 16, device=DEVICE)
+    lengths = torch.tensor([70, 3], device=DEVICE)
+    expected = da.decode_attention(q, k_cache, v_cache, lengths, 2)
+    k_cache[0, :, 70:], v_cache[0, :, 70:] = float("nan"), float("nan")
+    k_cache[1, :, 3:], v_cache[1, :, 3:] = float("nan"), float("nan")
+    assert torch.equal(da.decode_attention(q, k_cache, v_cache, lengths, 2), expected)
+
+
+def test_splits_fill_the_gpu_but_never_get_shorter_than_a_block():
+    assert da.num_splits(1, 32, 768, 132) == math.ceil(768 / da.BLOCK_N)  # 12: capped by the length
+    assert da.num_splits(1, 32, 4096, 132) == math.ceil(da.PROGRAMS_PER_SM * 132 / 32)
+    assert da.num_splits(8, 32, 768, 132) == 3
+    assert da.num_splits(128, 32, 768, 132) == 1
+    assert da.num_splits(4, 4, 10, 132) == 1
+
+
+def test_fp8_cache_saturates_instead_of_making_nan():
+    cache = torch.zeros(3, dtype=FP8)
+    got = to_cache_dtype(torch.tensor([1e4, -1e4, 0.5]), cache)
+    assert got.dtype == FP8 and got.float().tolist() == [448.0, -448.0, 0.5]
+    same = torch.ones(2)
+    assert to_cache_dtype(same, torch.zeros(2)) is same
+
+
+def make_model(kv_cache_dtype=None, decode_kernel=False, slots=4, seq_len=64):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
+    model.setup_caches(slots, seq_len, kv_cache_dtype, decode_kernel)
+    model.fuse()
+    return model
+
+
+def run_decodes(model, steps=4):
+    """Prefill 3 sequences of different lengths, then `steps` decode steps → the logits of each."""
+    torch.manual_seed(2)
+    x = torch.randn(1, 5 + 9 + 2, CONFIG.hidden_size).to(DEVICE)
+    logits = [model.prefill(x, [(0, 0, 5), (1, 0, 9), (2, 0, 2)])]
+    positions = torch.tensor([5, 9, 2], device=DEVICE)
+    for step in range(steps):
+        ids = torch.tensor([7, 11, 13], device=DEVICE) + step
+        logits.append(model.decode(ids, positions + step, 64))
+    return logits
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_model_decodes_the_same_with_the_kernel(compiled):
+    """The kernel as decode attention inside the model (an opaque op to torch.compile) gives
+    what SDPA gives."""
+    sdpa, kernel = make_model(), make_model(decode_kernel=True)
+    if compiled:
+        assert compile_model(kernel)
+    for a, b in zip(run_decodes(kernel), run_decodes(sdpa)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("decode_kernel", [False, True])
+def test_fp8_cache_stays_close_to_the_full_precision_cache(decode_kernel):
+    full, fp8 = make_model(), make_model(FP8, decode_kernel)
+    assert fp8.model.layers[0].self_attn.cache.k.dtype == FP8
+    got, expected = run_decodes(fp8), run_decodes(full)
+    torch.testing.assert_close(got[0], expected[0])  # prefill attends to its fresh keys and values
+    for a, b in zip(got[1:], expected[1:]):
+        assert not torch.equal(a, b)  # decode read rounded keys and values...
+        torch.testing.assert_close(a, b, rtol=0, atol=0.05 * float(b.abs().max()))  # ...close to the full ones
+
+
+def test_decode_attention_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    fp8 = ServingConfig(kv_cache_dtype="fp8_e4m3")
+    assert not use_decode_kernel(fp8, cpu)  # auto: only on a GPU, and only for an FP8 cache
+    assert use_decode_kernel(fp8, cuda)
+    assert not use_decode_kernel(ServingConfig(), cuda)
+    assert use_decode_kernel(ServingConfig(decode_attention="triton"), cpu)
+    assert not use_decode_kernel(ServingConfig(decode_attention="sdpa"), cuda)
+    with pytest.raises(ValueError, match="decode_attention must be auto, triton or sdpa"):
+        ServingConfig(decode_attention="flash")
+    with pytest.raises(ValueError, match="kv_cache_dtype must be auto or fp8_e4m3"):
+        ServingConfig(kv_cache_dtype="int8")
