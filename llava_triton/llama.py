@@ -193,27 +193,30 @@ class Attention(nn.Module):
         v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int, int]],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cached: torch.Tensor,
+               v_cached: torch.Tensor, segments: list[tuple[int, int, int]],
                masks: list[torch.Tensor | None]) -> torch.Tensor:
         """Prefill attention over prompt chunks of several sequences packed one after another:
-        q (1, nh, N, hs), k and v (1, nkv, N, hs); segment i is tokens start..start+length-1 of the
-        sequence in `slot` (segments[i] = (slot, start, length)) → (1, N, nh * hs), contiguous.
+        q (1, nh, N, hs), k and v (1, nkv, N, hs), k_cached and v_cached: k and v in the cache's
+        dtype (see prefill_qkv); segment i is tokens start..start+length-1 of the sequence in
+        `slot` (segments[i] = (slot, start, length)) → (1, N, nh * hs), contiguous.
 
         Each chunk's keys and values go to its slot's cache, and attention runs per segment, so no
         token sees another sequence's. masks[i] is None for a first chunk (plain causal attention),
         else (length, end): the chunk attends to its cached prefix and causally to itself.
         """
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
-            return self._attend(q, k, v, segments, masks)
+            return self._attend(q, k, v, k_cached, v_cached, segments, masks)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[tuple[int, int, int]],
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cached: torch.Tensor,
+                v_cached: torch.Tensor, segments: list[tuple[int, int, int]],
                 masks: list[torch.Tensor | None]) -> torch.Tensor:
         ys, offset = [], 0
         for (slot, start, length), mask in zip(segments, masks):
             rows = slice(offset, offset + length)
             end = start + length
-            self.cache.k[slot, :, start:end] = to_cache_dtype(k[0, :, rows], self.cache.k)
-            self.cache.v[slot, :, start:end] = to_cache_dtype(v[0, :, rows], self.cache.v)
+            self.cache.k[slot, :, start:end] = k_cached[0, :, rows]
+            self.cache.v[slot, :, start:end] = v_cached[0, :, rows]
             if mask is None:
                 y = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True,
                                                    enable_gqa=self.gqa)
@@ -294,8 +297,11 @@ def decode_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: t
 
 
 def prefill_qkv(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """A prefill layer up to attention: h (1, N, C) → q, k, v with RoPE applied."""
-    return layer.self_attn._qkv(layer.input_layernorm(h), cos, sin)
+    """A prefill layer up to attention: h (1, N, C) → q, k, v with RoPE applied, and k, v in the
+    cache's dtype (the same tensors unless it is FP8: converted here, where it fuses into RoPE)."""
+    attention = layer.self_attn
+    q, k, v = attention._qkv(layer.input_layernorm(h), cos, sin)
+    return q, k, v, to_cache_dtype(k, attention.cache.k), to_cache_dtype(v, attention.cache.v)
 
 
 def prefill_out(layer: DecoderLayer, h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -396,8 +402,8 @@ class LlamaForCausalLM(nn.Module):
         # again for a normal tensor (torch.compile guards on the dispatch keys).
         h = inputs_embeds.clone()
         for layer in self.model.layers:
-            q, k, v = self.prefill_qkv(layer, h, cos, sin)
-            h = self.prefill_out(layer, h, layer.self_attn.attend(q, k, v, segments, masks))
+            qkv = self.prefill_qkv(layer, h, cos, sin)  # q, k, v, and k, v in the cache's dtype
+            h = self.prefill_out(layer, h, layer.self_attn.attend(*qkv, segments, masks))
         last = torch.tensor([length for _, _, length in segments]).cumsum(0).to(device) - 1
         # The norm is per token: normalising only the last tokens gives the same logits.
         return self.lm_head(self.model.norm(h[0, last])).float()
