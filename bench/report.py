@@ -84,6 +84,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"checkpoint `{results['checkpoint']['path']}` ({results['checkpoint'].get('description')}); "
         f"served by Triton {machine.get('triton_server') or NA} with the {results['repository']['engine']} engine, "
         f"{results['repository']['serving'].get('dtype')} on {results['repository']['serving'].get('device')}, "
+        f"decode weights {results['repository']['serving'].get('decode_weight_dtype', 'auto')}, "
         f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')} (auto = the model's dtype), "
         f"decode attention {results['repository']['serving'].get('decode_attention', 'auto')}; "
         f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",

@@ -193,10 +193,16 @@ class Engine:
         self.device = model.lm_head.weight.device
         self.dtype = model.lm_head.weight.dtype
         self.max_seq_len = serving.token_limit(spec)
+        # Weights in their final form first (fused, FP8 copies made), so the KV cache is sized from
+        # the memory they leave free.
+        model.fuse()
+        if serving.decode_weight_dtype == "fp8_e4m3":
+            model.quantize_fp8()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # return quantize_fp8's float32 temporaries before measuring
         self.num_slots = kv_cache_slots(model, serving, self.max_seq_len)
         model.setup_caches(self.num_slots, self.max_seq_len, kv_cache_dtype(model, serving),
                            decode_kernel=use_decode_kernel(serving, self.device))
-        model.fuse()
         self.decode_step = model.decode
         if serving.torch_compile and self.device.type == "cuda":
             compile_model(model)

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cuda_graphs import batch_buckets, bucket, capture
 from .decode_attention import decode_attention_op
+from .fp8 import quantize_linears
 
 # Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
 # an H100, builds an execution plan for each new shape: 40-800 ms each there (measured), a stall
@@ -362,6 +363,13 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
+
+    def quantize_fp8(self) -> None:
+        """FP8 copies, with per-output-channel scales, of every layer's projection weights for
+        decode (llava_triton.fp8). The embeddings and lm_head stay in the model's dtype only."""
+        for layer in self.model.layers:
+            quantize_linears(layer.self_attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"))
+            quantize_linears(layer.mlp, ("gate_up_proj", "gate_proj", "up_proj", "down_proj"))
 
     def compile_layers(self) -> None:
         """Fuse each layer's small kernels (norms, RoPE, SiLU, residual adds) with torch.compile,

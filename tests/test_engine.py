@@ -383,3 +383,18 @@ def test_fp8_kv_cache_serves_and_its_first_token_matches_transformers(parts, dec
         assert sink.errors == [] and len(sink.token_ids) == 8
         assert sink.token_ids[0] == hf_greedy(hf, x, 1)[0]
     assert engine.free_slots == 2
+
+
+def test_fp8_weights_serve(parts):
+    """decode_weight_dtype=fp8_e4m3: the projections get FP8 copies before the KV cache is sized, and
+    requests run to their length (values are not compared: FP8 weights round every projection)."""
+    from llava_triton.fp8 import Fp8Linear
+
+    _, _, tokenizer, _ = parts
+    engine = make_engine(parts, max_num_seqs=2, decode_weight_dtype="fp8_e4m3")
+    assert isinstance(engine.model.model.layers[0].mlp.down_proj, Fp8Linear)
+    sinks = [Collect(), Collect()]
+    for text, sink in zip(("Describe a cat.", "One"), sinks):
+        engine.submit(prompt_ids(tokenizer, text), None, params(max_tokens=6, ignore_eos=True), sink)
+    run_until_done(engine, sinks)
+    assert [len(s.token_ids) for s in sinks] == [6, 6] and not any(s.errors for s in sinks)

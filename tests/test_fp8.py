@@ -1,0 +1,116 @@
+"""FP8 weights (llava_triton/fp8.py): the quantisation, each matmul path against the dequantised
+weights, and a model served with them. The GEMV kernel runs in Triton's interpreter on the CPU
+(see conftest.py) and compiled on a GPU; cuBLASLt's FP8 GEMM only on a GPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from llava_triton import fp8
+from llava_triton.engine import compile_model
+from llava_triton.llama import LlamaForCausalLM
+from llava_triton.spec import ServingConfig
+from test_llama import CONFIG
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+needs_triton = pytest.mark.skipif(fp8.triton is None, reason="the triton package is not installed")
+
+
+def dequantized(layer: fp8.Fp8Linear) -> torch.Tensor:
+    return layer.weight.float() * layer.weight_scale[:, None]
+
+
+def test_rows_keep_three_mantissa_bits_and_their_largest_value():
+    torch.manual_seed(0)
+    weight = torch.randn(64, 300) * torch.logspace(-3, 1, 64)[:, None]  # rows of very different sizes
+    weight[5] = 0.0
+    quantized, scale = fp8.quantize_rows(weight)
+    assert quantized.dtype == fp8.FP8 and scale.shape == (64,) and scale[5] == 1.0
+    restored = quantized.float() * scale[:, None]
+    # e4m3 rounds to within 2^-4 of a value (relative), subnormals to within 2^-10 of the row's scale.
+    bound = weight.abs() * 2**-4 + scale[:, None] * 2**-10
+    assert bool(((restored - weight).abs() <= bound).all())
+    torch.testing.assert_close(restored.abs().amax(dim=1), weight.abs().amax(dim=1))  # the largest maps to 448
+    assert not restored[5].any()
+
+
+def test_linear_on_the_cpu_multiplies_by_the_dequantised_weights_up_to_fp8_max_rows():
+    torch.manual_seed(1)
+    linear = nn.Linear(96, 40, bias=False)
+    layer = fp8.Fp8Linear(linear)
+    x = torch.randn(2, 3, 96)
+    got = layer(x)
+    assert got.shape == (2, 3, 40)
+    torch.testing.assert_close(got, F.linear(x, dequantized(layer)), rtol=0, atol=0)
+    torch.testing.assert_close(got, linear(x), rtol=0.1, atol=0.05)  # and near the original
+    many = torch.randn(fp8.FP8_MAX_ROWS + 1, 96)  # more rows (prefill): the original weights, exactly
+    torch.testing.assert_close(layer(many), linear(many), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="no bias"):
+        fp8.Fp8Linear(nn.Linear(8, 8))
+
+
+@needs_triton
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")  # the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_kernel_equals_the_dequantised_product(dtype):
+    torch.manual_seed(2)
+    # Sizes that are not multiples of the kernel's blocks (4 rows, 512 columns).
+    layer = fp8.Fp8Linear(nn.Linear(700, 37, bias=False)).to(DEVICE)
+    x = torch.randn(1, 700, device=DEVICE).to(dtype)
+    got = fp8.fp8_gemv(x, layer.weight, layer.weight_scale)
+    assert got.shape == (1, 37) and got.dtype == dtype
+    expected = x.float() @ dequantized(layer).t()
+    torch.testing.assert_close(got.float(), expected, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's FP8 GEMM needs a GPU")
+def test_scaled_mm_path_stays_close_to_the_dequantised_product():
+    torch.manual_seed(3)
+    layer = fp8.Fp8Linear(nn.Linear(512, 256, bias=False)).cuda()
+    x = torch.randn(37, 512, device="cuda", dtype=torch.bfloat16)
+    got = layer(x)  # more than one row: activations rounded to FP8 too
+    expected = x.float() @ dequantized(layer).t()
+    error = (got.float() - expected).norm() / expected.norm()
+    assert 0 < error < 0.05
+    torch.testing.assert_close(layer(x[:1]).float(), expected[:1], rtol=1e-2, atol=1e-2)  # one row: the GEMV
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+def test_quantized_model_stays_close_to_the_full_one(compiled):
+    torch.manual_seed(0)
+    full = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
+    torch.manual_seed(0)
+    quantized = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
+    results = []
+    for model, quantize in ((full, False), (quantized, True)):
+        model.setup_caches(4, 64)
+        model.fuse()
+        if quantize:
+            model.quantize_fp8()
+            attention, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+            assert all(isinstance(m, fp8.Fp8Linear) for m in (attention.qkv_proj, attention.o_proj,
+                                                                mlp.gate_up_proj, mlp.down_proj))
+            assert model.lm_head.weight.dtype == torch.float32
+            if compiled:
+                assert compile_model(model)
+        torch.manual_seed(5)
+        x = torch.randn(1, 11, CONFIG.hidden_size, device=DEVICE)
+        logits = [model.prefill(x, [(0, 0, 5), (1, 0, 6)])]
+        for step in range(3):
+            ids = torch.tensor([3, 9], device=DEVICE) + step
+            logits.append(model.decode(ids, torch.tensor([5, 6], device=DEVICE) + step, 16))
+            logits.append(model.decode(ids[:1], torch.tensor([5], device=DEVICE) + step, 16))  # batch 1
+        results.append(logits)
+    for got, expected in zip(results[1], results[0]):
+        assert not torch.equal(got, expected)
+        error = (got - expected).norm() / expected.norm()
+        assert error < 0.03, error  # about 0.01 on this model
+
+
+def test_weight_dtype_setting():
+    assert ServingConfig(decode_weight_dtype="fp8_e4m3").decode_weight_dtype == "fp8_e4m3"
+    with pytest.raises(ValueError, match="decode_weight_dtype must be auto or fp8_e4m3"):
+        ServingConfig(decode_weight_dtype="int4")
