@@ -18,7 +18,7 @@ from typing import Any
 
 from llava_triton.vision import num_layers_needed
 
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8_e4m3": 1}
 
 # (substrings that must all be in the device name, value). First match wins: H200 before H100,
 # PCIe before the SXM form (reported as "NVIDIA H100 80GB HBM3").
@@ -63,20 +63,27 @@ def language_model_params(text_config: dict[str, Any]) -> dict[str, int]:
     per_layer = attention + mlp + 2 * hidden  # two RMSNorm weights
     embed = vocab * hidden
     lm_head = 0 if text_config.get("tie_word_embeddings", False) else vocab * hidden
+    projections = layers * (hidden * q + 2 * hidden * kv + q * hidden + 3 * hidden * intermediate)
     return {"embed": embed, "per_layer": per_layer, "layers": layers * per_layer, "final_norm": hidden,
+            "projections": projections,
             "lm_head": lm_head, "total": embed + layers * per_layer + hidden + lm_head,
             "kv_values_per_token": 2 * layers * kv_heads * head_dim}
 
 
-def decode_bytes_per_step(text_config: dict[str, Any], dtype: str, context_tokens: int) -> dict[str, int]:
+def decode_bytes_per_step(text_config: dict[str, Any], dtype: str, context_tokens: int,
+                          decode_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, int]:
     """Bytes a batch-1 decode step must read: weights (embedding table excluded, one row of it
-    read) and the KV cache of `context_tokens` positions, both in the serving dtype."""
+    read) and the KV cache of `context_tokens` positions, in the serving dtype, or in FP8 for the
+    layers' projection matrices (decode_weight_dtype) and the KV cache (kv_cache_dtype) where set."""
     size = DTYPE_BYTES[dtype]
     params = language_model_params(text_config)
     weights = (params["layers"] + params["final_norm"] + params["lm_head"] + int(text_config["hidden_size"])) * size
+    if decode_weight_dtype != "auto":
+        weights -= params["projections"] * (size - DTYPE_BYTES[decode_weight_dtype])
     if params["lm_head"] == 0:  # tied: the lm_head matmul reads the whole (shared) table
         weights += params["embed"] * size
-    kv_cache = params["kv_values_per_token"] * context_tokens * size
+    kv_size = size if kv_cache_dtype == "auto" else DTYPE_BYTES[kv_cache_dtype]
+    kv_cache = params["kv_values_per_token"] * context_tokens * kv_size
     return {"weights": weights, "kv_cache": kv_cache, "total": weights + kv_cache}
 
 
@@ -111,10 +118,12 @@ def vision_flops(config: dict[str, Any]) -> dict[str, int]:
 
 
 def limits(config: dict[str, Any], serving_dtype: str, device: str, device_name: str | None, context_tokens: int,
-           bandwidth_gbs: float | None = None, peak_tflops: float | None = None) -> dict[str, Any]:
+           bandwidth_gbs: float | None = None, peak_tflops: float | None = None,
+           decode_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """The limits of this model on this device (GPU figures None where unknown or on CPU)."""
     params = language_model_params(config["text_config"])
-    step = decode_bytes_per_step(config["text_config"], serving_dtype, context_tokens)
+    step = decode_bytes_per_step(config["text_config"], serving_dtype, context_tokens, decode_weight_dtype,
+                                 kv_cache_dtype)
     on_gpu = device.startswith("cuda")
     if bandwidth_gbs is None and on_gpu:
         bandwidth_gbs = lookup(GPU_BANDWIDTH_GBS, device_name)
@@ -125,6 +134,8 @@ def limits(config: dict[str, Any], serving_dtype: str, device: str, device_name:
         "device": device,
         "device_name": device_name,
         "serving_dtype": serving_dtype,
+        "decode_weight_dtype": decode_weight_dtype,
+        "kv_cache_dtype": kv_cache_dtype,
         "language_model_params": params["total"],
         "language_model_bytes": params["total"] * DTYPE_BYTES[serving_dtype],
         "language_model_param_breakdown": params,

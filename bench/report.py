@@ -73,6 +73,10 @@ def server_table(levels: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _fp8_note(dtype: str | None, what: str) -> str:
+    return f", {what} in {dtype}" if dtype not in (None, "auto") else ""
+
+
 def markdown(results: dict[str, Any]) -> str:
     machine, workload, limits = results["machine"], results["workload"], results["limits"]
     roofline = results["roofline"]
@@ -145,8 +149,9 @@ def markdown(results: dict[str, Any]) -> str:
         "Limits (from the checkpoint's config):",
         f"- language model: {limits['language_model_params'] / 1e9:.3f} B parameters = "
         f"{_gb(limits['language_model_bytes'])} in {limits['serving_dtype']}; a batch-1 decode step reads "
-        f"{_gb(step['total'])} (weights {_gb(step['weights'])} + KV cache of {limits['decode_context_tokens']} "
-        f"tokens {_gb(step['kv_cache'])})",
+        f"{_gb(step['total'])} (weights {_gb(step['weights'])}{_fp8_note(limits.get('decode_weight_dtype'), 'projections')} "
+        f"+ KV cache of {limits['decode_context_tokens']} tokens {_gb(step['kv_cache'])}"
+        f"{_fp8_note(limits.get('kv_cache_dtype'), 'values')})",
         f"- single-stream decode limit at {_fmt(limits['gpu_bandwidth_gbs'], 0)} GB/s: "
         f"{_fmt(limits['single_stream_decode_limit_tokens_per_s'])} tokens/s; c=1 measured "
         f"{_fmt(roofline.get('c1_output_tokens_per_s'))} tokens/s = {_fmt(roofline.get('c1_percent_of_limit'))} % "

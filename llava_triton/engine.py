@@ -18,10 +18,11 @@ from typing import Callable, Protocol
 
 import torch
 
+from . import decode_attention
+from .cuda_graphs import compile_or_eager
 from .detokenize import TextStream, fast_decoder
 from .errors import InvalidRequestError, ServerBusyError
-from .cuda_graphs import compile_or_eager
-from . import decode_attention
+from .fp8 import FP8_MAX_ROWS
 from .llama import KV_CACHE_DTYPES, DecodeGraphs, LlamaForCausalLM
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
@@ -173,6 +174,10 @@ def compile_model(model: LlamaForCausalLM) -> bool:
         # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
         embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
         model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
+        # Past FP8_MAX_ROWS tokens FP8 projections take their other branch (the model-dtype weights):
+        # compile that now too, not at the first long prompt.
+        long = min(FP8_MAX_ROWS + 1, model.max_seq_len)
+        model.prefill(embeds.new_zeros(1, long, model.config.hidden_size), [(0, 0, long)])
         # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
         for batch in sorted({1, min(2, model.max_slots)}):
             positions = torch.full((batch,), model.max_seq_len - 1, device=device)

@@ -16,7 +16,7 @@ from PIL import Image
 from bench import server_stats, vision
 from bench.__main__ import main as bench_main
 from bench.fake_server import check as fake_check
-from bench.limits import language_model_params
+from bench.limits import decode_bytes_per_step, language_model_params
 from llava_triton import spec
 from llava_triton.spec import ModelSpec, ServingConfig
 
@@ -109,7 +109,14 @@ def test_language_model_params_of_the_7b_config():
     # Llama-2-7B / LLaVA-1.5-7B: 6.74 B parameters (embedding, 32 layers, lm_head).
     text_config = {"hidden_size": 4096, "vocab_size": 32064, "num_hidden_layers": 32, "num_attention_heads": 32,
                    "num_key_value_heads": 32, "intermediate_size": 11008}
-    assert language_model_params(text_config)["total"] == 6_738_939_904
+    params = language_model_params(text_config)
+    assert params["total"] == 6_738_939_904
+    assert params["projections"] == 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)
+    # FP8 decode projections read 1 byte each instead of 2; an FP8 KV cache half the bytes.
+    full = decode_bytes_per_step(text_config, "bfloat16", 680)
+    fp8 = decode_bytes_per_step(text_config, "bfloat16", 680, "fp8_e4m3", "fp8_e4m3")
+    assert full["weights"] - fp8["weights"] == params["projections"]
+    assert 2 * fp8["kv_cache"] == full["kv_cache"] == 2 * 32 * 4096 * 680 * 2
 
 
 def test_server_stats_take_each_models_share_from_triton_counters():
