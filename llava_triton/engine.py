@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -135,6 +136,9 @@ def use_decode_kernel(serving: ServingConfig, device: torch.device) -> bool:
     if serving.decode_attention == "triton":
         if not decode_attention.available():
             raise RuntimeError("decode_attention is 'triton' but the triton package is not installed")
+        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise RuntimeError("decode_attention is 'triton' but the language model runs on the CPU: Triton "
+                               "kernels need a GPU (or TRITON_INTERPRET=1, Triton's slow interpreter)")
         return True
     return device.type == "cuda" and decode_attention.available() and serving.kv_cache_dtype != "auto"
 

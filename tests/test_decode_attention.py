@@ -120,7 +120,7 @@ def test_fp8_cache_stays_close_to_the_full_precision_cache(decode_kernel):
         torch.testing.assert_close(a, b, rtol=0, atol=0.05 * float(b.abs().max()))  # ...close to the full ones
 
 
-def test_decode_attention_setting():
+def test_decode_attention_setting(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     fp8 = ServingConfig(kv_cache_dtype="fp8_e4m3")
     assert not use_decode_kernel(fp8, cpu)  # auto: only on a GPU, and only for an FP8 cache
@@ -128,6 +128,9 @@ def test_decode_attention_setting():
     assert not use_decode_kernel(ServingConfig(), cuda)
     assert use_decode_kernel(ServingConfig(decode_attention="triton"), cpu)
     assert not use_decode_kernel(ServingConfig(decode_attention="sdpa"), cuda)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' CPU interpreter (conftest.py)
+    with pytest.raises(RuntimeError, match="Triton kernels need a GPU"):
+        use_decode_kernel(ServingConfig(decode_attention="triton"), cpu)
     with pytest.raises(ValueError, match="decode_attention must be auto, triton or sdpa"):
         ServingConfig(decode_attention="flash")
     with pytest.raises(ValueError, match="kv_cache_dtype must be auto or fp8_e4m3"):
