@@ -12,7 +12,8 @@ value (448) and rounded to FP8 once, at load. Then, by the number of activation 
 - M = 1 on a GPU (decode at batch 1): a Triton GEMV reads the FP8 weights and multiplies in
   float32 (`fp8_gemv`): weight-only quantisation, the activations stay bfloat16;
 - 1 < M <= FP8_MAX_ROWS on a GPU (larger decode batches): each activation row is scaled and rounded
-  to FP8 too, and `torch._scaled_mm` (cuBLASLt's FP8 GEMM) multiplies with both row-wise scales;
+  to FP8 too, and `torch._scaled_mm` (cuBLASLt's FP8 GEMM) multiplies with both row-wise scales
+  (it takes bfloat16 activations and sizes in multiples of 16; otherwise as on the CPU);
 - more rows (prefill): the model-dtype weights, as without this option;
 - on the CPU (tests), up to FP8_MAX_ROWS: the FP8 weights dequantised, in the activations' dtype.
 Not bit-exact with transformers: decode's weights keep 3 mantissa bits.
