@@ -17,6 +17,7 @@ The kernels are plain Triton: `TRITON_INTERPRET=1` runs them on the CPU (the tes
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -149,15 +150,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out
 
 
-_NUM_SMS: dict[torch.device, int] = {}
-
-
+@functools.cache
 def _num_sms(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 1
-    if device not in _NUM_SMS:
-        _NUM_SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
-    return _NUM_SMS[device]
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 @torch.library.custom_op("llava_triton::decode_attention", mutates_args=())

@@ -222,7 +222,8 @@ class Preprocessor:
             raise ValueError(f"tokenizer maps {IMAGE_TOKEN} to {image_token_id}, the config says "
                              f"image_token_index {spec.image_token_index}")
         # Rescale and normalize map each 8-bit value of each channel to one float: tables of them
-        # replace the processor's float64 arithmetic over every pixel (3 of the 5 ms per image it took).
+        # replace the processor's float64 arithmetic over every pixel (its pixel values of a 336x336
+        # image took 3.0 ms on the CI machine, 0.9 ms with the tables).
         self._pixel_table = pixel_table(image_processor, spec.num_channels)
         self._wire_pixel_table = pixel_values_to_wire(self._pixel_table, serving)
 
