@@ -375,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
 
     context_tokens = workload.prompt_tokens + args.output_tokens // 2  # mean context over the decode
     limits = bench_limits.limits(hf_config, serving.dtype, serving.device, device_name, context_tokens,
-                                 args.gpu_bandwidth_gbs, args.gpu_peak_tflops, serving.decode_weight_dtype,
+                                 args.gpu_bandwidth_gbs, args.gpu_peak_tflops, serving.lm_weight_dtype,
                                  serving.kv_cache_dtype)
     if baseline and baseline.get("language_model_params") not in (None, limits["language_model_params"]):
         notes.append(f"parameter count from the config ({limits['language_model_params']}) differs from the loaded "

@@ -71,15 +71,15 @@ def language_model_params(text_config: dict[str, Any]) -> dict[str, int]:
 
 
 def decode_bytes_per_step(text_config: dict[str, Any], dtype: str, context_tokens: int,
-                          decode_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, int]:
+                          lm_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, int]:
     """Bytes a batch-1 decode step must read: weights (embedding table excluded, one row of it
     read) and the KV cache of `context_tokens` positions, in the serving dtype, or in FP8 for the
-    layers' projection matrices (decode_weight_dtype) and the KV cache (kv_cache_dtype) where set."""
+    layers' projection matrices (lm_weight_dtype) and the KV cache (kv_cache_dtype) where set."""
     size = DTYPE_BYTES[dtype]
     params = language_model_params(text_config)
     weights = (params["layers"] + params["final_norm"] + params["lm_head"] + int(text_config["hidden_size"])) * size
-    if decode_weight_dtype != "auto":
-        weights -= params["projections"] * (size - DTYPE_BYTES[decode_weight_dtype])
+    if lm_weight_dtype != "auto":
+        weights -= params["projections"] * (size - DTYPE_BYTES[lm_weight_dtype])
     if params["lm_head"] == 0:  # tied: the lm_head matmul reads the whole (shared) table
         weights += params["embed"] * size
     kv_size = size if kv_cache_dtype == "auto" else DTYPE_BYTES[kv_cache_dtype]
@@ -119,10 +119,10 @@ def vision_flops(config: dict[str, Any]) -> dict[str, int]:
 
 def limits(config: dict[str, Any], serving_dtype: str, device: str, device_name: str | None, context_tokens: int,
            bandwidth_gbs: float | None = None, peak_tflops: float | None = None,
-           decode_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, Any]:
+           lm_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, Any]:
     """The limits of this model on this device (GPU figures None where unknown or on CPU)."""
     params = language_model_params(config["text_config"])
-    step = decode_bytes_per_step(config["text_config"], serving_dtype, context_tokens, decode_weight_dtype,
+    step = decode_bytes_per_step(config["text_config"], serving_dtype, context_tokens, lm_weight_dtype,
                                  kv_cache_dtype)
     on_gpu = device.startswith("cuda")
     if bandwidth_gbs is None and on_gpu:
@@ -134,7 +134,7 @@ def limits(config: dict[str, Any], serving_dtype: str, device: str, device_name:
         "device": device,
         "device_name": device_name,
         "serving_dtype": serving_dtype,
-        "decode_weight_dtype": decode_weight_dtype,
+        "lm_weight_dtype": lm_weight_dtype,
         "kv_cache_dtype": kv_cache_dtype,
         "language_model_params": params["total"],
         "language_model_bytes": params["total"] * DTYPE_BYTES[serving_dtype],

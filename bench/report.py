@@ -88,7 +88,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"checkpoint `{results['checkpoint']['path']}` ({results['checkpoint'].get('description')}); "
         f"served by Triton {machine.get('triton_server') or NA} with the {results['repository']['engine']} engine, "
         f"{results['repository']['serving'].get('dtype')} on {results['repository']['serving'].get('device')}, "
-        f"decode weights {results['repository']['serving'].get('decode_weight_dtype', 'auto')}, "
+        f"language-model weights {results['repository']['serving'].get('lm_weight_dtype', 'auto')}, "
         f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')} (auto = the model's dtype), "
         f"decode attention {results['repository']['serving'].get('decode_attention', 'auto')}; "
         f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",
@@ -149,7 +149,7 @@ def markdown(results: dict[str, Any]) -> str:
         "Limits (from the checkpoint's config):",
         f"- language model: {limits['language_model_params'] / 1e9:.3f} B parameters = "
         f"{_gb(limits['language_model_bytes'])} in {limits['serving_dtype']}; a batch-1 decode step reads "
-        f"{_gb(step['total'])} (weights {_gb(step['weights'])}{_fp8_note(limits.get('decode_weight_dtype'), 'projections')} "
+        f"{_gb(step['total'])} (weights {_gb(step['weights'])}{_fp8_note(limits.get('lm_weight_dtype'), 'projections')} "
         f"+ KV cache of {limits['decode_context_tokens']} tokens {_gb(step['kv_cache'])}"
         f"{_fp8_note(limits.get('kv_cache_dtype'), 'values')})",
         f"- single-stream decode limit at {_fmt(limits['gpu_bandwidth_gbs'], 0)} GB/s: "

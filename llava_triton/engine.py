@@ -23,8 +23,7 @@ from . import decode_attention
 from .cuda_graphs import compile_or_eager
 from .detokenize import TextStream, fast_decoder
 from .errors import InvalidRequestError, ServerBusyError
-from .fp8 import FP8_MAX_ROWS
-from .llama import KV_CACHE_DTYPES, DecodeGraphs, LlamaForCausalLM
+from .llama import KV_CACHE_DTYPES, DecodeGraphs, LlamaForCausalLM, PrefillGraphs
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
 from .spec import ModelSpec, ServingConfig
@@ -178,10 +177,6 @@ def compile_model(model: LlamaForCausalLM) -> bool:
         # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
         embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
         model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
-        # Past FP8_MAX_ROWS tokens FP8 projections take their other branch (the model-dtype weights):
-        # compile that now too, not at the first long prompt.
-        long = min(FP8_MAX_ROWS + 1, model.max_seq_len)
-        model.prefill(embeds.new_zeros(1, long, model.config.hidden_size), [(0, 0, long)])
         # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
         for batch in sorted({1, min(2, model.max_slots)}):
             positions = torch.full((batch,), model.max_seq_len - 1, device=device)
@@ -205,7 +200,7 @@ class Engine:
         # Weights in their final form first (fused, FP8 copies made), so the KV cache is sized from
         # the memory they leave free.
         model.fuse()
-        if serving.decode_weight_dtype == "fp8_e4m3":
+        if serving.lm_weight_dtype == "fp8_e4m3":
             model.quantize_fp8()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # return quantize_fp8's float32 temporaries before measuring
@@ -213,13 +208,17 @@ class Engine:
         model.setup_caches(self.num_slots, self.max_seq_len, kv_cache_dtype(model, serving),
                            decode_kernel=use_decode_kernel(serving, self.device))
         self.decode_step = model.decode
+        self.prefill_step = model.prefill
         if serving.torch_compile and self.device.type == "cuda":
             compile_model(model)
         if serving.cuda_graphs and self.device.type == "cuda":
             graphs = DecodeGraphs(model, self.num_slots)
             graphs.capture_all()
             self.decode_step = graphs
-            log.info("captured %d decode CUDA graphs", len(graphs.graphs))
+            prefill_graphs = PrefillGraphs(model, serving.prefill_chunk_tokens)
+            prefill_graphs.capture_all()
+            self.prefill_step = prefill_graphs
+            log.info("captured %d decode and %d prefill CUDA graphs", len(graphs.graphs), len(prefill_graphs.graphs))
         self.eos = frozenset(spec.eos_token_id)
         self._decode_ids = fast_decoder(tokenizer)
         # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
@@ -394,7 +393,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 packed = torch.cat([seq.inputs_embeds[:, start: start + n] for seq, start, n in chunks], dim=1)
-                logits = self.model.prefill(packed, [(seq.slot, start, n) for seq, start, n in chunks])  # (S, V)
+                logits = self.prefill_step(packed, [(seq.slot, start, n) for seq, start, n in chunks])  # (S, V)
         except Exception as exc:  # noqa: BLE001
             if len(chunks) == 1:
                 self._fail_prefill(chunks[0][0], exc)

@@ -157,11 +157,12 @@ class ServingConfig:
     # saturating), half the bytes of bfloat16, so twice the tokens fit and decode attention reads
     # half as much. Not bit-exact with transformers: keys and values are rounded to 3 mantissa bits.
     kv_cache_dtype: str = "auto"
-    # Decode's projection weights: "auto" = the model's own; "fp8_e4m3" = FP8 copies with a scale
-    # per output channel (llava_triton/fp8.py), half the bytes a decode step reads. Prefill keeps
-    # the model's weights, so this takes memory (half the projections' size) rather than saving it.
-    # Not bit-exact with transformers.
-    decode_weight_dtype: str = "auto"
+    # The language model's projection weights (its 32 layers' q/k/v/o and MLP matrices on a 7B):
+    # "auto" = the model's dtype; "fp8_e4m3" = FP8 with a scale per output channel, in place of the
+    # model's (llava_triton/fp8.py): half the bytes a decode step reads, twice the tensor-core rate
+    # for prefill, half the memory. Not bit-exact with transformers: weights, and activations of
+    # GEMMs over more than one token, keep 3 mantissa bits.
+    lm_weight_dtype: str = "auto"
     # Decode attention: "triton" = llava_triton.decode_attention (each sequence reads only its own
     # length; reads an FP8 cache), "sdpa" = PyTorch's scaled_dot_product_attention over the length
     # bucket, "auto" = triton for an FP8 cache on a GPU where the triton package is importable
@@ -210,8 +211,8 @@ class ServingConfig:
             raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
         if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
             raise ValueError(f"kv_cache_dtype must be auto or fp8_e4m3, got {self.kv_cache_dtype!r}")
-        if self.decode_weight_dtype not in ("auto", "fp8_e4m3"):
-            raise ValueError(f"decode_weight_dtype must be auto or fp8_e4m3, got {self.decode_weight_dtype!r}")
+        if self.lm_weight_dtype not in ("auto", "fp8_e4m3"):
+            raise ValueError(f"lm_weight_dtype must be auto or fp8_e4m3, got {self.lm_weight_dtype!r}")
         if self.decode_attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"decode_attention must be auto, triton or sdpa, got {self.decode_attention!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -339,7 +339,7 @@ def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, mon
     _, model_spec, tokenizer, hf = parts
     engine = make_engine(parts, prefill_chunk_tokens=4096)
     calls = []
-    prefill = engine.model.prefill
+    prefill = engine.prefill_step  # the model's prefill, or PrefillGraphs on a GPU
 
     def failing_for_slot_1(embeds, segments):
         calls.append([slot for slot, _, _ in segments])
@@ -347,7 +347,7 @@ def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, mon
             raise RuntimeError("injected fault")
         return prefill(embeds, segments)
 
-    monkeypatch.setattr(engine.model, "prefill", failing_for_slot_1)
+    monkeypatch.setattr(engine, "prefill_step", failing_for_slot_1)
     prompts = ["What is in the picture?", "Describe a cat.", "Tell me a long story about the sea and sky."]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     sinks = [Collect() for _ in prompts]
@@ -386,12 +386,12 @@ def test_fp8_kv_cache_serves_and_its_first_token_matches_transformers(parts, dec
 
 
 def test_fp8_weights_serve(parts):
-    """decode_weight_dtype=fp8_e4m3: the projections get FP8 copies before the KV cache is sized, and
+    """lm_weight_dtype=fp8_e4m3: the projections are FP8 before the KV cache is sized, and
     requests run to their length (values are not compared: FP8 weights round every projection)."""
     from llava_triton.fp8 import Fp8Linear
 
     _, _, tokenizer, _ = parts
-    engine = make_engine(parts, max_num_seqs=2, decode_weight_dtype="fp8_e4m3")
+    engine = make_engine(parts, max_num_seqs=2, lm_weight_dtype="fp8_e4m3")
     assert isinstance(engine.model.model.layers[0].mlp.down_proj, Fp8Linear)
     sinks = [Collect(), Collect()]
     for text, sink in zip(("Describe a cat.", "One"), sinks):

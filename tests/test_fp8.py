@@ -35,17 +35,20 @@ def test_rows_keep_three_mantissa_bits_and_their_largest_value():
     assert not restored[5].any()
 
 
-def test_linear_on_the_cpu_multiplies_by_the_dequantised_weights_up_to_fp8_max_rows():
+def test_linear_on_the_cpu_multiplies_by_the_dequantised_weights_and_keeps_no_full_copy():
     torch.manual_seed(1)
     linear = nn.Linear(96, 40, bias=False)
     layer = fp8.Fp8Linear(linear)
-    x = torch.randn(2, 3, 96)
-    got = layer(x)
-    assert got.shape == (2, 3, 40)
-    torch.testing.assert_close(got, F.linear(x, dequantized(layer)), rtol=0, atol=0)
-    torch.testing.assert_close(got, linear(x), rtol=0.1, atol=0.05)  # and near the original
-    many = torch.randn(fp8.FP8_MAX_ROWS + 1, 96)  # more rows (prefill): the original weights, exactly
-    torch.testing.assert_close(layer(many), linear(many), rtol=0, atol=0)
+    # Only FP8 weights and their scales: the model-dtype matrix is not kept (that is the memory saved).
+    assert {name: t.dtype for name, t in layer.state_dict().items()} == {"weight": fp8.FP8, "weight_scale": torch.float32}
+    assert not list(layer.parameters())
+    for shape in ((2, 3, 96), (1, 300, 96)):  # decode-sized and prefill-sized row counts alike
+        x = torch.randn(shape)
+        got = layer(x)
+        assert got.shape == (*shape[:-1], 40)
+        torch.testing.assert_close(got, F.linear(x, dequantized(layer)), rtol=0, atol=0)
+        reference = linear(x)
+        assert (got - reference).norm() / reference.norm() < 0.05  # and near the original
     with pytest.raises(ValueError, match="no bias"):
         fp8.Fp8Linear(nn.Linear(8, 8))
 
@@ -68,11 +71,13 @@ def test_gemv_kernel_equals_the_dequantised_product(dtype):
 def test_scaled_mm_path_stays_close_to_the_dequantised_product():
     torch.manual_seed(3)
     layer = fp8.Fp8Linear(nn.Linear(512, 256, bias=False)).cuda()
-    x = torch.randn(37, 512, device="cuda", dtype=torch.bfloat16)
-    got = layer(x)  # more than one row: activations rounded to FP8 too
-    expected = x.float() @ dequantized(layer).t()
-    error = (got.float() - expected).norm() / expected.norm()
-    assert 0 < error < 0.05
+    for rows in (37, 700):  # a decode batch, a prefill: activations rounded to FP8 per row too
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+        x[:, :3] *= 30  # outlier channels, as Llama's activations have: per-row scales absorb them
+        got = layer(x)
+        expected = x.float() @ dequantized(layer).t()
+        error = (got.float() - expected).norm() / expected.norm()
+        assert 0 < error < 0.05, (rows, error)  # about 0.025 on the H100
     torch.testing.assert_close(layer(x[:1]).float(), expected[:1], rtol=1e-2, atol=1e-2)  # one row: the GEMV
 
 
@@ -111,6 +116,6 @@ def test_quantized_model_stays_close_to_the_full_one(compiled):
 
 
 def test_weight_dtype_setting():
-    assert ServingConfig(decode_weight_dtype="fp8_e4m3").decode_weight_dtype == "fp8_e4m3"
-    with pytest.raises(ValueError, match="decode_weight_dtype must be auto or fp8_e4m3"):
-        ServingConfig(decode_weight_dtype="int4")
+    assert ServingConfig(lm_weight_dtype="fp8_e4m3").lm_weight_dtype == "fp8_e4m3"
+    with pytest.raises(ValueError, match="lm_weight_dtype must be auto or fp8_e4m3"):
+        ServingConfig(lm_weight_dtype="int4")

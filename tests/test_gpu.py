@@ -113,6 +113,46 @@ def test_decode_graphs_match_eager_decode():
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("weights", ["auto", "fp8_e4m3"])
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_prefill_graphs_match_eager_prefill(weights):
+    """PrefillGraphs on the serving configuration (fused, compiled; bf16, or FP8 projections and KV
+    cache): a lone first chunk replays its length bucket's graph and gives eager prefill's logits
+    and cache; other chunks (several sequences, a later chunk, past the largest bucket) run eager
+    prefill."""
+    from llava_triton.engine import compile_model
+    from llava_triton.llama import LlamaConfig, LlamaForCausalLM, PrefillGraphs
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    model.fuse()
+    if weights == "fp8_e4m3":  # with an FP8 KV cache too
+        model.quantize_fp8()
+    model.setup_caches(max_slots=4, max_seq_len=64, kv_cache_dtype=torch.float8_e4m3fn if weights != "auto" else None)
+    with torch.inference_mode():
+        assert compile_model(model)
+        graphs = PrefillGraphs(model, max_tokens=40, step=16)
+        assert graphs.buckets == [16, 32, 40]
+        graphs.capture_all()
+        calls = []
+        eager_prefill = model.prefill
+        model.prefill = lambda *args: calls.append(args[1]) or eager_prefill(*args)
+        x = torch.randn(1, 23, 64, device="cuda", dtype=torch.bfloat16)
+        got = graphs(x, [(2, 0, 23)])  # padded to 32
+        cache = [layer.self_attn.cache.k[2, :, :23].clone() for layer in model.model.layers]
+        assert calls == []
+        expected = eager_prefill(x, [(2, 0, 23)])
+        # Another GEMM size (32 rows, not 23) may round differently in bf16.
+        torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
+        for layer, k in zip(model.model.layers, cache):
+            torch.testing.assert_close(k.float(), layer.self_attn.cache.k[2, :, :23].float(), rtol=2e-2, atol=2e-2)
+        for segments, tokens in (([(0, 0, 5), (1, 0, 6)], 11), ([(2, 23, 4)], 4), ([(3, 0, 41)], 41)):
+            graphs(torch.randn(1, tokens, 64, device="cuda", dtype=torch.bfloat16), segments)
+        assert calls == [[(0, 0, 5), (1, 0, 6)], [(2, 23, 4)], [(3, 0, 41)]]
+
+
 @pytest.mark.parametrize("decode_kernel", [False, True])
 @pytest.mark.usefixtures("fresh_dynamo")
 def test_compiled_fused_decode_graphs_match_eager_decode(decode_kernel):

@@ -73,6 +73,31 @@ def test_fused_projections_give_the_same_logits():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("fused,kv_cache_dtype", [(False, None), (True, None), (True, torch.float8_e4m3fn)])
+def test_first_chunk_prefill_with_padding_equals_prefill(fused, kv_cache_dtype):
+    """The graph-safe first-chunk prefill (what PrefillGraphs captures): a prompt padded to its
+    bucket, the slot and the last real token given as device tensors, gives prefill's logits and
+    writes the same cache positions (in an FP8 cache too); the padding only writes positions past
+    the prompt."""
+    x = torch.randn(1, 7, 64)
+    expected_model, model = make_model(), make_model()
+    for m in (expected_model, model):
+        if fused:
+            m.fuse()
+        if kv_cache_dtype is not None:
+            m.setup_caches(4, 64, kv_cache_dtype)
+    expected = expected_model.prefill(x, [(2, 0, 7)])
+    padded = torch.cat([x, torch.zeros(1, 9, 64)], dim=1)  # 7 tokens padded to a bucket of 16
+    got = model.prefill_first_chunk(padded, torch.tensor([2]), torch.tensor([6]))
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(caches(model), caches(expected_model)):
+        a, b = a.float(), b.float()
+        torch.testing.assert_close(a[2, :, :7], b[2, :, :7], rtol=1e-5, atol=1e-5)  # the prompt's positions
+        assert not a[[0, 1, 3]].any() and not a[2, :, 16:].any()  # no other slot, nothing past the bucket
+    with pytest.raises(ValueError, match="exceeds the cache's 64"):
+        model.prefill_first_chunk(torch.zeros(1, 65, 64), torch.tensor([0]), torch.tensor([0]))
+
+
 def test_prefill_refuses_segments_that_do_not_fit():
     model = make_model(seq_len=16)
     with pytest.raises(ValueError, match="do not pack"):
