@@ -544,13 +544,17 @@ class PrefillGraphs:
     that host time is as long as the GPU's (on the H100 a 7B prefill of 608 tokens took 14.7 ms
     on the GPU and 16.4 ms in all; with FP8 weights 11.1 against 21.0 ms). The chunk is padded
     with zeros to its bucket (see `prefill_first_chunk` for why padding is harmless); buckets are
-    `step` tokens apart, so padding costs at most step - 1 tokens of GPU time.
+    `step` tokens apart, so padding costs at most step - 1 tokens of GPU time. Chunks longer than
+    MAX_TOKENS run eagerly: their GPU time exceeds the host's, which then stays ahead anyway, and
+    each larger bucket would cost load time and graph memory for nothing.
     """
+
+    MAX_TOKENS = 1024
 
     def __init__(self, model: LlamaForCausalLM, max_tokens: int, step: int = 64):
         self.model = model
         weight = model.lm_head.weight
-        largest = min(max_tokens, model.max_seq_len)
+        largest = min(max_tokens, model.max_seq_len, self.MAX_TOKENS)
         self.buckets = sorted({min(step * i, largest) for i in range(1, -(-largest // step) + 1)})
         self.embeds = torch.zeros(1, largest, model.config.hidden_size, device=weight.device, dtype=weight.dtype)
         self.slot = torch.zeros(1, dtype=torch.long, device=weight.device)
