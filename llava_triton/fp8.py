@@ -3,8 +3,8 @@
 Why: a decode step reads every weight once, so its time is the weights' bytes over the memory
 bandwidth, and FP8 halves those bytes (on the H100, a 7B batch-1 decode step took 3.7 ms instead
 of 6.0). Prefill is compute-bound, and the H100's FP8 tensor cores do twice the bfloat16 rate: four
-608-token prompts took 37 ms of GPU time instead of 61. The model-dtype weights are dropped, so
-the weights take about half the memory, left to the KV cache.
+608-token prompts took 37 ms of GPU time instead of 61. The model-dtype copies are dropped, so the
+projections take half the memory, left to the KV cache.
 
 How: each weight row (output channel) is scaled so its largest magnitude maps to FP8's largest
 value (448) and rounded to FP8 once, at load. Then, by the number of activation rows M:
@@ -12,8 +12,8 @@ value (448) and rounded to FP8 once, at load. Then, by the number of activation 
   float32 (`fp8_gemv`): weight-only quantisation, the activations stay bfloat16;
 - M > 1 on a GPU (decode batches, prefill): each activation row (token) is scaled and rounded to
   FP8 too, and `torch._scaled_mm` (cuBLASLt's FP8 GEMM) multiplies with both row-wise scales and
-  the tensor cores' fast FP8 accumulation (no measured loss against the slower one, 10-17 % faster
-  at prefill sizes). It takes bfloat16 activations and sizes in multiples of 16; otherwise as on
+  the tensor cores' fast FP8 accumulation (no measured loss against the slower one, 4-17 % less
+  time at prefill sizes). It takes bfloat16 activations and sizes in multiples of 16; otherwise as on
   the CPU;
 - on the CPU (tests): the FP8 weights dequantised, in the activations' dtype.
 Not bit-exact with transformers: the weights keep 3 mantissa bits, and so do M > 1 activations.
