@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from llava_triton import spec
-from llava_triton.spec import ModelSpec, ServingConfig
+from llava_triton.spec import RENAMED_OPTIONS, ModelSpec, ServingConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -25,6 +25,8 @@ def _parse_set(items: list[str]) -> dict:
     overrides = {}
     for item in items:
         key, sep, value = item.partition("=")
+        if key in RENAMED_OPTIONS:
+            raise SystemExit(f"--set {item!r}: {key} is now {RENAMED_OPTIONS[key]}")
         if not sep or key not in fields:
             raise SystemExit(f"--set {item!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
         try:

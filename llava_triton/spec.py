@@ -125,6 +125,10 @@ class ModelSpec:
         return cls(**data)
 
 
+# Serving options that were renamed: old name → what to use instead (named in the error).
+RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for prefill too; export again)"}
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """Serving knobs. Every default lives here and nowhere else."""
@@ -236,7 +240,8 @@ class ServingConfig:
                 data[name] = tuple(data[name])
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown serving options: {sorted(unknown)}")
+            renamed = "".join(f"; {old} is now {RENAMED_OPTIONS[old]}" for old in sorted(unknown & set(RENAMED_OPTIONS)))
+            raise ValueError(f"unknown serving options: {sorted(unknown)}{renamed}")
         return cls(**data)
 
 
