@@ -536,4 +536,9 @@ def test_killed_language_model_backend_is_reported_and_recovered(fault_repositor
     assert seen.recovered_at is not None and seen.new_stub, f"the server did not recover:\n{report}"
     assert not seen.wrong_answers, report
     assert server.restarts == 1, report
-    assert "stub of language_model" in log_path.read_text() and not list(SHM_DIR.glob(server.shm_prefix.rsplit("_", 2)[0] + "_*"))  # no launch left shared memory
+    # The supervisor names what it saw die first: the stub, or, when Triton 2.51 aborts on finding
+    # its stub gone before the supervisor's next look (seen once in CI, exit code -6), the server.
+    restart_note = [line for line in log_path.read_text().splitlines() if "restarting tritonserver" in line]
+    assert len(restart_note) == 1 and ("stub of language_model" in restart_note[0]
+                                       or "tritonserver exited" in restart_note[0]), restart_note
+    assert not list(SHM_DIR.glob(server.shm_prefix.rsplit("_", 2)[0] + "_*"))  # no launch left shared memory
