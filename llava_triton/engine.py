@@ -200,7 +200,7 @@ class Engine:
         # Weights in their final form first (fused, FP8 copies made), so the KV cache is sized from
         # the memory they leave free.
         model.fuse()
-        if serving.lm_weight_dtype == "fp8_e4m3":
+        if serving.lm_weight_dtype != "auto":  # FP8, the one other value
             model.quantize_fp8()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()  # return quantize_fp8's float32 temporaries before measuring

@@ -125,6 +125,9 @@ class ModelSpec:
         return cls(**data)
 
 
+# Values of kv_cache_dtype and lm_weight_dtype: "auto" = the model's dtype, or FP8 (e4m3).
+STORAGE_DTYPES = ("auto", "fp8_e4m3")
+
 # Serving options that were renamed: old name → what to use instead (named in the error).
 RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for prefill too; export again)"}
 
@@ -218,10 +221,9 @@ class ServingConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
-        if self.kv_cache_dtype not in ("auto", "fp8_e4m3"):
-            raise ValueError(f"kv_cache_dtype must be auto or fp8_e4m3, got {self.kv_cache_dtype!r}")
-        if self.lm_weight_dtype not in ("auto", "fp8_e4m3"):
-            raise ValueError(f"lm_weight_dtype must be auto or fp8_e4m3, got {self.lm_weight_dtype!r}")
+        for name in ("kv_cache_dtype", "lm_weight_dtype"):
+            if getattr(self, name) not in STORAGE_DTYPES:
+                raise ValueError(f"{name} must be {' or '.join(STORAGE_DTYPES)}, got {getattr(self, name)!r}")
         if self.decode_attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"decode_attention must be auto, triton or sdpa, got {self.decode_attention!r}")
         if self.dtype not in ("float32", "float16", "bfloat16"):
