@@ -1,4 +1,5 @@
-"""FP8 (e4m3) projection weights for the language model (ServingConfig.lm_weight_dtype).
+"""FP8 (e4m3) projection weights: the language model's (ServingConfig.lm_weight_dtype) and the
+vision encoder's and projector's (ServingConfig.vision_weight_dtype).
 
 Why: a decode step reads every weight once, so its time is the weights' bytes over the memory
 bandwidth, and FP8 halves those bytes (on the H100, a 7B batch-1 decode step took 3.7 ms instead
@@ -50,16 +51,16 @@ def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Fp8Linear(nn.Module):
-    """A bias-free nn.Linear whose weight is held in FP8 with per-output-channel scales (see the
-    module doc); built from an nn.Linear, whose weight it does not keep."""
+    """An nn.Linear whose weight is held in FP8 with per-output-channel scales (see the module doc);
+    built from an nn.Linear, whose weight it does not keep. A bias stays in the model's dtype and is
+    added after the product (CLIP's and the projector's linears have one, Llama's do not)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        if linear.bias is not None:
-            raise ValueError("Fp8Linear has no bias")
         weight, scale = quantize_rows(linear.weight.detach())
         self.register_buffer("weight", weight)  # (N, K) FP8
         self.register_buffer("weight_scale", scale)  # (N,) float32
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach())  # (N,) or None
         self.in_features, self.out_features = linear.in_features, linear.out_features
         # cuBLASLt's FP8 GEMM takes sizes in multiples of 16 and, with row-wise scales, bfloat16 out.
         self.scaled_mm_sizes = self.in_features % 16 == 0 and self.out_features % 16 == 0
@@ -79,6 +80,8 @@ class Fp8Linear(nn.Module):
             x_fp8 = (rows.float() / x_scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
             y = torch._scaled_mm(x_fp8, self.weight.t(), scale_a=x_scale, scale_b=self.weight_scale[None, :],
                                  out_dtype=x.dtype, use_fast_accum=True)
+        if self.bias is not None:
+            y = y + self.bias  # a separate add: torch.compile fuses it into the next elementwise kernel
         return y.reshape(*x.shape[:-1], self.out_features)
 
 

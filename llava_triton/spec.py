@@ -125,7 +125,7 @@ class ModelSpec:
         return cls(**data)
 
 
-# Values of kv_cache_dtype and lm_weight_dtype: "auto" = the model's dtype, or FP8 (e4m3).
+# Values of kv_cache_dtype, lm_weight_dtype and vision_weight_dtype: "auto" = the model's dtype, or FP8 (e4m3).
 STORAGE_DTYPES = ("auto", "fp8_e4m3")
 
 # Serving options that were renamed: old name → what to use instead (named in the error).
@@ -175,6 +175,10 @@ class ServingConfig:
     # for prefill, half the memory. Not bit-exact with transformers: weights, and activations of
     # GEMMs over more than one token, keep 3 mantissa bits.
     lm_weight_dtype: str = "auto"
+    # The vision encoder's layer projections and the projector's two linears: "auto" = the model's
+    # dtype; "fp8_e4m3" = FP8 as for lm_weight_dtype, activations rounded to FP8 per token too: twice
+    # the tensor-core rate for the GEMMs that are 91 % of the encoder's FLOPs. Not bit-exact.
+    vision_weight_dtype: str = "auto"
     # Decode attention: "triton" = llava_triton.decode_attention (each sequence reads only its own
     # length; reads an FP8 cache), "sdpa" = PyTorch's scaled_dot_product_attention over the length
     # bucket, "auto" = triton for an FP8 cache on a GPU where the triton package is importable
@@ -221,7 +225,7 @@ class ServingConfig:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
         if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
             raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
-        for name in ("kv_cache_dtype", "lm_weight_dtype"):
+        for name in ("kv_cache_dtype", "lm_weight_dtype", "vision_weight_dtype"):
             if getattr(self, name) not in STORAGE_DTYPES:
                 raise ValueError(f"{name} must be {' or '.join(STORAGE_DTYPES)}, got {getattr(self, name)!r}")
         if self.decode_attention not in ("auto", "triton", "sdpa"):

@@ -33,12 +33,14 @@ import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
 from llava_triton.cuda_graphs import batch_buckets, bucket, capture, compile_or_eager
 from llava_triton.errors import InvalidRequestError
+from llava_triton.fp8 import quantize_linears
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, TRITON_TYPE_NAMES, ModelSpec, read_spec,
                                wire_dtype)
 
@@ -100,6 +102,23 @@ class VisionEncoder(nn.Module):
         return cls(CLIPVisionConfig.from_dict(config["vision_config"]), config["vision_feature_layer"],
                    config["vision_feature_select_strategy"])
 
+    def fuse(self) -> None:
+        """One GEMM for each layer's q, k and v instead of three (the same rows and biases,
+        concatenated), as the served encoder runs them; the same products up to the GEMM library's
+        blocking."""
+        for layer in self.vision_tower.encoder.layers:
+            attention = layer.self_attn
+            attention.qkv_proj = _concat_linears(attention.q_proj, attention.k_proj, attention.v_proj)
+            del attention.q_proj, attention.k_proj, attention.v_proj
+
+    def quantize_fp8(self) -> None:
+        """Each layer's projections (q/k/v, out, fc1, fc2: 91 % of the FLOPs) in FP8 with per-output-
+        channel scales (llava_triton.fp8); the patch embedding and the norms stay in the model's
+        dtype. After any dtype change (Module.to would convert the FP8 buffers)."""
+        for layer in self.vision_tower.encoder.layers:
+            quantize_linears(layer.self_attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "out_proj"))
+            quantize_linears(layer.mlp, ("fc1", "fc2"))
+
     def compile_layers(self) -> None:
         """torch.compile one encoder layer function (dynamic shapes, so every batch bucket shares it)
         that serves all the layers: layer norms, bias adds, the activation and the residuals fuse
@@ -124,8 +143,21 @@ class VisionEncoder(nn.Module):
 
 
 def encoder_layer(layer: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """One CLIP encoder layer, a free function so that one compiled version serves every layer."""
-    return layer(hidden_states, None)
+    """One CLIP encoder layer (transformers' CLIPEncoderLayer in eval mode, no mask: pre-norm
+    attention and quick-GELU MLP, each with a residual), a free function so that one compiled
+    version serves every layer. q, k and v come from one GEMM once `VisionEncoder.fuse` ran."""
+    attention, mlp = layer.self_attn, layer.mlp
+    B, T, D = hidden_states.shape
+    x = layer.layer_norm1(hidden_states)
+    qkv_proj = getattr(attention, "qkv_proj", None)
+    if qkv_proj is not None:
+        q, k, v = qkv_proj(x).chunk(3, dim=-1)  # (B, T, D) each
+    else:
+        q, k, v = attention.q_proj(x), attention.k_proj(x), attention.v_proj(x)
+    q, k, v = (t.view(B, T, attention.num_heads, attention.head_dim).transpose(1, 2) for t in (q, k, v))
+    y = F.scaled_dot_product_attention(q, k, v, scale=attention.scale)  # (B, nh, T, hs); every patch sees all
+    hidden_states = hidden_states + attention.out_proj(y.transpose(1, 2).reshape(B, T, D))
+    return hidden_states + mlp.fc2(mlp.activation_fn(mlp.fc1(layer.layer_norm2(hidden_states))))
 
 
 class Projector(nn.Module):
@@ -151,6 +183,10 @@ class Projector(nn.Module):
     def from_module_config(cls, config: dict[str, Any]) -> "Projector":
         return cls(**config)
 
+    def quantize_fp8(self) -> None:
+        """Both linears in FP8 with per-output-channel scales (llava_triton.fp8), after any dtype change."""
+        quantize_linears(self, ("linear_1", "linear_2"))
+
     def compile_layers(self) -> None:
         """torch.compile the forward (dynamic shapes): the bias add and activation fuse into one kernel."""
         self.forward = torch.compile(self._forward, dynamic=True, fullgraph=True)
@@ -163,6 +199,15 @@ class Projector(nn.Module):
 
     def _forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_features)))
+
+
+def _concat_linears(*linears: nn.Linear) -> nn.Linear:
+    weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
+    return fused
 
 
 # --- loading from a Hugging Face checkpoint ------------------------------------------------------
@@ -486,6 +531,9 @@ def serve_encoder(version_dir: str | Path, instance_kind: str, device_id: str | 
     model, serving = read_spec(Path(version_dir))
     device, dtype = select_device(instance_kind, device_id), resolve_dtype(serving.dtype)
     encoder = load_encoder(version_dir, device, dtype)
+    encoder.fuse()
+    if serving.vision_weight_dtype != "auto":  # FP8, the one other value
+        encoder.quantize_fp8()
     output_item_shape = (encoder.num_image_tokens, encoder.hidden_size)
     _check_against_spec(IMAGE_FEATURES, output_item_shape, (model.num_image_tokens, model.vision_hidden_size))
     maybe_compiled(encoder, pixel_values_shape(model), dtype, device, serving.torch_compile)
@@ -500,6 +548,8 @@ def serve_projector(version_dir: str | Path, instance_kind: str, device_id: str 
     model, serving = read_spec(Path(version_dir))
     device, dtype = select_device(instance_kind, device_id), resolve_dtype(serving.dtype)
     projector = load_projector(version_dir, device, dtype)
+    if serving.vision_weight_dtype != "auto":
+        projector.quantize_fp8()
     _check_against_spec(IMAGE_EMBEDS, (projector.vision_hidden_size, projector.text_hidden_size),
                         (model.vision_hidden_size, model.text_hidden_size))
     maybe_compiled(projector, image_features_shape(model), dtype, device, serving.torch_compile)

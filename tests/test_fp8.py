@@ -49,8 +49,17 @@ def test_linear_on_the_cpu_multiplies_by_the_dequantised_weights_and_keeps_no_fu
         torch.testing.assert_close(got, F.linear(x, dequantized(layer)), rtol=0, atol=0)
         reference = linear(x)
         assert (got - reference).norm() / reference.norm() < 0.05  # and near the original
-    with pytest.raises(ValueError, match="no bias"):
-        fp8.Fp8Linear(nn.Linear(8, 8))
+
+
+def test_linear_with_a_bias_adds_it_after_the_product():
+    torch.manual_seed(4)
+    linear = nn.Linear(64, 48)  # CLIP's and the projector's linears have biases
+    layer = fp8.Fp8Linear(linear)
+    assert {name: t.dtype for name, t in layer.state_dict().items()} == {
+        "weight": fp8.FP8, "weight_scale": torch.float32, "bias": torch.float32}
+    torch.testing.assert_close(layer.bias, linear.bias.detach(), rtol=0, atol=0)
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(layer(x), F.linear(x, dequantized(layer), linear.bias.detach()))
 
 
 @needs_triton
@@ -70,12 +79,14 @@ def test_gemv_kernel_equals_the_dequantised_product(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's FP8 GEMM needs a GPU")
 def test_scaled_mm_path_stays_close_to_the_dequantised_product():
     torch.manual_seed(3)
-    layer = fp8.Fp8Linear(nn.Linear(512, 256, bias=False)).cuda()
+    # A bias too, in bfloat16 as the served vision models' are. (Quantise after any dtype change:
+    # Module.to(dtype) would convert the FP8 buffers, which are floating point.)
+    layer = fp8.Fp8Linear(nn.Linear(512, 256).to("cuda", torch.bfloat16))
     for rows in (37, 700):  # a decode batch, a prefill: activations rounded to FP8 per row too
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
         x[:, :3] *= 30  # outlier channels, as Llama's activations have: per-row scales absorb them
         got = layer(x)
-        expected = x.float() @ dequantized(layer).t()
+        expected = x.float() @ dequantized(layer).t() + layer.bias.float()
         error = (got.float() - expected).norm() / expected.norm()
         assert 0 < error < 0.05, (rows, error)  # about 0.025 on the H100
     torch.testing.assert_close(layer(x[:1]).float(), expected[:1], rtol=1e-2, atol=1e-2)  # one row: the GEMV

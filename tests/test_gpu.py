@@ -66,6 +66,28 @@ def test_compiled_graphed_vision_models_match_eager():
             torch.testing.assert_close(graphed_projector(expected), expected_embeds, rtol=5e-2, atol=5e-2)
 
 
+def test_fp8_vision_models_compiled_and_graphed_stay_close_to_float32():
+    """vision_weight_dtype=fp8_e4m3 as serve_encoder / serve_projector build it on a GPU: fused q/k/v,
+    FP8 weights (cuBLASLt's FP8 GEMM, activations rounded per token), compiled layers, graphs."""
+    device = torch.device("cuda")
+    reference_encoder, reference_projector = tiny_modules(device, torch.float32)
+    encoder, projector = tiny_modules(device, torch.bfloat16)
+    encoder.fuse()
+    encoder.quantize_fp8()
+    projector.quantize_fp8()
+    maybe_compiled(encoder, (3, 56, 56), torch.bfloat16, device, True)
+    maybe_compiled(projector, (16, 64), torch.bfloat16, device, True)
+    graphed_encoder = GraphedModule(encoder, (3, 56, 56), torch.bfloat16, device, max_batch=8)
+    graphed_projector = GraphedModule(projector, (16, 64), torch.bfloat16, device, max_batch=8)
+    pixels = torch.randn(8, 3, 56, 56, device=device)
+    with torch.inference_mode():
+        for n in (1, 3, 8):
+            expected = reference_projector(reference_encoder(pixels[:n]))
+            got = graphed_projector(graphed_encoder(pixels[:n].to(torch.bfloat16))).float()
+            error = ((got - expected).norm() / expected.norm()).item()
+            assert 0 < error < 0.08, (n, error)
+
+
 def test_fp16_wire_stages_through_pinned_memory_and_refuses_nan_rows_on_the_gpu():
     device = torch.device("cuda")
     encoder, _ = tiny_modules(device, torch.bfloat16)

@@ -356,6 +356,48 @@ def test_served_modules_batch_requests_with_an_fp16_wire(served_bfloat16, export
     assert encoder.forward([first[:0]])[0].dtype == np.float16
 
 
+def test_fused_qkv_encoder_matches_the_unfused_one(checkpoint):
+    model, path = checkpoint
+    encoder, _ = vision.load_from_checkpoint(path)
+    pixels = _pixels(3, seed=5)
+    with torch.inference_mode():
+        unfused = encoder(pixels)
+        encoder.fuse()
+        fused = encoder(pixels)
+    for layer in encoder.vision_tower.encoder.layers:
+        attention = layer.self_attn
+        assert attention.qkv_proj.weight.shape == (96, 32) and attention.qkv_proj.bias.shape == (96,)
+        assert not hasattr(attention, "q_proj")  # the separate matrices are dropped, not kept beside
+    torch.testing.assert_close(fused, unfused, rtol=0, atol=1e-6)
+
+
+def test_served_modules_with_fp8_weights(exported, checkpoint, tmp_path):
+    """vision_weight_dtype=fp8_e4m3: the encoder's layer projections and the projector's linears held
+    in FP8 (on the CPU multiplied dequantised; the GPU path is in test_gpu.py), close to transformers."""
+    model, _ = checkpoint
+    _, repo, _, spec = exported
+    serving = dataclasses.replace(SERVING, dtype="bfloat16", vision_weight_dtype="fp8_e4m3")
+    served = []
+    for name, serve in ((VISION_ENCODER, vision.serve_encoder), (PROJECTOR, vision.serve_projector)):
+        shutil.copytree(repo / name / "1", tmp_path / name)
+        write_spec(tmp_path / name, spec, serving)
+        served.append(serve(tmp_path / name, "CPU", "0"))
+    encoder, projector = served
+    fp8_weights = {name for name, tensor in encoder.module.state_dict().items() if tensor.dtype == torch.float8_e4m3fn}
+    # qkv, out, fc1 and fc2 in each of the 2 layers built (3, cut at -2); the patch embedding stays.
+    assert len(fp8_weights) == 2 * 4 and all(name.endswith("proj.weight") or ".fc" in name for name in fp8_weights)
+    assert {t.dtype for t in projector.module.state_dict().values()} == {torch.float8_e4m3fn, torch.float32,
+                                                                         torch.bfloat16}  # weights, scales, biases
+    pixels = _pixels(2, seed=6).numpy().astype(np.float16)
+    embeds = projector.run_requests(encoder.run_requests([pixels]))[0]
+    expected = _reference(model, torch.from_numpy(pixels.astype(np.float32)), -2, "default").numpy()
+    error = np.linalg.norm(embeds.astype(np.float32) - expected) / np.linalg.norm(expected)
+    print(f"FP8 vision weights: relative error {error:.4f} against transformers in float32")
+    assert 0 < error < 0.08, error
+    with pytest.raises(ValueError, match="vision_weight_dtype must be auto or fp8_e4m3, got 'int8'"):
+        ServingConfig(vision_weight_dtype="int8")
+
+
 def test_fp16_wire_output_beyond_fp16_range_is_refused_by_the_next_step():
     # A bfloat16 value past 65504 becomes inf in FP16; the next model's check refuses it.
     def scale(rows: torch.Tensor) -> torch.Tensor:
