@@ -61,6 +61,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="launch no new concurrency level once this much time has passed since the start "
                              "(the report lists the levels skipped); perf_analyzer and the baseline still run")
     parser.add_argument("--skip-vision", action="store_true", help="no perf_analyzer run")
+    parser.add_argument("--skip-projector", action="store_true",
+                        help="perf_analyzer on vision_encoder only, not on the projector")
     parser.add_argument("--vision-batch-sizes", type=int, nargs="+", default=list(DEFAULT_VISION_BATCH_SIZES))
     parser.add_argument("--vision-requests", type=int, default=50,
                         help="perf_analyzer --measurement-request-count (requests per window)")
@@ -211,7 +213,8 @@ def run_baseline(checkpoint: Path, batch_sizes: list[int], output_tokens: int, r
     return result
 
 
-def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any]) -> dict[str, Any]:
+def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any],
+             projector: list[dict] | None = None) -> dict[str, Any]:
     from bench.limits import percent
 
     limit = limits["single_stream_decode_limit_tokens_per_s"]
@@ -238,6 +241,14 @@ def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any]) -> 
         best = max(measured, key=lambda entry: entry["images_per_s"])
         result.update({"vision_best_batch_size": best["batch_size"], "vision_best_images_per_s": best["images_per_s"],
                        "vision_percent_of_peak": best["percent_of_peak"]})
+    # Encoder and projector one after the other on one GPU, each image through both: their times per
+    # image add up (an estimate from the two separate runs: in the ensemble their copies may overlap).
+    projected = {entry["batch_size"]: entry["images_per_s"] for entry in projector or [] if "images_per_s" in entry}
+    both = {entry["batch_size"]: round(1.0 / (1.0 / entry["images_per_s"] + 1.0 / projected[entry["batch_size"]]), 1)
+            for entry in measured if entry["batch_size"] in projected}
+    if both:
+        batch = max(both, key=both.get)
+        result.update({"vision_and_projector_batch_size": batch, "vision_and_projector_images_per_s": both[batch]})
     return result
 
 
@@ -308,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     levels: list[dict[str, Any]] = []
     skipped_levels: list[int] = []
     vision_results: list[dict[str, Any]] = []
+    projector_results: list[dict[str, Any]] = []
     notes: list[str] = []
     triton_version = None
 
@@ -346,19 +358,27 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_vision:
             # The tensors' dtype is the served vision encoder's wire dtype (FP16 for half-precision models).
             encoder_spec, encoder_serving = read_spec(repository / spec.VISION_ENCODER / "1")
-            input_data = vision.write_input_data(out / "vision_input.json", w1_pixel_values(checkpoint),
-                                                 encoder_serving)
-            for batch_size in dict.fromkeys(args.vision_batch_sizes):
-                entry = vision.measure(server.url_grpc, batch_size, input_data, out,
-                                       output_item_bytes=vision.output_item_bytes(encoder_spec, encoder_serving),
-                                       measurement_requests=args.vision_requests,
-                                       concurrency=args.vision_concurrency, shared_memory=args.vision_shared_memory)
-                vision_results.append(entry)
-                if "error" in entry:
-                    clock.log(f"vision_encoder batch {batch_size}: perf_analyzer failed: {entry['error'][-300:]}")
-                else:
-                    clock.log(f"vision_encoder batch {batch_size}: {entry['images_per_s']:.1f} images/s, p50 "
-                              f"{entry['latency_p50_ms']:.1f} ms ({entry['shared_memory']} shared memory)")
+            pixel_values = w1_pixel_values(checkpoint)
+            inputs = {spec.VISION_ENCODER: vision.write_input_data(out / "vision_input.json", pixel_values,
+                                                                   encoder_serving)}
+            if not args.skip_projector:
+                inputs[spec.PROJECTOR] = vision.write_item(
+                    out / "projector_input.json", spec.IMAGE_FEATURES,
+                    vision.encoder_features(server.url_grpc, pixel_values, encoder_serving))
+            for model, data in inputs.items():
+                for batch_size in dict.fromkeys(args.vision_batch_sizes):
+                    entry = vision.measure(server.url_grpc, batch_size, data, out, model=model,
+                                           output_item_bytes=vision.output_item_bytes(encoder_spec, encoder_serving,
+                                                                                      model),
+                                           measurement_requests=args.vision_requests,
+                                           concurrency=args.vision_concurrency,
+                                           shared_memory=args.vision_shared_memory)
+                    (vision_results if model == spec.VISION_ENCODER else projector_results).append(entry)
+                    if "error" in entry:
+                        clock.log(f"{model} batch {batch_size}: perf_analyzer failed: {entry['error'][-300:]}")
+                    else:
+                        clock.log(f"{model} batch {batch_size}: {entry['images_per_s']:.1f} images/s, p50 "
+                                  f"{entry['latency_p50_ms']:.1f} ms ({entry['shared_memory']} shared memory)")
     clock.log("server stopped")
 
     baseline = None
@@ -404,11 +424,12 @@ def main(argv: list[str] | None = None) -> int:
         "levels": levels,
         "skipped_levels": skipped_levels,
         "vision": vision_results,
+        "projector": projector_results,
         "baseline": baseline,
         "limits": limits,
         "notes": notes,
     }
-    results["roofline"] = roofline(levels, vision_results, limits)
+    results["roofline"] = roofline(levels, vision_results, limits, projector_results)
     results["checks"] = checks(levels, workload, baseline)
     results["elapsed_s"] = round(clock.elapsed, 1)
 

@@ -89,7 +89,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"served by Triton {machine.get('triton_server') or NA} with the {results['repository']['engine']} engine, "
         f"{results['repository']['serving'].get('dtype')} on {results['repository']['serving'].get('device')}, "
         f"language-model weights {results['repository']['serving'].get('lm_weight_dtype', 'auto')}, "
-        f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')} (auto = the model's dtype), "
+        f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')}, "
+        f"vision weights {results['repository']['serving'].get('vision_weight_dtype', 'auto')} (auto = the model's dtype), "
         f"decode attention {results['repository']['serving'].get('decode_attention', 'auto')}; "
         f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",
         "",
@@ -141,6 +142,22 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {entry['batch_size']} | {_fmt(entry['images_per_s'])}{flag} | "
                          f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} | "
                          f"{_fmt(entry.get('percent_of_peak'), 1)} |")
+    projector = results.get("projector") or []
+    if projector:
+        lines += ["", "`projector` alone (perf_analyzer as above, the encoder's output for the W1 image):", "",
+                  "| batch | images/s | latency p50 (ms) | model execute (ms) |", "|---:|---:|---:|---:|"]
+        for entry in projector:
+            if "error" in entry:
+                lines.append(f"| {entry['batch_size']} | {entry['error']} | | |")
+                continue
+            flag = "" if entry.get("stable", True) else " (not stable: one fixed window)"
+            lines.append(f"| {entry['batch_size']} | {_fmt(entry['images_per_s'])}{flag} | "
+                         f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} |")
+        roof = results.get("roofline") or {}
+        if roof.get("vision_and_projector_images_per_s"):
+            lines += ["", f"Encoder then projector, each image through both on one GPU (their times per image "
+                          f"added): {_fmt(roof['vision_and_projector_images_per_s'])} images/s at batch "
+                          f"{roof['vision_and_projector_batch_size']}."]
 
     step = limits["decode_bytes_per_step"]
     flops = limits["vision_flops_per_image"]
@@ -161,7 +178,9 @@ def markdown(results: dict[str, Any]) -> str:
         f"{flops['tokens']} tokens; projector {flops['projector'] / 1e9:.1f} GFLOP more); at "
         f"{_fmt(limits['gpu_peak_tflops'], 0)} TFLOP/s dense bf16: "
         f"{_fmt(limits['vision_encoder_limit_images_per_s'])} images/s; best measured "
-        f"{_fmt(roofline.get('vision_best_images_per_s'))} images/s = {_fmt(roofline.get('vision_percent_of_peak'))} %",
+        f"{_fmt(roofline.get('vision_best_images_per_s'))} images/s = {_fmt(roofline.get('vision_percent_of_peak'))} %"
+        + (" of the bf16 peak (with FP8 weights its GEMMs run on FP8 tensor cores, twice that rate)"
+           if results['repository']['serving'].get('vision_weight_dtype', 'auto') != "auto" else ""),
     ]
     notes = results.get("notes") or []
     if notes:

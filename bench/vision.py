@@ -1,4 +1,5 @@
-"""perf_analyzer on the `vision_encoder` model with the W1 image's real pixel values.
+"""perf_analyzer on the `vision_encoder` model with the W1 image's real pixel values, and on the
+`projector` with the encoder's output for that image.
 
 The input-data file holds one (3, H, W) `pixel_values` item in the served repository's wire dtype
 (`spec.wire_dtype`: FP32, or FP16 for half-precision models), base64 of its raw bytes
@@ -38,17 +39,38 @@ def write_input_data(path: Path | str, pixel_values: np.ndarray, serving: Servin
     pixel_values = np.asarray(pixel_values, dtype=np.float32)
     if pixel_values.ndim != 3:
         raise ValueError(f"pixel_values must be one image (3, H, W), got shape {pixel_values.shape}")
-    pixel_values = np.ascontiguousarray(pixel_values_to_wire(pixel_values, serving))
-    item = {"content": {"b64": base64.b64encode(pixel_values.tobytes()).decode("ascii")},
-            "shape": list(pixel_values.shape)}
+    return write_item(path, spec.PIXEL_VALUES, pixel_values_to_wire(pixel_values, serving))
+
+
+def write_item(path: Path | str, name: str, item: np.ndarray) -> Path:
+    """perf_analyzer `--input-data` JSON with one item of input `name` (batch axis excluded), its raw bytes."""
+    item = np.ascontiguousarray(item)
+    entry = {"content": {"b64": base64.b64encode(item.tobytes()).decode("ascii")}, "shape": list(item.shape)}
     path = Path(path)
-    path.write_text(json.dumps({"data": [{spec.PIXEL_VALUES: item}]}) + "\n")
+    path.write_text(json.dumps({"data": [{name: entry}]}) + "\n")
     return path
 
 
-def output_item_bytes(model: ModelSpec, serving: ServingConfig) -> int:
-    """Bytes of one image's `image_features` (the vision encoder's output) in the wire dtype."""
-    return model.num_image_tokens * model.vision_hidden_size * spec.wire_dtype(serving).itemsize
+def encoder_features(url: str, pixel_values: np.ndarray, serving: ServingConfig) -> np.ndarray:
+    """The served vision encoder's `image_features` (576, 1024 on LLaVA-1.5) for one image's FP32
+    pixel values: the projector's perf_analyzer input, real values rather than random or zero ones
+    (zeros draw less power from the tensor cores, and random FP16 bits include NaNs)."""
+    import tritonclient.grpc as grpcclient
+
+    pixels = np.ascontiguousarray(pixel_values_to_wire(np.asarray(pixel_values, np.float32), serving)[None])
+    with grpcclient.InferenceServerClient(url) as client:
+        request = grpcclient.InferInput(spec.PIXEL_VALUES, list(pixels.shape), spec.TRITON_TYPE_NAMES[pixels.dtype])
+        request.set_data_from_numpy(pixels)
+        result = client.infer(spec.VISION_ENCODER, [request], outputs=[grpcclient.InferRequestedOutput(
+            spec.IMAGE_FEATURES)])
+    return result.as_numpy(spec.IMAGE_FEATURES)[0]
+
+
+def output_item_bytes(model: ModelSpec, serving: ServingConfig, name: str = spec.VISION_ENCODER) -> int:
+    """Bytes of one image's output of the vision encoder (`image_features`) or of the projector
+    (`image_embeds`), in the wire dtype."""
+    width = model.vision_hidden_size if name == spec.VISION_ENCODER else model.text_hidden_size
+    return model.num_image_tokens * width * spec.wire_dtype(serving).itemsize
 
 
 def perf_analyzer_args(url: str, batch_size: int, input_data: Path, csv_path: Path, *, model: str,

@@ -18,7 +18,7 @@ from bench.__main__ import main as bench_main
 from bench.fake_server import check as fake_check
 from bench.limits import decode_bytes_per_step, language_model_params
 from llava_triton import spec
-from llava_triton.spec import ModelSpec, ServingConfig
+from llava_triton.spec import ModelSpec, ServingConfig, read_spec
 
 REQUESTS, OUTPUT_TOKENS = 3, 8
 
@@ -70,6 +70,20 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
         assert entry["concurrency"] == 2
         assert _positive(entry["images_per_s"]) and _positive(entry["latency_p50_ms"])
         assert math.isclose(entry["requests_per_s"] * entry["batch_size"], entry["images_per_s"], rel_tol=1e-2)
+    # The projector alone too, on the encoder's output for the W1 image; then the two combined.
+    assert [entry["batch_size"] for entry in results["projector"]] == [1, 2]
+    for entry in results["projector"]:
+        assert "error" not in entry, entry
+        assert _positive(entry["images_per_s"]) and entry["shared_memory"] == "system"
+    inputs = json.loads((out / "projector_input.json").read_text())["data"][0]
+    model_spec, _ = read_spec(model_repository / "vision_encoder" / "1")
+    assert inputs["image_features"]["shape"] == [model_spec.num_image_tokens, model_spec.vision_hidden_size]
+    combined = results["roofline"]["vision_and_projector_images_per_s"]
+    by_batch = {entry["batch_size"]: entry["images_per_s"] for entry in results["vision"]}
+    best = results["roofline"]["vision_and_projector_batch_size"]
+    assert combined < by_batch[best] and math.isclose(
+        1 / combined, 1 / by_batch[best] + 1 / {e["batch_size"]: e["images_per_s"] for e in results["projector"]}[best],
+        rel_tol=1e-2)
 
     baseline = results["baseline"]
     assert [run["batch_size"] for run in baseline["runs"]] == [1, 2]
@@ -88,7 +102,8 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
     assert "| concurrency | requests | TTFT p50 (ms)" in table and "n/a" in table
     assert "| concurrency | preprocess queue / compute (ms)" in table
     assert "system shared memory, concurrency 2, the W1 image's" in table
-    assert table.count("\n| 1 |") >= 3 and "\n| 2 |" in table  # levels, baseline and vision rows
+    assert table.count("\n| 1 |") >= 4 and "\n| 2 |" in table  # levels, baseline, vision and projector rows
+    assert "`projector` alone" in table and "Encoder then projector" in table
     with Image.open(out / "throughput_vs_ttft.png") as image:
         assert image.format == "PNG" and image.size == (960, 640)
     assert (out / "tritonserver.log").stat().st_size > 0
@@ -156,6 +171,7 @@ def test_vision_input_and_output_sizes_follow_the_wire_dtype(tmp_path):
         assert item[spec.PIXEL_VALUES]["shape"] == [3, 28, 28] and len(raw) == pixel_values.size * itemsize
         np.testing.assert_allclose(np.frombuffer(raw, spec.wire_dtype(serving)).reshape(3, 28, 28), pixel_values,
                                    rtol=2**-8, atol=0)
-        assert vision.output_item_bytes(model, serving) == 4 * 8 * itemsize
+        assert vision.output_item_bytes(model, serving) == 4 * 8 * itemsize  # 4 patches x vision hidden
+        assert vision.output_item_bytes(model, serving, spec.PROJECTOR) == 4 * 16 * itemsize  # x text hidden
     with pytest.raises(ValueError, match="one image"):
         vision.write_input_data(tmp_path / "batch.json", pixel_values[None], ServingConfig())
