@@ -95,7 +95,8 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         instance_group=_instances(serving.preprocess_instances, serving, cpu_only=True),
     )
 
-    def vision_model(name: str, input_name: str, input_dims: list[int], output_name: str, output_dims: list[int]):
+    def vision_model(name: str, input_name: str, input_dims: list[int], output_name: str, output_dims: list[int],
+                     instances: int):
         config = mc.ModelConfig(
             name=name, max_batch_size=serving.vision_max_batch_size,
             input=[_input(input_name, wire, input_dims)],
@@ -104,7 +105,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
                 preferred_batch_size=list(serving.vision_preferred_batch_sizes),
                 max_queue_delay_microseconds=serving.vision_max_queue_delay_us,
                 default_queue_policy=_queue_policy(serving)),
-            instance_group=_instances(serving.vision_instances, serving),
+            instance_group=_instances(instances, serving),
         )
         if engine == "tensorrt":
             config.platform = "tensorrt_plan"
@@ -112,8 +113,10 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
             config.backend = "python"
         return config
 
-    vision_encoder = vision_model(spec.VISION_ENCODER, spec.PIXEL_VALUES, pixel_dims, spec.IMAGE_FEATURES, features_dims)
-    projector = vision_model(spec.PROJECTOR, spec.IMAGE_FEATURES, features_dims, spec.IMAGE_EMBEDS, embeds_dims)
+    vision_encoder = vision_model(spec.VISION_ENCODER, spec.PIXEL_VALUES, pixel_dims, spec.IMAGE_FEATURES, features_dims,
+                                  serving.vision_instances)
+    projector = vision_model(spec.PROJECTOR, spec.IMAGE_FEATURES, features_dims, spec.IMAGE_EMBEDS, embeds_dims,
+                             serving.projector_instances or serving.vision_instances)
 
     language_model = mc.ModelConfig(
         name=spec.LANGUAGE_MODEL, backend="python", max_batch_size=0,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from tritonclient.grpc import model_config_pb2 as mc
@@ -41,6 +43,11 @@ def test_batching_and_instances_follow_serving_config():
     assert encoder.dynamic_batching.max_queue_delay_microseconds == 500
     assert encoder.dynamic_batching.default_queue_policy.max_queue_size == 9
     assert encoder.instance_group[0].kind == mc.ModelInstanceGroup.KIND_GPU and encoder.instance_group[0].count == 2
+    assert configs[spec.PROJECTOR].instance_group[0].count == 2  # projector_instances 0: as many as the encoder
+    more = model_configs(MODEL, dataclasses.replace(serving, projector_instances=5), "pytorch")
+    assert (more[spec.PROJECTOR].instance_group[0].count, more[spec.VISION_ENCODER].instance_group[0].count) == (5, 2)
+    with pytest.raises(ValueError, match="projector_instances must be 0"):
+        ServingConfig(projector_instances=-1)
     assert not encoder.instance_group[0].gpus  # one set of instances on every visible GPU
     assert configs[spec.PREPROCESS].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert configs[spec.PREPROCESS].instance_group[0].count == 3
