@@ -241,14 +241,17 @@ def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any],
         best = max(measured, key=lambda entry: entry["images_per_s"])
         result.update({"vision_best_batch_size": best["batch_size"], "vision_best_images_per_s": best["images_per_s"],
                        "vision_percent_of_peak": best["percent_of_peak"]})
-    # Encoder and projector one after the other on one GPU, each image through both: their times per
-    # image add up (an estimate from the two separate runs: in the ensemble their copies may overlap).
+    # Each image through the encoder and then the projector, estimated from their separate runs: at
+    # least the rate with their times per image added (nothing overlapping), at most the slower one's
+    # (the ensemble runs them in separate processes, whose copies and GPU work may overlap).
     projected = {entry["batch_size"]: entry["images_per_s"] for entry in projector or [] if "images_per_s" in entry}
     both = {entry["batch_size"]: round(1.0 / (1.0 / entry["images_per_s"] + 1.0 / projected[entry["batch_size"]]), 1)
             for entry in measured if entry["batch_size"] in projected}
     if both:
         batch = max(both, key=both.get)
-        result.update({"vision_and_projector_batch_size": batch, "vision_and_projector_images_per_s": both[batch]})
+        upper = min(projected[batch], next(e["images_per_s"] for e in measured if e["batch_size"] == batch))
+        result.update({"vision_and_projector_batch_size": batch, "vision_and_projector_images_per_s": both[batch],
+                       "vision_and_projector_at_most_images_per_s": upper})
     return result
 
 

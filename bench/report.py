@@ -155,9 +155,11 @@ def markdown(results: dict[str, Any]) -> str:
                          f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} |")
         roof = results.get("roofline") or {}
         if roof.get("vision_and_projector_images_per_s"):
-            lines += ["", f"Encoder then projector, each image through both on one GPU (their times per image "
-                          f"added): {_fmt(roof['vision_and_projector_images_per_s'])} images/s at batch "
-                          f"{roof['vision_and_projector_batch_size']}."]
+            lines += ["", f"Encoder then projector, each image through both on one GPU, at batch "
+                          f"{roof['vision_and_projector_batch_size']}: at least "
+                          f"{_fmt(roof['vision_and_projector_images_per_s'])} images/s (their times per image "
+                          f"added) and at most {_fmt(roof['vision_and_projector_at_most_images_per_s'])} (the "
+                          f"slower of the two, were their work to overlap fully)."]
 
     step = limits["decode_bytes_per_step"]
     flops = limits["vision_flops_per_image"]
