@@ -81,6 +81,9 @@ def markdown(results: dict[str, Any]) -> str:
     machine, workload, limits = results["machine"], results["workload"], results["limits"]
     roofline = results["roofline"]
     device = machine.get("gpu") or f"CPU ({machine.get('cpu')})"
+    projector_place = ("in the language model's step"
+                       if results['repository']['serving'].get('projector_placement') == "language_model"
+                       else "as its own step")
     lines = [
         f"### W1 on {device}",
         "",
@@ -91,6 +94,7 @@ def markdown(results: dict[str, Any]) -> str:
         f"language-model weights {results['repository']['serving'].get('lm_weight_dtype', 'auto')}, "
         f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')}, "
         f"vision weights {results['repository']['serving'].get('vision_weight_dtype', 'auto')} (auto = the model's dtype), "
+        f"the projector {projector_place}, "
         f"decode attention {results['repository']['serving'].get('decode_attention', 'auto')}; "
         f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",
         "",

@@ -90,15 +90,21 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     engine = args.engine if args.engine != "auto" else ("tensorrt" if tensorrt_available() else "pytorch")
-    serving = ServingConfig.from_dict({
-        "device": device, "dtype": dtype, "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
-        **_parse_set(args.set)})
+    try:
+        serving = ServingConfig.from_dict({
+            "device": device, "dtype": dtype, "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
+            **_parse_set(args.set)})
+    except ValueError as error:  # a value out of range: the message names the field
+        raise SystemExit(f"--set: {error}") from None
     progress(f"checkpoint {checkpoint}: {model.num_image_tokens} image tokens per image, context "
              f"{model.max_position_embeddings}; engine {engine}, device {device}, dtype {dtype}")
 
     repo = args.output
     progress("writing config.pbtxt files")
-    write_configs(repo, model, serving, engine)
+    try:
+        write_configs(repo, model, serving, engine)
+    except ValueError as error:
+        raise SystemExit(str(error)) from None
     progress("copying tokenizer and image processor files")
     for name in (spec.PREPROCESS, spec.LANGUAGE_MODEL):
         copy_processor_files(checkpoint, repo / name / "1")

@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from llava_triton import vision
-from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, VISION_ENCODER, ModelSpec,
-                               ServingConfig, wire_dtype)
+from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, LANGUAGE_MODEL, LANGUAGE_MODEL_PROJECTOR_DIR, PIXEL_VALUES,
+                               PROJECTOR, VISION_ENCODER, ModelSpec, ServingConfig, wire_dtype)
 
 ONNX_OPSET = 18  # LayerNormalization (>= 17) parses into TensorRT's normalization layer
 # ONNX Runtime (CPU, FP32) against PyTorch (CPU, FP32): the largest absolute difference may be at
@@ -136,6 +136,8 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
     the PyTorch engine, e.g. to save minutes on a 7B checkpoint). Then `engine="pytorch"` writes each model's
     weights (in the checkpoint's dtype) and module config into `<repo_dir>/<name>/1/`, and
     `engine="tensorrt"` builds `<repo_dir>/<name>/1/model.plan` (FP16, inputs and outputs in the wire dtype).
+    With projector_placement "language_model" the projector's weights and module config go to
+    `<repo_dir>/language_model/1/projector/` instead, for either engine (the language model runs it).
     Returns the ONNX check results and the written artifacts per model.
     """
     from export import tensorrt  # lazy inside: it imports the `tensorrt` package only when building
@@ -152,16 +154,22 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
     encoder, projector = vision.load_from_checkpoint(checkpoint_dir, "cpu", torch.float32)
     onnx_results = export_onnx(encoder, projector, work_dir, spec, serving) if onnx else {}
 
-    encoder_dir, projector_dir = repo_dir / VISION_ENCODER / "1", repo_dir / PROJECTOR / "1"
+    # With projector_placement "language_model" the projector's weights go to the language model
+    # (PyTorch there, whatever the engine) and there is no projector model.
+    in_language_model = serving.projector_placement == "language_model"
+    encoder_dir = repo_dir / VISION_ENCODER / "1"
+    projector_dir = (repo_dir / LANGUAGE_MODEL / "1" / LANGUAGE_MODEL_PROJECTOR_DIR if in_language_model
+                     else repo_dir / PROJECTOR / "1")
     for version_dir in (encoder_dir, projector_dir):
         version_dir.mkdir(parents=True, exist_ok=True)
+    for version_dir in (encoder_dir,) if in_language_model else (encoder_dir, projector_dir):
         _remove_other_engine(version_dir, engine)
+    # Stored as the checkpoint has them (FP16 for llava-1.5) and cast to serving.dtype at load.
+    try:
+        storage_dtype = vision.resolve_dtype(spec.torch_dtype)
+    except ValueError:
+        storage_dtype = torch.float32
     if engine == "pytorch":
-        # Stored as the checkpoint has them (FP16 for llava-1.5) and cast to serving.dtype at load.
-        try:
-            storage_dtype = vision.resolve_dtype(spec.torch_dtype)
-        except ValueError:
-            storage_dtype = torch.float32
         _log(f"writing PyTorch serving weights ({storage_dtype}) ...")
         written = vision.save_for_serving(encoder.to(storage_dtype), projector.to(storage_dtype), encoder_dir,
                                           projector_dir)
@@ -170,9 +178,12 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
     else:
         opt_batch_size = max(serving.vision_preferred_batch_sizes, default=serving.vision_max_batch_size)
         artifacts = {}
-        for name, input_name, item_shape, version_dir in (
-                (VISION_ENCODER, PIXEL_VALUES, vision.pixel_values_shape(spec), encoder_dir),
-                (PROJECTOR, IMAGE_FEATURES, vision.image_features_shape(spec), projector_dir)):
+        plans = [(VISION_ENCODER, PIXEL_VALUES, vision.pixel_values_shape(spec), encoder_dir)]
+        if in_language_model:
+            artifacts[PROJECTOR] = vision.save_module(projector.to(storage_dtype), projector_dir)
+        else:
+            plans.append((PROJECTOR, IMAGE_FEATURES, vision.image_features_shape(spec), projector_dir))
+        for name, input_name, item_shape, version_dir in plans:
             plan = tensorrt.build_engine(onnx_results[name]["onnx"], version_dir / "model.plan", input_name,
                                          item_shape, serving.vision_max_batch_size, fp16=True,
                                          opt_batch_size=opt_batch_size, io_dtype=wire_dtype(serving).name)

@@ -118,10 +118,14 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     projector = vision_model(spec.PROJECTOR, spec.IMAGE_FEATURES, features_dims, spec.IMAGE_EMBEDS, embeds_dims,
                              serving.projector_instances or serving.vision_instances)
 
+    # The language model takes the projector's output, or with projector_placement "language_model"
+    # the vision encoder's and projects it itself.
+    in_language_model = serving.projector_placement == "language_model"
+    image_input = spec.language_model_image_input(serving)
     language_model = mc.ModelConfig(
         name=spec.LANGUAGE_MODEL, backend="python", max_batch_size=0,
         input=[_input(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
-               _input(spec.IMAGE_EMBEDS, wire, [-1, *embeds_dims], optional=True),
+               _input(image_input, wire, [-1, *(features_dims if in_language_model else embeds_dims)], optional=True),
                *_sampling_inputs()],
         output=_generation_outputs(),
         # Decoupled: any number of responses per request (streaming); the model batches in flight.
@@ -143,20 +147,35 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
             step(spec.PREPROCESS, {spec.IN_IMAGES: spec.IN_IMAGES, spec.IN_PROMPT: spec.IN_PROMPT, **sampling},
                  {spec.INPUT_IDS: spec.INPUT_IDS, spec.PIXEL_VALUES: spec.PIXEL_VALUES}),
             step(spec.VISION_ENCODER, {spec.PIXEL_VALUES: spec.PIXEL_VALUES}, {spec.IMAGE_FEATURES: spec.IMAGE_FEATURES}),
-            step(spec.PROJECTOR, {spec.IMAGE_FEATURES: spec.IMAGE_FEATURES}, {spec.IMAGE_EMBEDS: spec.IMAGE_EMBEDS}),
-            step(spec.LANGUAGE_MODEL, {spec.INPUT_IDS: spec.INPUT_IDS, spec.IMAGE_EMBEDS: spec.IMAGE_EMBEDS, **sampling},
+            *([] if in_language_model else [
+                step(spec.PROJECTOR, {spec.IMAGE_FEATURES: spec.IMAGE_FEATURES}, {spec.IMAGE_EMBEDS: spec.IMAGE_EMBEDS})]),
+            step(spec.LANGUAGE_MODEL, {spec.INPUT_IDS: spec.INPUT_IDS, image_input: image_input, **sampling},
                  {name: name for name in (spec.OUT_TEXT, spec.OUT_TOKEN_IDS, spec.OUT_PROMPT_TOKENS,
                                           spec.OUT_COMPLETION_TOKENS, spec.OUT_FINISH_REASON)}),
         ]),
     )
-    configs = [preprocess, vision_encoder, projector, language_model, ensemble]
+    configs = [preprocess, vision_encoder, *([] if in_language_model else [projector]), language_model, ensemble]
     return {c.name: c for c in configs}
 
 
 def write_configs(repository: Path, model: ModelSpec, serving: ServingConfig, engine: str) -> list[Path]:
-    """Write each model's config.pbtxt and spec file; copy the model.py adapters if needed."""
+    """Write each model's config.pbtxt and spec file; copy the model.py adapters if needed. A model
+    an earlier export wrote that this one does not have (the projector, with projector_placement
+    "language_model") is removed, so that Triton does not load it."""
     written = []
-    for name, config in model_configs(model, serving, engine).items():
+    configs = model_configs(model, serving, engine)
+    left_out = [name for name in spec.MODEL_NAMES if name not in configs]
+    for name in left_out:
+        if (Path(repository) / name).resolve() == (SOURCE_REPOSITORY / name).resolve():
+            # Triton would load the directory's tracked model.py even without a config.pbtxt, and fail.
+            raise ValueError(f"this export has no {name} model (projector_placement={serving.projector_placement}), "
+                             f"but {SOURCE_REPOSITORY / name} keeps its tracked adapter, which Triton would load: "
+                             "export to another directory with --output")
+    for name in left_out:
+        model_dir = Path(repository) / name
+        if model_dir.is_dir():
+            shutil.rmtree(model_dir)  # an earlier export's: Triton must not load it
+    for name, config in configs.items():
         model_dir = Path(repository) / name
         version_dir = model_dir / "1"
         version_dir.mkdir(parents=True, exist_ok=True)

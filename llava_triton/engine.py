@@ -26,7 +26,7 @@ from .errors import InvalidRequestError, ServerBusyError
 from .llama import KV_CACHE_DTYPES, DecodeGraphs, LlamaForCausalLM, PrefillGraphs
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
-from .spec import ModelSpec, ServingConfig
+from .spec import IMAGE_EMBEDS, ModelSpec, ServingConfig, language_model_image_input
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +93,11 @@ class Sequence:
         return self.prompt_tokens + len(self.output_ids) - 1
 
 
-def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None, spec: ModelSpec) -> int:
-    """How many images input_ids refers to, checked against the image embeddings sent with it."""
+def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None, spec: ModelSpec,
+                 image_input: str = IMAGE_EMBEDS) -> int:
+    """How many images input_ids refers to, checked against the image tensor sent with it: the
+    image embeddings, or the vision encoder's features (`image_input` IMAGE_FEATURES) when the
+    engine runs the projector."""
     if input_ids.ndim != 1 or input_ids.numel() == 0:
         raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
     # In numpy: this runs on Triton's execute thread, where each torch op gives up the GIL and has to
@@ -111,9 +114,11 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     num_images = image_tokens // spec.num_image_tokens
     available = 0 if image_embeds_shape is None else image_embeds_shape[0]
     if num_images > available:
-        raise InvalidRequestError(f"the prompt refers to {num_images} images but {available} image embeddings were sent")
-    if num_images and tuple(image_embeds_shape[1:]) != (spec.num_image_tokens, spec.text_hidden_size):
-        raise InvalidRequestError(f"image_embeds must have shape [n, {spec.num_image_tokens}, {spec.text_hidden_size}], "
+        sent = "image embeddings" if image_input == IMAGE_EMBEDS else "images' features"
+        raise InvalidRequestError(f"the prompt refers to {num_images} images but {available} {sent} were sent")
+    width = spec.text_hidden_size if image_input == IMAGE_EMBEDS else spec.vision_hidden_size
+    if num_images and tuple(image_embeds_shape[1:]) != (spec.num_image_tokens, width):
+        raise InvalidRequestError(f"{image_input} must have shape [n, {spec.num_image_tokens}, {width}], "
                                   f"got {list(image_embeds_shape)}")
     return num_images
 
@@ -187,7 +192,15 @@ def compile_model(model: LlamaForCausalLM) -> bool:
 
 class Engine:
     def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig,
-                 metrics: Metrics | None = None, outbox: Outbox | None = None):
+                 metrics: Metrics | None = None, outbox: Outbox | None = None,
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`projector`: LLaVA's projector, on the model's device and in its dtype, for
+        projector_placement "language_model" (requests then carry the vision encoder's features)."""
+        if (projector is not None) != (serving.projector_placement == "language_model"):
+            raise ValueError(f"projector_placement {serving.projector_placement!r} "
+                             + ("needs the projector" if projector is None else "takes no projector"))
+        self.projector = projector
+        self.image_input = language_model_image_input(serving)
         self.metrics = metrics or Metrics()
         self.out = outbox or Outbox()  # responses and errors leave through it (see outbox.py)
         self.model = model
@@ -238,7 +251,8 @@ class Engine:
             # Whether image_embeds is finite is checked at prefill, on the device (_embed_prompt): done
             # here, on the CPU in float16, it was about half of the 15-75 ms a request that Triton's
             # execute thread took under load on the H100 (py-spy and timers).
-            num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec)
+            num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec,
+                                      self.image_input)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
         except InvalidRequestError:
             self.metrics.request_refused("invalid")
@@ -364,9 +378,12 @@ class Engine:
             # Upload in the wire dtype (FP16 is half of FP32), then check and convert on the device.
             image_embeds = seq.image_embeds.to(self.device)
             if not bool(torch.isfinite(image_embeds).all()):
-                raise InvalidRequestError("image_embeds holds NaN or infinite values")
+                raise InvalidRequestError(f"{self.image_input} holds NaN or infinite values")
+            image_embeds = image_embeds.to(self.dtype)
+            if self.projector is not None:  # features in: (n, num_image_tokens, vision_hidden) -> text_hidden
+                image_embeds = self.projector(image_embeds)
             # In order, as transformers' masked_scatter: image i fills the i-th run of image tokens.
-            embeds[is_image] = image_embeds.to(self.dtype).reshape(-1, embeds.shape[-1])
+            embeds[is_image] = image_embeds.reshape(-1, embeds.shape[-1])
         return embeds[None]
 
     def _prefill_chunk(self) -> None:

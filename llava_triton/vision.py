@@ -41,8 +41,8 @@ from transformers.activations import ACT2FN
 from llava_triton.cuda_graphs import batch_buckets, bucket, capture, compile_or_eager
 from llava_triton.errors import InvalidRequestError
 from llava_triton.fp8 import quantize_linears
-from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, TRITON_TYPE_NAMES, ModelSpec, read_spec,
-                               wire_dtype)
+from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, TRITON_TYPE_NAMES, ModelSpec, ServingConfig,
+                               read_spec, wire_dtype)
 
 log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"  # one module's weights in a model version directory
@@ -298,7 +298,8 @@ def load_from_checkpoint(checkpoint_dir: str | Path, device: str | torch.device 
 
 # --- serving artifacts ---------------------------------------------------------------------------
 
-def _save_module(module: VisionEncoder | Projector, version_dir: Path) -> list[Path]:
+def save_module(module: VisionEncoder | Projector, version_dir: Path) -> list[Path]:
+    """Write one module's weights (in its current dtype) and config into `version_dir`."""
     version_dir.mkdir(parents=True, exist_ok=True)
     weights = version_dir / WEIGHTS_FILE
     config = version_dir / MODULE_CONFIG_FILE
@@ -312,7 +313,7 @@ def _save_module(module: VisionEncoder | Projector, version_dir: Path) -> list[P
 def save_for_serving(encoder: VisionEncoder, projector: Projector, encoder_dir: str | Path,
                      projector_dir: str | Path) -> list[Path]:
     """Write each module's weights (in its current dtype) and config into its model version directory."""
-    return _save_module(encoder, Path(encoder_dir)) + _save_module(projector, Path(projector_dir))
+    return save_module(encoder, Path(encoder_dir)) + save_module(projector, Path(projector_dir))
 
 
 def _load_module(cls, version_dir: Path, device: str | torch.device, dtype: str | torch.dtype):
@@ -543,13 +544,21 @@ def serve_encoder(version_dir: str | Path, instance_kind: str, device_id: str | 
                          device, dtype, wire_dtype(serving))
 
 
+def load_serving_projector(directory: str | Path, device: str | torch.device, serving: ServingConfig) -> Projector:
+    """The projector of `directory` in serving.dtype on `device`, its linears in FP8 with
+    vision_weight_dtype: as the `projector` model runs it, or the language model with
+    projector_placement "language_model"."""
+    projector = load_projector(directory, device, resolve_dtype(serving.dtype))
+    if serving.vision_weight_dtype != "auto":  # FP8, the one other value
+        projector.quantize_fp8()
+    return projector
+
+
 def serve_projector(version_dir: str | Path, instance_kind: str, device_id: str | int) -> BatchedModule:
     """Load the projector of a model version directory as its Triton instance will run it."""
     model, serving = read_spec(Path(version_dir))
     device, dtype = select_device(instance_kind, device_id), resolve_dtype(serving.dtype)
-    projector = load_projector(version_dir, device, dtype)
-    if serving.vision_weight_dtype != "auto":
-        projector.quantize_fp8()
+    projector = load_serving_projector(version_dir, device, serving)
     _check_against_spec(IMAGE_EMBEDS, (projector.vision_hidden_size, projector.text_hidden_size),
                         (model.vision_hidden_size, model.text_hidden_size))
     maybe_compiled(projector, image_features_shape(model), dtype, device, serving.torch_compile)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import json
 import subprocess
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -172,3 +174,30 @@ def test_bfloat16_export_streams_an_answer_with_fp16_between_the_steps(tiny_chec
     token_ids = [t for c in chunks for t in c.token_ids]
     assert again.token_ids == token_ids and again.text == "".join(c.text for c in chunks)  # greedy: the same
     assert chunks[-1].prompt_tokens > 576  # the image's tokens are in the prompt
+
+
+def test_projector_in_the_language_model_equals_transformers(tiny_checkpoint, tmp_path):
+    """projector_placement "language_model": the ensemble is preprocess -> vision_encoder ->
+    language_model, which projects the features itself; the tokens still equal transformers'."""
+    from export.__main__ import main as export_main
+    from llava_triton import spec
+
+    repository = tmp_path / "repository"
+    common = ["--model", str(tiny_checkpoint), "--output", str(repository), "--work-dir", str(tmp_path / "work"),
+              "--engine", "pytorch", "--device", "cpu", "--no-onnx", "--set", "preprocess_instances=1"]
+    assert export_main(common) == 0  # first as usual, then again into the same directory
+    assert (repository / spec.PROJECTOR / "config.pbtxt").exists()
+    assert export_main([*common, "--set", "projector_placement=language_model"]) == 0
+    assert not (repository / spec.PROJECTOR).exists()  # no stale projector model left to load
+    assert (repository / spec.LANGUAGE_MODEL / "1" / spec.LANGUAGE_MODEL_PROJECTOR_DIR / "model.safetensors").exists()
+    log_path = Path(__file__).resolve().parent.parent / "build" / "test-logs" / "tritonserver-projector-in-lm.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with TritonServer(repository, log_path=log_path, ready_timeout_s=300) as server, \
+            LlavaClient(server.url_grpc) as client:
+        index = urllib.request.Request(f"http://{server.url_http}/v2/repository/index", data=b"{}", method="POST")
+        loaded = {model["name"] for model in json.loads(urllib.request.urlopen(index, timeout=10).read())}
+        assert loaded == {spec.PREPROCESS, spec.VISION_ENCODER, spec.LANGUAGE_MODEL, spec.ENSEMBLE}
+        for case in ("one png at a tag", "two images", "no image"):
+            images, prompt = CASES[case]
+            expected = hf_generate(tiny_checkpoint, images, prompt, MAX_TOKENS)
+            assert client.generate(prompt, images, max_tokens=MAX_TOKENS, stream=True).token_ids == expected, case

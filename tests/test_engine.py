@@ -10,7 +10,7 @@ import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from export.language_model import export_language_model
-from llava_triton import spec
+from llava_triton import spec, vision
 from llava_triton.engine import Engine, Output, count_images
 from llava_triton.errors import InvalidRequestError, ServerBusyError
 from llava_triton.llama import LlamaForCausalLM
@@ -135,6 +135,45 @@ def test_image_embeddings_are_merged_like_transformers(parts):
     run_until_done(engine, [sink])
     expected = hf_greedy(hf, input_ids, 8, pixel_values=pixel_values)
     assert sink.token_ids == expected[: len(sink.token_ids)] and sink.token_ids
+
+
+def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
+    """projector_placement "language_model": requests carry the vision encoder's features and the
+    engine projects them; the tokens equal transformers' from the pixels."""
+    _, model_spec, tokenizer, hf = parts
+    lm_dir = parts[0]
+    encoder, projector = vision.load_from_checkpoint(tiny_checkpoint)
+    serving = ServingConfig(projector_placement="language_model")
+    engine = Engine(LlamaForCausalLM.from_pretrained(lm_dir), tokenizer, model_spec, serving, projector=projector)
+    n = model_spec.num_image_tokens
+    text_ids = tokenizer("USER: <image>\nWhat is this? <image> ASSISTANT:")["input_ids"]
+    input_ids = []
+    for token in text_ids:  # both tags expanded
+        input_ids += [token] * (n if token == model_spec.image_token_index else 1)
+    input_ids = torch.tensor(input_ids)
+    pixel_values = torch.randn(2, 3, model_spec.image_size, model_spec.image_size, generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        features = encoder(pixel_values)  # (2, n, vision_hidden_size): the vision_encoder model's output
+    assert features.shape == (2, n, model_spec.vision_hidden_size)
+    good, nan, wrong = Collect(), Collect(), Collect()
+    engine.submit(input_ids, features, params(max_tokens=8), good)
+    bad = features.clone()
+    bad[1, 0, 0] = float("nan")
+    engine.submit(input_ids, bad, params(max_tokens=8), nan)
+    with pytest.raises(InvalidRequestError, match=f"image_features must have shape \\[n, {n}, {model_spec.vision_hidden_size}\\]"):
+        engine.submit(input_ids, torch.zeros(2, n, model_spec.text_hidden_size), params(max_tokens=8), wrong)
+    with pytest.raises(InvalidRequestError, match="refers to 2 images but 1 images' features were sent"):
+        engine.submit(input_ids, features[:1], params(max_tokens=8), wrong)
+    run_until_done(engine, [good, nan])
+    assert nan.errors == ["image_features holds NaN or infinite values"]
+    expected = hf_greedy(hf, input_ids, 8, pixel_values=pixel_values)
+    assert good.token_ids == expected[: len(good.token_ids)] and good.token_ids
+    with pytest.raises(ValueError, match="'language_model' needs the projector"):
+        Engine(engine.model, tokenizer, model_spec, serving)
+    with pytest.raises(ValueError, match="'model' takes no projector"):
+        Engine(engine.model, tokenizer, model_spec, ServingConfig(), projector=projector)
+    with pytest.raises(ValueError, match="projector_placement must be model or language_model, got 'vision'"):
+        ServingConfig(projector_placement="vision")
 
 
 def test_streamed_text_joins_to_the_full_decode_and_stop_strings_cut(parts):

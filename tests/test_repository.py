@@ -67,6 +67,28 @@ def test_instances_can_be_pinned_to_gpus():
         ServingConfig(gpus=(-1,))
 
 
+@pytest.mark.parametrize("engine", ENGINES)
+def test_projector_in_the_language_model(engine):
+    """projector_placement "language_model": no projector model or step; the language model takes
+    the vision encoder's features."""
+    configs = model_configs(MODEL, ServingConfig(projector_placement="language_model"), engine)
+    assert spec.PROJECTOR not in configs
+    assert [step.model_name for step in configs[spec.ENSEMBLE].ensemble_scheduling.step] == [
+        spec.PREPROCESS, spec.VISION_ENCODER, spec.LANGUAGE_MODEL]
+    assert dims(configs[spec.LANGUAGE_MODEL].input, spec.IMAGE_FEATURES) == [-1, 576, 1024]
+    assert spec.IMAGE_EMBEDS not in {t.name for t in configs[spec.LANGUAGE_MODEL].input}
+    assert configs[spec.LANGUAGE_MODEL].backend == "python"
+
+
+def test_an_export_without_the_projector_refuses_this_repositorys_own_directory(tmp_path):
+    from export.repository import SOURCE_REPOSITORY
+
+    before = sorted(p.relative_to(SOURCE_REPOSITORY) for p in SOURCE_REPOSITORY.rglob("*"))
+    with pytest.raises(ValueError, match="this export has no projector model .* export to another directory"):
+        write_configs(SOURCE_REPOSITORY, MODEL, ServingConfig(projector_placement="language_model"), "pytorch")
+    assert sorted(p.relative_to(SOURCE_REPOSITORY) for p in SOURCE_REPOSITORY.rglob("*")) == before  # untouched
+
+
 def test_engines_share_one_tensor_contract():
     torch_configs = model_configs(MODEL, ServingConfig(), "pytorch")
     trt_configs = model_configs(MODEL, ServingConfig(), "tensorrt")
@@ -79,9 +101,10 @@ def test_engines_share_one_tensor_contract():
         model_configs(MODEL, ServingConfig(), "onnx")
 
 
+@pytest.mark.parametrize("placement", ["model", "language_model"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ensemble_wiring_is_consistent(dtype):
-    configs = model_configs(MODEL, ServingConfig(dtype=dtype), "pytorch")
+def test_ensemble_wiring_is_consistent(dtype, placement):
+    configs = model_configs(MODEL, ServingConfig(dtype=dtype, projector_placement=placement), "pytorch")
     ensemble = configs[spec.ENSEMBLE]
     available = {t.name: (t.data_type, t.optional) for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
@@ -154,3 +177,12 @@ def test_serving_config_refuses_bad_values():
         ServingConfig(vision_max_batch_size=8, vision_preferred_batch_sizes=(16,))
     with pytest.raises(ValueError, match="unknown serving options"):
         ServingConfig.from_dict({"max_num_seq": 3})
+
+
+def test_export_cli_refuses_bad_settings_with_the_fields_name(tiny_checkpoint, tmp_path):
+    from export.__main__ import main as export_main
+
+    with pytest.raises(SystemExit, match="--set: projector_placement must be model or language_model, got 'vision'"):
+        export_main(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "repo"), "--engine", "pytorch",
+                     "--set", "projector_placement=vision"])
+    assert not (tmp_path / "repo").exists()

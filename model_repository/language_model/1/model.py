@@ -13,6 +13,7 @@ from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM, torch_dtype
 from llava_triton.outbox import ThreadedOutbox
 from llava_triton.sampling import SamplingParams
+from llava_triton.vision import load_serving_projector
 from llava_triton.triton_utils import (freeze_loaded_objects, instance_device, is_decoupled, load_spec, optional_inputs,
                                       triton_error, version_dir)
 
@@ -130,9 +131,16 @@ class TritonPythonModel:
             torch.cuda.set_device(device)
         model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=torch_dtype(self.serving.dtype))
         tokenizer = AutoTokenizer.from_pretrained(directory)
+        # With projector_placement "language_model" requests carry the vision encoder's features and
+        # the engine projects them (the projector's weights are in a directory of this version's).
+        self.image_input = spec.language_model_image_input(self.serving)
+        projector = None
+        if self.image_input == spec.IMAGE_FEATURES:
+            projector = load_serving_projector(directory / spec.LANGUAGE_MODEL_PROJECTOR_DIR, device, self.serving)
         # Responses, metric updates and cancellation checks leave from the outbox's thread.
         self.outbox = ThreadedOutbox()
-        self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox)
+        self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox,
+                             projector)
         freeze_loaded_objects()  # after compiling and capturing: the engine thread starts next
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
@@ -144,7 +152,7 @@ class TritonPythonModel:
             sink = ResponseSink(request)
             try:
                 input_ids = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, spec.INPUT_IDS).as_numpy().copy())
-                embeds = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_EMBEDS)
+                embeds = pb_utils.get_input_tensor_by_name(request, self.image_input)
                 # In the wire dtype (FP32, or FP16 for half-precision models: spec.wire_dtype), kept as is
                 # here; the engine checks it is finite and casts it to the model's dtype at prefill.
                 image_embeds = None if embeds is None else torch.from_numpy(embeds.as_numpy().copy())
