@@ -73,6 +73,20 @@ def server_table(levels: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def perf_rows(entries: list[dict[str, Any]], with_peak: bool) -> list[str]:
+    """One table row per perf_analyzer batch size: images/s, latency p50, model execute (and % of peak)."""
+    rows = []
+    for entry in entries:
+        if "error" in entry:
+            rows.append(f"| {entry['batch_size']} | {entry['error']} | | |" + (" |" if with_peak else ""))
+            continue
+        flag = "" if entry.get("stable", True) else " (not stable: one fixed window)"
+        rows.append(f"| {entry['batch_size']} | {_fmt(entry['images_per_s'])}{flag} | "
+                    f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} |"
+                    + (f" {_fmt(entry.get('percent_of_peak'), 1)} |" if with_peak else ""))
+    return rows
+
+
 def _fp8_note(dtype: str | None, what: str) -> str:
     return f", {what} in {dtype}" if dtype not in (None, "auto") else ""
 
@@ -138,25 +152,12 @@ def markdown(results: dict[str, Any]) -> str:
                       f"concurrency {', '.join(concurrency)}, the W1 image's pixel values):",
                   "", "| batch | images/s | latency p50 (ms) | model execute (ms) | % of peak |",
                   "|---:|---:|---:|---:|---:|"]
-        for entry in vision:
-            if "error" in entry:
-                lines.append(f"| {entry['batch_size']} | {entry['error']} | | | |")
-                continue
-            flag = "" if entry.get("stable", True) else " (not stable: one fixed window)"
-            lines.append(f"| {entry['batch_size']} | {_fmt(entry['images_per_s'])}{flag} | "
-                         f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} | "
-                         f"{_fmt(entry.get('percent_of_peak'), 1)} |")
+        lines += perf_rows(vision, with_peak=True)
     projector = results.get("projector") or []
     if projector:
         lines += ["", "`projector` alone (perf_analyzer as above, the encoder's output for the W1 image):", "",
                   "| batch | images/s | latency p50 (ms) | model execute (ms) |", "|---:|---:|---:|---:|"]
-        for entry in projector:
-            if "error" in entry:
-                lines.append(f"| {entry['batch_size']} | {entry['error']} | | |")
-                continue
-            flag = "" if entry.get("stable", True) else " (not stable: one fixed window)"
-            lines.append(f"| {entry['batch_size']} | {_fmt(entry['images_per_s'])}{flag} | "
-                         f"{_fmt(entry['latency_p50_ms'], 2)} | {_fmt(entry['server_compute_infer_ms'], 2)} |")
+        lines += perf_rows(projector, with_peak=False)
         roof = results.get("roofline") or {}
         if roof.get("vision_and_projector_images_per_s"):
             lines += ["", f"Encoder then projector, each image through both on one GPU, at batch "
