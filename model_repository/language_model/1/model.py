@@ -13,9 +13,9 @@ from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM, torch_dtype
 from llava_triton.outbox import ThreadedOutbox
 from llava_triton.sampling import SamplingParams
-from llava_triton.vision import load_serving_projector
 from llava_triton.triton_utils import (freeze_loaded_objects, instance_device, is_decoupled, load_spec, optional_inputs,
                                       triton_error, version_dir)
+from llava_triton.vision import load_serving_projector
 
 
 class ResponseSink:
