@@ -365,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             inputs = {spec.VISION_ENCODER: vision.write_input_data(out / "vision_input.json", pixel_values,
                                                                    encoder_serving)}
             # No projector model with projector_placement "language_model": the language model projects.
-            if not args.skip_projector and (repository / spec.PROJECTOR / "config.pbtxt").is_file():
+            if not args.skip_projector and not serving.projector_in_language_model:
                 inputs[spec.PROJECTOR] = vision.write_item(
                     out / "projector_input.json", spec.IMAGE_FEATURES,
                     vision.encoder_features(server.url_grpc, pixel_values, encoder_serving))

@@ -156,7 +156,7 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
 
     # With projector_placement "language_model" the projector's weights go to the language model
     # (PyTorch there, whatever the engine) and there is no projector model.
-    in_language_model = serving.projector_placement == "language_model"
+    in_language_model = serving.projector_in_language_model
     encoder_dir = repo_dir / VISION_ENCODER / "1"
     projector_dir = (repo_dir / LANGUAGE_MODEL / "1" / LANGUAGE_MODEL_PROJECTOR_DIR if in_language_model
                      else repo_dir / PROJECTOR / "1")

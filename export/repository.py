@@ -120,7 +120,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
 
     # The language model takes the projector's output, or with projector_placement "language_model"
     # the vision encoder's and projects it itself.
-    in_language_model = serving.projector_placement == "language_model"
+    in_language_model = serving.projector_in_language_model
     image_input = spec.language_model_image_input(serving)
     language_model = mc.ModelConfig(
         name=spec.LANGUAGE_MODEL, backend="python", max_batch_size=0,

@@ -196,7 +196,7 @@ class Engine:
                  projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`projector`: LLaVA's projector, on the model's device and in its dtype, for
         projector_placement "language_model" (requests then carry the vision encoder's features)."""
-        if (projector is not None) != (serving.projector_placement == "language_model"):
+        if (projector is not None) != serving.projector_in_language_model:
             raise ValueError(f"projector_placement {serving.projector_placement!r} "
                              + ("needs the projector" if projector is None else "takes no projector"))
         self.projector = projector

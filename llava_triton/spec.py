@@ -256,6 +256,11 @@ class ServingConfig:
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
+    @property
+    def projector_in_language_model(self) -> bool:
+        """projector_placement "language_model": no projector model; the language model projects."""
+        return self.projector_placement == "language_model"
+
     def token_limit(self, model: ModelSpec) -> int:
         """Prompt plus output tokens one request may use: the context, or less with max_seq_len."""
         return min(self.max_seq_len or model.max_position_embeddings, model.max_position_embeddings)
@@ -297,7 +302,7 @@ def wire_dtype(serving: ServingConfig) -> np.dtype:
 def language_model_image_input(serving: ServingConfig) -> str:
     """The language model's image input: the projector's output, or with projector_placement
     "language_model" the vision encoder's (the language model projects it)."""
-    return IMAGE_FEATURES if serving.projector_placement == "language_model" else IMAGE_EMBEDS
+    return IMAGE_FEATURES if serving.projector_in_language_model else IMAGE_EMBEDS
 
 
 def wire_type_name(serving: ServingConfig) -> str:

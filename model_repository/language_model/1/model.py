@@ -135,7 +135,7 @@ class TritonPythonModel:
         # the engine projects them (the projector's weights are in a directory of this version's).
         self.image_input = spec.language_model_image_input(self.serving)
         projector = None
-        if self.image_input == spec.IMAGE_FEATURES:
+        if self.serving.projector_in_language_model:
             projector = load_serving_projector(directory / spec.LANGUAGE_MODEL_PROJECTOR_DIR, device, self.serving)
         # Responses, metric updates and cancellation checks leave from the outbox's thread.
         self.outbox = ThreadedOutbox()
