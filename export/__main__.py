@@ -68,9 +68,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from export.language_model import export_language_model
     from export.onnx_export import export_vision
+    from export.processor_check import ProcessorMismatchError, check_prompt_ids
     from export.repository import write_configs
     from export.tensorrt import tensorrt_available
-    from llava_triton.preprocess import copy_processor_files
+    from llava_triton.processor import copy_processor_files
 
     started = time.monotonic()
 
@@ -105,9 +106,14 @@ def main(argv: list[str] | None = None) -> int:
         write_configs(repo, model, serving, engine)
     except ValueError as error:
         raise SystemExit(str(error)) from None
-    progress("copying tokenizer and image processor files")
+    progress("copying the processor's files (tokenizer, chat template, image processor, config.json)")
     for name in (spec.PREPROCESS, spec.LANGUAGE_MODEL):
-        copy_processor_files(checkpoint, repo / name / "1")
+        copy_processor_files(checkpoint, repo / name / "1" / spec.PROCESSOR_DIR)
+    try:
+        checked = check_prompt_ids(checkpoint, repo / spec.PREPROCESS / "1" / spec.PROCESSOR_DIR, model, serving)
+    except ProcessorMismatchError as error:
+        raise SystemExit(f"export stopped: {error}") from None
+    progress(f"prompt ids equal the checkpoint processor's for {checked} probe prompts")
     progress("exporting the vision encoder and projector" + ("" if args.no_onnx else " (ONNX, checked with onnxruntime)"))
     report = export_vision(checkpoint, repo, args.work_dir, model, serving, engine, onnx=not args.no_onnx)
     progress(f"vision export: {report}")

@@ -1,15 +1,19 @@
-"""Build the embedded default checkpoint: a LLaVA-1.5 model with seeded random weights.
+"""Build the embedded checkpoints: LLaVA-1.5 models with seeded random weights.
 
 The output is a directory in the Hugging Face format of `llava-hf/llava-1.5-7b-hf`, loadable
 with no network by `LlavaForConditionalGeneration.from_pretrained` and
 `LlavaProcessor.from_pretrained` / `AutoProcessor.from_pretrained`:
 
     config.json, generation_config.json, model.safetensors    the model
-    tokenizer.json, tokenizer_config.json                     byte-level BPE trained on presets/corpus.txt
-    chat_template.jinja                                       LLaVA-1.5 prompt format ("USER: <image>\\n... ASSISTANT:")
+    tokenizer.json, tokenizer_config.json, ...                trained on presets/corpus.txt in the preset's
+                                                              style (llava_triton.preset_tokenizers)
+    chat_template.jinja or chat_template.json                 LLaVA-1.5 prompt format ("USER: <image>\\n... ASSISTANT:")
     preprocessor_config.json, processor_config.json           CLIPImageProcessor values and LlavaProcessor options
     llava_triton_build.json                                   stamp: which preset and inputs built this
 
+Presets: `tiny` (the embedded default, a byte-level BPE tokenizer), `tiny-sentencepiece` (the same
+model with the Llama/SentencePiece tokenizer of llava-hf's checkpoints) and `llava-1.5-7b` (the 7B
+architecture, for GPU benchmarks).
 Everything comes from `presets/<name>.json` (the Hugging Face config plus a seed) and
 `presets/corpus.txt`, so a build is reproducible: the same inputs on the same kind of device give a
 byte-identical `model.safetensors`. A build whose stamp matches the current inputs is not redone.
@@ -30,35 +34,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from llava_triton import preset_tokenizers
+from llava_triton.preset_tokenizers import CORPUS_FILE, PRESETS_DIR, write_json, write_tokenizer
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec
 
-PRESETS_DIR = Path(__file__).parent / "presets"
-CORPUS_FILE = PRESETS_DIR / "corpus.txt"
 STAMP_FILE = "llava_triton_build.json"
 DEFAULT_PRESET = "tiny"
-
-# Special tokens at ids 0..3 (as in Llama's tokenizer, with <pad> added). `<image>` is placed at
-# the config's `image_token_index`; the ids between the trained BPE and it, and after it up to
-# the model's vocab_size, are placeholder tokens so that every id the model can emit decodes.
-UNK, BOS, EOS, PAD = "<unk>", "<s>", "</s>", "<pad>"
-SPECIAL_TOKENS = (UNK, BOS, EOS, PAD)
-PLACEHOLDER = "<unused{}>"
-
-# LLaVA-1.5's conversation format as llava-hf renders it ("USER: <image>\nWhat is this? ASSISTANT:"),
-# except that content items are rendered in the order given: llava-hf's template moves every image
-# to the front of the message; this one keeps an image where the user placed it. For the usual
-# message (images first, then text) both give the same string.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] != 'system' -%}{{ message['role'].upper() + ': ' }}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{ message['content'] + ' ' }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
-    "{%- elif item['type'] == 'text' -%}{{ item['text'] + ' ' }}"
-    "{%- endif -%}{%- endfor -%}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ 'ASSISTANT:' }}{%- endif -%}"
-)
 
 
 def available_presets() -> list[str]:
@@ -73,7 +54,26 @@ def preset_path(preset: str) -> Path:
 
 
 def load_preset(preset: str) -> dict[str, Any]:
-    return json.loads(preset_path(preset).read_text())
+    """The preset's JSON; one with `"extends": NAME` is that preset with its own values merged in
+    (objects key by key, anything else replaced), so a variant states only what differs."""
+    data = json.loads(preset_path(preset).read_text())
+    base = data.pop("extends", None)
+    return _merge(load_preset(base), data) if base is not None else data
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        merged[key] = _merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) \
+            else value
+    return merged
+
+
+def _preset_files(preset: str) -> list[Path]:
+    """The preset's file and those of the presets it extends."""
+    path = preset_path(preset)
+    base = json.loads(path.read_text()).get("extends")
+    return [path, *(_preset_files(base) if base is not None else [])]
 
 
 def default_output(preset: str) -> Path:
@@ -81,14 +81,15 @@ def default_output(preset: str) -> Path:
 
 
 def preset_hash(preset: str) -> str:
-    """Content hash of everything a build depends on: the preset, the corpus, this builder's code
-    and the versions of the libraries that write the files."""
+    """Content hash of everything a build depends on: the preset (and those it extends), the corpus,
+    the builders' code and the versions of the libraries that write the files."""
     import tokenizers
     import torch
     import transformers
 
     digest = hashlib.sha256()
-    for part in (preset_path(preset).read_bytes(), CORPUS_FILE.read_bytes(), Path(__file__).read_bytes(),
+    sources = [*_preset_files(preset), CORPUS_FILE, Path(__file__), Path(preset_tokenizers.__file__)]
+    for part in (*(path.read_bytes() for path in sources),
                  f"torch {torch.__version__} transformers {transformers.__version__} "
                  f"tokenizers {tokenizers.__version__}".encode()):
         digest.update(hashlib.sha256(part).digest())
@@ -104,66 +105,6 @@ def is_built(preset: str, output: Path) -> bool:
     except ValueError:
         return False
     return data.get("preset") == preset and data.get("hash") == preset_hash(preset)
-
-
-def build_tokenizer(preset: dict[str, Any]):
-    """Train a byte-level BPE on the corpus and pad it so `<image>` has the config's id.
-
-    Returns a transformers `TokenizersBackend` (saved as tokenizer.json + tokenizer_config.json).
-    """
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import TokenizersBackend
-
-    config = preset["config"]
-    image_token_index = int(config["image_token_index"])
-    vocab_size = int(config["text_config"]["vocab_size"])
-    options = preset["tokenizer"]
-    bpe_vocab_size = int(options["bpe_vocab_size"])
-    if bpe_vocab_size > image_token_index:
-        raise ValueError(f"bpe_vocab_size {bpe_vocab_size} must not exceed image_token_index {image_token_index}")
-    if image_token_index >= vocab_size:
-        raise ValueError(f"image_token_index {image_token_index} must be below vocab_size {vocab_size}")
-
-    trained = Tokenizer(models.BPE())
-    trained.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(
-        vocab_size=bpe_vocab_size,
-        min_frequency=int(options.get("min_frequency", 2)),
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    trained.train_from_iterator(CORPUS_FILE.read_text().splitlines(), trainer)
-    model_json = json.loads(trained.to_str())["model"]
-    vocab: dict[str, int] = dict(model_json["vocab"])
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model_json["merges"]]
-    if [vocab[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
-        raise RuntimeError("BPE training did not put the special tokens at ids 0..3")
-
-    # Placeholders live in the BPE vocabulary without merges, so no text ever tokenizes to them.
-    trained_size = len(vocab)
-    for token_id in range(trained_size, vocab_size):
-        token = IMAGE_TOKEN if token_id == image_token_index else PLACEHOLDER.format(token_id - trained_size)
-        vocab[token] = token_id
-
-    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    # Added tokens reuse the ids they already have in the vocabulary.
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in (*SPECIAL_TOKENS, IMAGE_TOKEN)])
-    # Llama prepends BOS to every encoded text; the chat template therefore does not write it.
-    tokenizer.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, SPECIAL_TOKENS.index(BOS))])
-    if tokenizer.token_to_id(IMAGE_TOKEN) != image_token_index or tokenizer.get_vocab_size() != vocab_size:
-        raise RuntimeError("padded tokenizer does not match the config's image_token_index / vocab_size")
-
-    return TokenizersBackend(
-        tokenizer_object=tokenizer,
-        bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=int(config["text_config"]["max_position_embeddings"]),
-        chat_template=CHAT_TEMPLATE,
-    )
 
 
 def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
@@ -197,10 +138,6 @@ def processor_config(spec: ModelSpec) -> dict[str, Any]:
         "num_additional_image_tokens": 1,
         "vision_feature_select_strategy": spec.vision_feature_select_strategy,
     }
-
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _apply_umask(directory: Path) -> None:
@@ -261,13 +198,12 @@ def build_checkpoint(preset: str, output: Path, *, force: bool = False, device: 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         log(f"building preset {preset!r} into {output}")
-        log(f"training tokenizer on {CORPUS_FILE.name}")
-        tokenizer = build_tokenizer(data)
-        tokenizer.save_pretrained(staging)
-        _write_json(staging / "preprocessor_config.json", image_processor_config(spec))
-        _write_json(staging / "processor_config.json", processor_config(spec))
+        log(f"training the {data['tokenizer'].get('style', 'byte_level')} tokenizer on {CORPUS_FILE.name}")
+        write_tokenizer(data, staging)
+        write_json(staging / "preprocessor_config.json", image_processor_config(spec))
+        write_json(staging / "processor_config.json", processor_config(spec))
         _build_model(data, staging, device, log)
-        _write_json(staging / STAMP_FILE, {"preset": preset, "hash": digest})
+        write_json(staging / STAMP_FILE, {"preset": preset, "hash": digest})
         _apply_umask(staging)
         if output.exists():
             if not force and is_built(preset, output):  # a concurrent build of the same inputs finished first

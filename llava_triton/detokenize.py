@@ -1,16 +1,32 @@
 """Token ids to text deltas for streaming: incremental detokenization and stop strings.
 
-Decoding token by token breaks multi-byte characters and the leading-space rules of
-SentencePiece/BPE tokenizers, so each step decodes a short window of ids and emits only the
-part that is new and complete. Text that may be the start of a stop string is held back
-until it is known not to be, so a streamed answer never shows a stop string.
+Every delta a `TextStream` returns is final: the deltas joined equal
+`tokenizer.decode(ids, skip_special_tokens=True)` of all the ids pushed, whenever the stream
+ends. Decoding token by token would break multi-byte characters and the leading-space rules of
+SentencePiece/BPE tokenizers, so each step decodes a short window of ids and returns only the
+part that is new and that no later token can change:
+
+- Text ending in U+FFFD (an incomplete UTF-8 sequence of a byte-level BPE) waits for the next token.
+- A run of byte-fallback tokens (`<0x00>`..`<0xFF>`, SentencePiece-style tokenizers) waits until a
+  token that is not a byte ends it: the decoder turns a run that is not valid UTF-8 into one
+  U+FFFD per byte, so an appended byte can rewrite text the run already decoded to (`<0x61>`
+  alone is "a"; followed by `<0xE4>` and a word, both are U+FFFD).
+  Ids that `skip_special_tokens` drops (special tokens, ids past the tokenizer's vocabulary) do
+  not end a run: the decoder never sees them.
+
+The tokenizers library's `DecodeStream` makes neither guarantee (it emits a valid byte run at
+once and fails on the rewrite), hence this class.
+
+Stop strings act on the same final text: text that may be the start of a stop string is held
+back until it is known not to be, so a streamed answer never shows a stop string.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 _INCOMPLETE = "\ufffd"  # what a tokenizer decodes a partial UTF-8 sequence to
+BYTE_FALLBACK_TOKENS = tuple(f"<0x{value:02X}>" for value in range(256))
 
 
 def fast_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
@@ -27,15 +43,34 @@ def fast_decoder(tokenizer) -> Callable[[Sequence[int]], str]:
     return lambda ids: backend.decode(list(ids), skip_special_tokens=True)
 
 
+class Detokenizer:
+    """What streaming needs to know of one tokenizer, worked out once (a `TextStream` per request
+    shares it): its decode, its byte-fallback ids, and the ids its decode skips."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.decode = fast_decoder(tokenizer)
+        vocab = tokenizer.get_vocab()
+        self.byte_ids = frozenset(vocab[token] for token in BYTE_FALLBACK_TOKENS if token in vocab)
+        self._vocab_ids = frozenset(vocab.values())
+        self._special_ids = frozenset(
+            [token_id for token_id, token in tokenizer.added_tokens_decoder.items() if token.special]
+            + list(tokenizer.all_special_ids))
+
+    def is_skipped(self, token_id: int) -> bool:
+        """Whether `decode(..., skip_special_tokens=True)` drops the id (the decoder never sees it)."""
+        return token_id in self._special_ids or token_id not in self._vocab_ids
+
+
 class TextStream:
-    def __init__(self, tokenizer, stop: Sequence[str] = (), decode: Callable[[Sequence[int]], str] | None = None):
-        self.tokenizer = tokenizer
-        self._decode = decode or fast_decoder(tokenizer)
+    def __init__(self, detokenizer: Detokenizer, stop: Sequence[str] = ()):
+        self.detokenizer = detokenizer
+        self._decode = detokenizer.decode
         self.stop = tuple(stop)
         self.ids: list[int] = []
         self._prefix_offset = 0  # start of the decode window
         self._read_offset = 0  # ids before this are already in `text`
-        self.text = ""  # everything decoded so far (may end with held-back text)
+        self._open_byte_run = False  # the last id the decoder sees is a byte-fallback token
+        self.text = ""  # the final text so far (its tail may be held back for the stop strings)
         self._emitted = 0  # characters of `text` already returned
         self.stopped = False
 
@@ -43,22 +78,33 @@ class TextStream:
         """Add one generated id; return the text that can be shown now ("" if none yet)."""
         if self.stopped:
             return ""
-        self.ids.append(int(token_id))
-        prefix = self._decode(self.ids[self._prefix_offset: self._read_offset])
-        full = self._decode(self.ids[self._prefix_offset:])
-        if len(full) > len(prefix) and not full.endswith(_INCOMPLETE):
-            self.text += full[len(prefix):]
-            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        if token_id in self.detokenizer.byte_ids:
+            self._open_byte_run = True
+        elif not self.detokenizer.is_skipped(token_id):
+            self._open_byte_run = False
+        if not self._open_byte_run:
+            self._read(final=False)
         return self._release()
 
     def finish(self) -> str:
         """The generation ended: return whatever is still held back."""
         if not self.stopped and self._read_offset < len(self.ids):
-            prefix = self._decode(self.ids[self._prefix_offset: self._read_offset])
-            full = self._decode(self.ids[self._prefix_offset:])
-            self.text += full[len(prefix):]
-            self._read_offset = len(self.ids)
+            self._read(final=True)
         return self._release(final=True)
+
+    def _read(self, final: bool) -> None:
+        """Move the window's new text into `text` if it is final (or the stream is)."""
+        window = self.ids[self._prefix_offset:]
+        read = self._read_offset - self._prefix_offset
+        prefix = self._decode(window[:read])
+        full = self._decode(window)
+        if final or (len(full) > len(prefix) and not full.endswith(_INCOMPLETE)):
+            # The window starts where an earlier read ended (a character and byte-run boundary), so
+            # its first `read` ids decode to the same text alone as followed by the new ones.
+            self.text += full[len(prefix):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(self.ids)
 
     def _release(self, final: bool = False) -> str:
         if self.stop and not self.stopped:

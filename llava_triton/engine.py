@@ -21,7 +21,7 @@ import torch
 
 from . import decode_attention
 from .cuda_graphs import compile_or_eager
-from .detokenize import TextStream, fast_decoder
+from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
 from .llama import KV_CACHE_DTYPES, DecodeGraphs, LlamaForCausalLM, PrefillGraphs
 from .outbox import Outbox
@@ -233,7 +233,7 @@ class Engine:
             self.prefill_step = prefill_graphs
             log.info("captured %d decode and %d prefill CUDA graphs", len(graphs.graphs), len(prefill_graphs.graphs))
         self.eos = frozenset(spec.eos_token_id)
-        self._decode_ids = fast_decoder(tokenizer)
+        self._detokenizer = Detokenizer(tokenizer)
         # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
         # the start of the cache and decode can attend over a slice instead of a gather.
         self._free_slots = list(range(self.num_slots))
@@ -425,7 +425,7 @@ class Engine:
                 seq.inputs_embeds = seq.image_embeds = None
                 self._prefilling.remove(seq)
                 self._running.append(seq)
-                seq.text = TextStream(self.tokenizer, seq.params.stop, self._decode_ids)
+                seq.text = TextStream(self._detokenizer, seq.params.stop)
                 seq.generator = make_generator(seq.params, self.device)
                 done.append(seq)
                 rows.append(i)

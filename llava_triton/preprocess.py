@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import struct
 from pathlib import Path
 from typing import Any, Sequence
@@ -23,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_triton.errors import InvalidRequestError
+from llava_triton.processor import load_processor
 from llava_triton.spec import IMAGE_TOKEN, IN_IMAGES, IN_PROMPT, SAMPLING_INPUTS, ModelSpec, ServingConfig, wire_dtype
 
 # Formats we decode, as PIL names them (recognised by their leading bytes), with their usual names.
@@ -37,13 +37,6 @@ _ISO_MEDIA_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix":
                      b"msf1": "HEIF"}
 # What PIL raises on a broken file (its decoders report truncation and corruption as OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
-
-# Files a Preprocessor reads, copied by `copy_processor_files` (whichever of them exist).
-PROCESSOR_FILES = (
-    "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-    "chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json",
-)
-
 
 def _sniff_format(data: bytes) -> str | None:
     """PIL's name of a supported format from the leading bytes, None if it is none of them."""
@@ -228,22 +221,14 @@ class Preprocessor:
         self._wire_pixel_table = pixel_values_to_wire(self._pixel_table, serving)
 
     @classmethod
-    def from_pretrained(cls, checkpoint_dir: str | Path, spec: ModelSpec, serving: ServingConfig) -> "Preprocessor":
-        """Load from a checkpoint directory, or from a directory holding its `PROCESSOR_FILES`."""
-        from transformers import AutoTokenizer
-        # transformers.AutoImageProcessor is a torchvision-only placeholder when torchvision is not
-        # installed; the class in its module works and picks the PIL backend we ask for.
-        from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
-        directory = Path(checkpoint_dir)
-        if not (directory / "tokenizer_config.json").is_file():
-            raise FileNotFoundError(f"{directory} has no tokenizer_config.json (not a checkpoint or processor directory)")
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        # The PIL backend on every machine, so the output does not depend on torchvision being installed.
-        image_processor = AutoImageProcessor.from_pretrained(directory, backend="pil", local_files_only=True)
-        chat_template = _load_chat_template(directory, tokenizer)
-        _check_image_token_count(directory, image_processor, spec)
-        return cls(tokenizer, image_processor, chat_template, spec, serving)
+    def from_pretrained(cls, directory: str | Path, spec: ModelSpec, serving: ServingConfig) -> "Preprocessor":
+        """Load from a checkpoint directory, or from an exported processor directory (a copy of the
+        checkpoint's files), as transformers loads the checkpoint's processor (llava_triton.processor)."""
+        processor = load_processor(directory)
+        if not isinstance(processor.chat_template, str):
+            raise FileNotFoundError(f"{directory} has no chat template")
+        _check_image_token_count(processor, spec)
+        return cls(processor.tokenizer, processor.image_processor, processor.chat_template, spec, serving)
 
     def build_input_ids(self, prompt: str | bytes, num_images: int) -> np.ndarray:
         """Token ids (int64, 1-D) of the chat-formatted prompt, each `<image>` expanded to
@@ -372,47 +357,16 @@ def pixel_values_to_wire(pixel_values: np.ndarray, serving: ServingConfig) -> np
     return pixel_values.astype(dtype, copy=False)
 
 
-def _load_chat_template(directory: Path, tokenizer: Any) -> str:
-    """The chat template: chat_template.jinja, the legacy chat_template.json, or the tokenizer's."""
-    if (directory / "chat_template.jinja").is_file():
-        return (directory / "chat_template.jinja").read_text()
-    if (directory / "chat_template.json").is_file():
-        return json.loads((directory / "chat_template.json").read_text())["chat_template"]
-    if isinstance(tokenizer.chat_template, str):
-        return tokenizer.chat_template
-    raise FileNotFoundError(f"{directory} has no chat template")
-
-
-def _check_image_token_count(directory: Path, image_processor: Any, spec: ModelSpec) -> None:
+def _check_image_token_count(processor: Any, spec: ModelSpec) -> None:
     """The processor's image token count (LlavaProcessor's formula) must equal the spec's."""
-    crop = getattr(image_processor, "crop_size", None) or {}
+    crop = processor.image_processor.crop_size or {}
     if (crop.get("height"), crop.get("width")) != (spec.image_size, spec.image_size):
-        raise ValueError(f"image processor crops to {crop}, the vision tower takes {spec.image_size}x{spec.image_size}")
-    options_path = directory / "processor_config.json"
-    options = json.loads(options_path.read_text()) if options_path.is_file() else {}
-    patch_size = options.get("patch_size", spec.patch_size)
-    count = (spec.image_size // patch_size) ** 2 + options.get("num_additional_image_tokens", 0)
-    if options.get("vision_feature_select_strategy", spec.vision_feature_select_strategy) == "default":
+        raise ValueError(f"image processor crops to {dict(crop)}, the vision tower takes "
+                         f"{spec.image_size}x{spec.image_size}")
+    patch_size = processor.patch_size or spec.patch_size
+    count = (spec.image_size // patch_size) ** 2 + (processor.num_additional_image_tokens or 0)
+    if (processor.vision_feature_select_strategy or spec.vision_feature_select_strategy) == "default":
         count -= 1
     if count != spec.num_image_tokens:
-        raise ValueError(f"{options_path} gives {count} image tokens per image, the model config "
+        raise ValueError(f"the processor gives {count} image tokens per image, the model config "
                          f"{spec.num_image_tokens}")
-
-
-def copy_processor_files(checkpoint_dir: str | Path, dest_dir: str | Path) -> list[Path]:
-    """Copy what `Preprocessor.from_pretrained` reads (tokenizer, chat template, image processor
-    configs) from a checkpoint into `dest_dir`; returns the copied paths."""
-    source, dest = Path(checkpoint_dir), Path(dest_dir)
-    present = [name for name in PROCESSOR_FILES if (source / name).is_file()]
-    missing = [] if "tokenizer_config.json" in present else ["tokenizer_config.json"]
-    if not ({"tokenizer.json", "tokenizer.model"} & set(present)):
-        missing.append("tokenizer.json")
-    # The image processor's settings: their own file, or nested in processor_config.json (transformers 5).
-    if "preprocessor_config.json" not in present and not (
-            "processor_config.json" in present
-            and "image_processor" in json.loads((source / "processor_config.json").read_text())):
-        missing.append("preprocessor_config.json")
-    if missing:
-        raise FileNotFoundError(f"{source} lacks {', '.join(missing)}")
-    dest.mkdir(parents=True, exist_ok=True)
-    return [Path(shutil.copy2(source / name, dest / name)) for name in present]

@@ -133,6 +133,10 @@ PROJECTOR_PLACEMENTS = ("model", "language_model")
 # With projector_placement "language_model": the projector's weights and module config, in this
 # directory of the language model's version directory.
 LANGUAGE_MODEL_PROJECTOR_DIR = "projector"
+# The checkpoint's processor files (config.json included: llava_triton.processor says why), in this
+# directory of the version directories of the models that tokenize (preprocess) or detokenize
+# (language_model).
+PROCESSOR_DIR = "processor"
 
 # Serving options that were renamed: old name → what to use instead (named in the error).
 RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for prefill too; export again)"}

@@ -21,12 +21,18 @@ from llava_triton.checkpoint import build_checkpoint
 from llava_triton.spec import IMAGE_TOKEN
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-TINY_CHECKPOINT = REPO_ROOT / "build" / "tiny-llava"
+# The tiny model with each tokenizer style real checkpoints ship (llava_triton.preset_tokenizers):
+# byte-level BPE (the embedded default) and Llama/SentencePiece with byte fallback.
+TOKENIZER_PRESETS = ("tiny", "tiny-sentencepiece")
+
+
+def preset_checkpoint(preset: str) -> Path:
+    """The preset built into build/<preset>-llava (rebuilt only when its stamp is stale)."""
+    return build_checkpoint(preset, REPO_ROOT / "build" / f"{preset}-llava", log=lambda message: None)
 
 
 def tiny_checkpoint() -> Path:
-    """The tiny preset built into build/tiny-llava (rebuilt only when its stamp is stale)."""
-    return build_checkpoint("tiny", TINY_CHECKPOINT, log=lambda message: None)
+    return preset_checkpoint("tiny")
 
 
 @functools.lru_cache(maxsize=None)

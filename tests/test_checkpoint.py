@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import hf_generate, make_test_images, tiny_checkpoint
-from transformers import AutoProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+from reference import hf_generate, make_test_images, preset_checkpoint, tiny_checkpoint
+from transformers import AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from llava_triton import checkpoint
-from llava_triton.checkpoint import STAMP_FILE, build_checkpoint, build_tokenizer, load_preset
+from llava_triton.checkpoint import STAMP_FILE, build_checkpoint, load_preset
+from llava_triton.preset_tokenizers import write_tokenizer
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec
 
 TINY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -108,6 +109,43 @@ def test_tokenizer_roundtrips_text_and_decodes_every_id(tiny):
     assert all(tokenizer.convert_ids_to_tokens(i) is not None for i in range(1024))
 
 
+@pytest.fixture(scope="module")
+def sentencepiece() -> Path:
+    return preset_checkpoint("tiny-sentencepiece")
+
+
+def test_sentencepiece_preset_has_llava_hf_tokenizer_files(sentencepiece):
+    """The files and pipeline of llava-hf/llava-1.5-7b-hf's tokenizer (see preset_tokenizers)."""
+    config = json.loads((sentencepiece / "tokenizer_config.json").read_text())
+    assert (config["tokenizer_class"], config["legacy"], config["add_bos_token"], config["add_eos_token"]) == (
+        "LlamaTokenizer", False, True, False)
+    assert [config["added_tokens_decoder"][i]["content"] for i in ("0", "1", "2", "1000", "1001")] == [
+        "<unk>", "<s>", "</s>", IMAGE_TOKEN, "<pad>"]
+    tokenizer_json = json.loads((sentencepiece / "tokenizer.json").read_text())
+    model = tokenizer_json["model"]
+    assert (model["type"], model["byte_fallback"], model["fuse_unk"], model["unk_token"]) == ("BPE", True, True, "<unk>")
+    assert [model["vocab"][f"<0x{b:02X}>"] for b in range(256)] == list(range(3, 259))
+    assert [n["type"] for n in tokenizer_json["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
+    assert tokenizer_json["pre_tokenizer"] is None
+    assert [d["type"] for d in tokenizer_json["decoder"]["decoders"]] == ["Replace", "ByteFallback", "Fuse", "Strip"]
+    assert (sentencepiece / "chat_template.json").is_file() and (sentencepiece / "special_tokens_map.json").is_file()
+    generation = json.loads((sentencepiece / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 2, 1001)
+
+
+def test_sentencepiece_tokenizer_as_transformers_loads_it(sentencepiece):
+    tokenizer = LlavaProcessor.from_pretrained(sentencepiece).tokenizer
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer("USER: <image>\nWhat is 世界?")["input_ids"])
+    assert tokens[:6] == ["<s>", "▁USER:", "▁", IMAGE_TOKEN, "▁", "<0x0A>"]  # a ▁ after <image>, as llava-hf's
+    assert {"<0xE4>", "<0xB8>", "<0x96>"} <= set(tokens)  # byte fallback
+    text = "A red square and 3 blue circles, près de la fenêtre. 🙂"
+    assert tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"]) == text
+    # The model's ids past the tokenizer's 1002 decode to nothing, as llava-hf's 32002..32063 do.
+    assert len(tokenizer) == 1002 and tokenizer.decode(list(range(1002, 1024))) == ""
+    first = hf_generate(sentencepiece, [make_test_images()["jpeg"]], "What is in this image?", max_new_tokens=12)
+    assert len(first) == 12 and len(set(first)) > 3
+
+
 def test_generation_is_not_degenerate(tiny):
     images = make_test_images()
     first = hf_generate(tiny, [images["jpeg"]], "What is in this image?", max_new_tokens=12)
@@ -132,11 +170,15 @@ def test_7b_preset_is_llava_1_5_7b():
     assert sum(p.numel() for p in model.parameters()) == 7_063_427_072
 
 
-def test_7b_preset_tokenizer_puts_image_at_32000():
-    tokenizer = build_tokenizer(load_preset("llava-1.5-7b"))
-    assert tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) == 32000
-    assert len(tokenizer) == 32064
-    tiny = build_tokenizer(load_preset("tiny"))
+def test_7b_preset_tokenizer_is_laid_out_as_llava_1_5s(tmp_path):
+    """<image> at 32000 and <pad> at 32001 after the trained vocabulary; the model's 32064 ids are
+    more than the tokenizer's 32002, as in llava-hf/llava-1.5-7b-hf."""
+    for preset in ("llava-1.5-7b", "tiny-sentencepiece"):
+        write_tokenizer(load_preset(preset), tmp_path / preset)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llava-1.5-7b")
+    assert tokenizer.convert_tokens_to_ids([IMAGE_TOKEN, "<pad>"]) == [32000, 32001]
+    assert len(tokenizer) == 32002
+    tiny = AutoTokenizer.from_pretrained(tmp_path / "tiny-sentencepiece")
     text = "USER: What is in this image? ASSISTANT:"
     assert tokenizer(text)["input_ids"] == tiny(text)["input_ids"]  # the same trained BPE
 

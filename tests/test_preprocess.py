@@ -15,8 +15,8 @@ from PIL import Image, ImageFile
 from reference import hf_inputs, make_mode_images, make_test_images, tiny_checkpoint
 
 from llava_triton.errors import InvalidRequestError
-from llava_triton.preprocess import (PROCESSOR_FILES, Preprocessor, copy_processor_files, decode_image,
-                                     pixel_values_to_wire)
+from llava_triton.preprocess import Preprocessor, decode_image, pixel_values_to_wire
+from llava_triton.processor import PROCESSOR_FILES, copy_processor_files
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
 
 IMAGES = make_test_images()
@@ -173,15 +173,15 @@ def test_prompt_format(preprocessor):
 
 def test_processor_files_copied_elsewhere_load_the_same(checkpoint, spec, preprocessor, tmp_path):
     copied = copy_processor_files(checkpoint, tmp_path / "preprocess" / "1")
-    assert {p.name for p in copied} == {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
+    assert {p.name for p in copied} == {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
                                         "preprocessor_config.json", "processor_config.json"}
     assert {p.name for p in copied} <= set(PROCESSOR_FILES)
     elsewhere = Preprocessor.from_pretrained(tmp_path / "preprocess" / "1", spec, ServingConfig())
     for expected, actual in zip(preprocessor([IMAGES["jpeg"]], PROMPT), elsewhere([IMAGES["jpeg"]], PROMPT)):
         np.testing.assert_array_equal(actual, expected)
-    with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
+    with pytest.raises(FileNotFoundError, match="config.json, tokenizer_config.json"):
         copy_processor_files(tmp_path / "nothing-here", tmp_path / "out")
-    with pytest.raises(FileNotFoundError, match="tokenizer_config.json"):
+    with pytest.raises(FileNotFoundError, match="no config.json.*exported again"):
         Preprocessor.from_pretrained(tmp_path / "nothing-here", spec, ServingConfig())
 
 

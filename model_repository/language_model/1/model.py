@@ -6,12 +6,12 @@ import threading
 import numpy as np
 import torch
 import triton_python_backend_utils as pb_utils
-from transformers import AutoTokenizer
 
 from llava_triton import spec
 from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM, torch_dtype
 from llava_triton.outbox import ThreadedOutbox
+from llava_triton.processor import load_processor
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import (freeze_loaded_objects, instance_device, is_decoupled, load_spec, optional_inputs,
                                       triton_error, version_dir)
@@ -130,7 +130,7 @@ class TritonPythonModel:
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
         model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=torch_dtype(self.serving.dtype))
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = load_processor(directory / spec.PROCESSOR_DIR).tokenizer  # as the preprocess model loads it
         # With projector_placement "language_model" requests carry the vision encoder's features and
         # the engine projects them (the projector's weights are in a directory of this version's).
         self.image_input = spec.language_model_image_input(self.serving)
