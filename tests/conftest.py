@@ -56,6 +56,31 @@ def triton_server(model_repository):
         yield server
 
 
+@pytest.fixture(scope="session")
+def sentencepiece_checkpoint() -> Path:
+    """The tiny model with the Llama/SentencePiece tokenizer of llava-hf's checkpoints."""
+    from reference import preset_checkpoint
+
+    return preset_checkpoint("tiny-sentencepiece")
+
+
+@pytest.fixture(scope="session")
+def sentencepiece_server(sentencepiece_checkpoint, tmp_path_factory):
+    """A second real tritonserver, serving `tiny-sentencepiece` exported by `make export`'s code path
+    (without the ONNX copy of the vision models, which the first server's export already checks)."""
+    from export.__main__ import main as export_main
+    from llava_triton.server import TritonServer
+
+    output = tmp_path_factory.mktemp("sentencepiece_repository")
+    assert export_main(["--model", str(sentencepiece_checkpoint), "--output", str(output), "--work-dir",
+                        str(tmp_path_factory.mktemp("sentencepiece_export_work")), "--engine", "pytorch",
+                        "--device", "cpu", "--no-onnx"]) == 0
+    log_path = BUILD / "test-logs" / "tritonserver-sentencepiece.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with TritonServer(output, log_path=log_path, ready_timeout_s=300) as server:
+        yield server
+
+
 @pytest.fixture()
 def llava_client(triton_server):
     from client import LlavaClient

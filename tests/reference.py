@@ -158,3 +158,26 @@ def make_mode_images() -> dict[str, bytes]:
         "exif_rotated_jpeg": _encode(rotated, "JPEG", quality=90, exif=exif.tobytes()),
         "rgba_webp": _encode(translucent, "WEBP", quality=80),
     }
+
+
+# Prompts whose tokenization differs between tokenizer pipelines: (prompt, number of images).
+TOKENIZER_PROMPTS = {
+    "cjk": ("这张图片里有什么？请用中文回答。", 1),
+    "emoji": ("Is there a 🐱 or a 🐶 here? 🙂👍🏽", 1),
+    "accents": ("Décris l'image : où est le garçon ? Ångström, naïve, Straße", 1),
+    "leading and trailing spaces": ("   What   is  this?   ", 1),
+    "newlines": ("First line\nsecond line\n\n  third\tline\n", 1),
+    "tag at the start": ("<image>\nWhat is shown?", 1),
+    "tag in the middle": ("Look at this picture <image> and tell me its colours.", 1),
+    "two tags": ("<image> versus <image>: which one is darker?", 2),
+    "text only": ("Tell me a story about 海 and the sea 🌊.", 0),
+    "text only, other scripts": (" Привет, мир! ¿Qué tal? مرحبا ", 0),
+}
+
+
+def _images_for_prompts() -> list[bytes]:
+    images = make_test_images()
+    return [images["jpeg"], images["png"]]
+
+
+IMAGES_FOR_PROMPTS = _images_for_prompts()
