@@ -55,7 +55,7 @@ def check_prompt_ids(checkpoint: Path, processor_dir: Path, spec: ModelSpec, ser
             at = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
             tokenizer = reference.tokenizer
             raise ProcessorMismatchError(
-                f"the exported preprocessing tokenizes {prompt!r} ({num_images} images) to {len(ids)} ids, the "
+                f"the exported preprocessing tokenizes {prompt!r} with {num_images} image(s) to {len(ids)} ids, the "
                 f"checkpoint's processor to {len(expected)}; they differ from position {at}: served "
                 f"{tokenizer.convert_ids_to_tokens(ids[at: at + 4].tolist())}, processor "
                 f"{tokenizer.convert_ids_to_tokens(expected[at: at + 4].tolist())}")

@@ -38,6 +38,7 @@ _ISO_MEDIA_BRANDS = {b"avif": "AVIF", b"avis": "AVIF", b"heic": "HEIC", b"heix":
 # What PIL raises on a broken file (its decoders report truncation and corruption as OSError).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
+
 def _sniff_format(data: bytes) -> str | None:
     """PIL's name of a supported format from the leading bytes, None if it is none of them."""
     if data.startswith(b"\xff\xd8\xff"):

@@ -149,7 +149,8 @@ def _write_sentencepiece(preset: dict[str, Any], directory: Path) -> None:
 
     # Training splits at spaces (SentencePiece's split_by_whitespace), so no merge crosses a word
     # boundary; the saved tokenizer then needs no pre-tokenizer, as Llama's tokenizer.json has none.
-    normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_UNDERLINE), normalizers.Replace(" ", SPIECE_UNDERLINE)])
+    normalizer = normalizers.Sequence([normalizers.Prepend(SPIECE_UNDERLINE),
+                                       normalizers.Replace(" ", SPIECE_UNDERLINE)])
     trained = Tokenizer(models.BPE(unk_token=UNK, byte_fallback=True, fuse_unk=True))
     trained.normalizer = normalizer
     trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPIECE_UNDERLINE, prepend_scheme="never", split=True)

@@ -61,8 +61,8 @@ def preset(request) -> str:
     return request.param
 
 
-@pytest.mark.parametrize("text", ["hello world, how are you?", "héllo wörld — 世界 🙂 ok", "  spaces   and\nnewlines\t!",
-                                  "日本語のテキスト", " leading and trailing  "])
+@pytest.mark.parametrize("text", ["hello world, how are you?", "héllo wörld — 世界 🙂 ok",
+                                  "  spaces   and\nnewlines\t!", "日本語のテキスト", " leading and trailing  "])
 def test_deltas_join_to_the_full_decode(preset, text):
     ids = tokenizer_of(preset)(text, add_special_tokens=False)["input_ids"]
     deltas, _ = stream(preset, ids)

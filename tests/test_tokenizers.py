@@ -70,7 +70,8 @@ def test_export_check_names_the_first_prompt_that_differs(tmp_path):
     checkpoint = preset_checkpoint("tiny-sentencepiece")
     copy_processor_files(checkpoint, tmp_path)
     drop_the_leading_space(tmp_path)
-    with pytest.raises(ProcessorMismatchError, match=r"tokenizes 'What is in this image\?' \(1 images\).*position 1"):
+    with pytest.raises(ProcessorMismatchError,
+                       match=r"tokenizes 'What is in this image\?' with 1 image\(s\).*position 1"):
         check_prompt_ids(checkpoint, tmp_path, ModelSpec.from_pretrained(checkpoint), ServingConfig())
 
 
@@ -92,3 +93,20 @@ def test_export_stops_on_a_mismatch(tmp_path, monkeypatch):
                      "--engine", "pytorch", "--device", "cpu", "--no-onnx"])
     assert not (tmp_path / "repo" / "language_model" / "1" / "model.safetensors").exists()
     shutil.rmtree(tmp_path / "repo")
+
+
+def test_the_7b_presets_processor_passes_the_export_check(tmp_path):
+    """The benchmark preset's tokenizer (LLaVA-1.5's ids) without building its 7B weights."""
+    from transformers import LlavaConfig
+
+    from llava_triton.checkpoint import image_processor_config, load_preset, processor_config
+    from llava_triton.preset_tokenizers import write_json, write_tokenizer
+
+    preset = load_preset("llava-1.5-7b")
+    spec = ModelSpec.from_hf_config(preset["config"])
+    write_tokenizer(preset, tmp_path)
+    LlavaConfig(**json.loads(json.dumps(preset["config"]))).to_json_file(tmp_path / "config.json")
+    write_json(tmp_path / "preprocessor_config.json", image_processor_config(spec))
+    write_json(tmp_path / "processor_config.json", processor_config(spec))
+    copy_processor_files(tmp_path, tmp_path / "processor")
+    assert check_prompt_ids(tmp_path, tmp_path / "processor", spec, ServingConfig()) == len(PROBE_PROMPTS)

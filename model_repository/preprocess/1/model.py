@@ -14,7 +14,8 @@ from llava_triton.triton_utils import freeze_loaded_objects, load_spec, optional
 class TritonPythonModel:
     def initialize(self, args):
         self.model_spec, self.serving = load_spec(args)
-        self.preprocessor = Preprocessor.from_pretrained(version_dir(args) / spec.PROCESSOR_DIR, self.model_spec, self.serving)
+        self.preprocessor = Preprocessor.from_pretrained(version_dir(args) / spec.PROCESSOR_DIR, self.model_spec,
+                                                         self.serving)
         freeze_loaded_objects()
 
     def execute(self, requests):
