@@ -20,13 +20,14 @@ from typing import Callable, Protocol
 import torch
 
 from . import decode_attention
-from .cuda_graphs import compile_or_eager
+from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
-from .llama import KV_CACHE_DTYPES, DecodeGraphs, LlamaForCausalLM, PrefillGraphs
+from .llama import KV_CACHE_DTYPES, LlamaForCausalLM
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
 from .spec import IMAGE_EMBEDS, ModelSpec, ServingConfig, language_model_image_input
+from .torch_compile import compile_model
 
 log = logging.getLogger(__name__)
 
@@ -169,25 +170,6 @@ def kv_cache_slots(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len:
                         free / 2**30, slots)
         slots = min(slots, fit)
     return slots
-
-
-def compile_model(model: LlamaForCausalLM) -> bool:
-    """Compile the model's layers (LlamaForCausalLM.compile_layers) and make the calls that compile them,
-    before any CUDA graph capture; eager layers if that fails. Returns whether compiled layers
-    are used."""
-    device = model.lm_head.weight.device
-
-    def warm_up() -> None:
-        # Dummy tokens at cache positions that every request writes before it reads them. Odd
-        # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
-        embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
-        model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
-        # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
-        for batch in sorted({1, min(2, model.max_slots)}):
-            positions = torch.full((batch,), model.max_seq_len - 1, device=device)
-            model.decode(torch.zeros_like(positions), positions, max(model.max_seq_len // 2, 1))
-
-    return compile_or_eager(model, "the language model", warm_up)
 
 
 class Engine:

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .cuda_graphs import batch_buckets, bucket, capture
 from .decode_attention import decode_attention_op
 from .fp8 import quantize_linears
 
@@ -432,7 +431,7 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def prefill_first_chunk(self, inputs_embeds: torch.Tensor, slot: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """`prefill` of one sequence's first chunk with no host values, for PrefillGraphs:
+        """`prefill` of one sequence's first chunk with no host values, for cuda_graphs.PrefillGraphs:
         inputs_embeds (1, T, C) at positions 0..T-1 of the slot in `slot` (1,) → logits (1, V),
         float32, of the token at index `last` (1,). Tokens after `last` may be padding: attention
         is causal, so they change nothing before them, and the cache positions they write are
@@ -488,98 +487,3 @@ class LlamaForCausalLM(nn.Module):
             model.lm_head.weight = model.model.embed_tokens.weight
         return model.eval()
 
-
-class DecodeGraphs:
-    """`LlamaForCausalLM.decode` replayed from CUDA graphs, one per (batch, length) bucket.
-
-    A decode step of a 7B model is a few hundred small kernels; launching them from Python
-    costs about as much as running them. Captured once, a step is one graph launch. Shapes are
-    static inside a graph, so the batch is padded to a bucket (padding rows are dummy tokens at
-    the last cache position, harmless as in the eager path) and attention spans a length bucket
-    (keys past a row's position are masked, so the result does not depend on the bucket).
-    """
-
-    def __init__(self, model: LlamaForCausalLM, max_batch: int, length_step: int = 256):
-        self.model = model
-        device = model.lm_head.weight.device
-        self.batch_buckets = batch_buckets(max_batch)
-        self.length_buckets = sorted({min(length_step * i, model.max_seq_len)
-                                      for i in range(1, -(-model.max_seq_len // length_step) + 1)})
-        self.dummy_position = model.max_seq_len - 1
-        self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.full((max_batch,), self.dummy_position, dtype=torch.long, device=device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-
-    def capture_all(self) -> None:
-        for batch in self.batch_buckets:
-            for length in self.length_buckets:
-                self._capture(batch, length)
-
-    def _capture(self, batch: int, length: int) -> None:
-        ids, positions = self.input_ids[:batch], self.positions[:batch]
-        self.graphs[(batch, length)] = capture(lambda: self.model.decode(ids, positions, length), self.pool)
-
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        n = input_ids.shape[0]
-        batch = bucket(n, self.batch_buckets)
-        key = (batch, bucket(length, self.length_buckets))
-        self.input_ids[:n].copy_(input_ids)
-        self.input_ids[n:batch].zero_()
-        self.positions[:n].copy_(positions)
-        self.positions[n:batch].fill_(self.dummy_position)
-        if key not in self.graphs:
-            self._capture(*key)
-        graph, logits = self.graphs[key]
-        graph.replay()
-        return logits[:n]
-
-
-class PrefillGraphs:
-    """`LlamaForCausalLM.prefill` replayed from CUDA graphs when the chunk is the first of a single
-    sequence (a lone prompt: what time to first token waits for at low load), one graph per
-    length bucket; any other chunk runs `prefill` as it is.
-
-    Why: prefill launches a few kernels per layer from Python, and for a prompt of ~600 tokens
-    that host time is as long as the GPU's (on the H100 a 7B prefill of 608 tokens took 14.7 ms
-    on the GPU and 16.4 ms in all; with FP8 weights 11.1 against 21.0 ms). The chunk is padded
-    with zeros to its bucket (see `prefill_first_chunk` for why padding is harmless); buckets are
-    `step` tokens apart, so padding costs at most step - 1 tokens of GPU time. Chunks longer than
-    MAX_TOKENS run eagerly: their GPU time exceeds the host's, which then stays ahead anyway, and
-    each larger bucket would cost load time and graph memory for nothing.
-    """
-
-    MAX_TOKENS = 1024
-
-    def __init__(self, model: LlamaForCausalLM, max_tokens: int, step: int = 64):
-        self.model = model
-        weight = model.lm_head.weight
-        largest = min(max_tokens, model.max_seq_len, self.MAX_TOKENS)
-        self.buckets = sorted({min(step * i, largest) for i in range(1, -(-largest // step) + 1)})
-        self.embeds = torch.zeros(1, largest, model.config.hidden_size, device=weight.device, dtype=weight.dtype)
-        self.slot = torch.zeros(1, dtype=torch.long, device=weight.device)
-        self.last = torch.zeros(1, dtype=torch.long, device=weight.device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-
-    def capture_all(self) -> None:
-        """Largest first, so the smaller graphs reuse its memory in the shared pool. The captures
-        write slot 0's cache, as the compile warm-up does: call before serving."""
-        for tokens in reversed(self.buckets):
-            embeds = self.embeds[:, :tokens]
-            self.graphs[tokens] = capture(lambda: self.model.prefill_first_chunk(embeds, self.slot, self.last),
-                                          self.pool)
-
-    def __call__(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
-        if len(segments) == 1 and segments[0][1] == 0:
-            slot, _, n = segments[0]
-            tokens = bucket(n, self.buckets)
-            if tokens is not None and n == inputs_embeds.shape[1]:
-                self.embeds[:, :n].copy_(inputs_embeds)
-                self.embeds[:, n:tokens].zero_()
-                self.slot.fill_(slot)
-                self.last.fill_(n - 1)
-                graph, logits = self.graphs[tokens]
-                graph.replay()
-                return logits.clone()  # the graph's output is overwritten by its next replay
-        return self.model.prefill(inputs_embeds, segments)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -38,13 +37,13 @@ from torch import nn
 from transformers import AutoConfig, CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
-from llava_triton.cuda_graphs import batch_buckets, bucket, capture, compile_or_eager
+from llava_triton.cuda_graphs import maybe_graphed
 from llava_triton.errors import InvalidRequestError
 from llava_triton.fp8 import quantize_linears
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, TRITON_TYPE_NAMES, ModelSpec, ServingConfig,
                                read_spec, wire_dtype)
+from llava_triton.torch_compile import maybe_compiled
 
-log = logging.getLogger(__name__)
 WEIGHTS_FILE = "model.safetensors"  # one module's weights in a model version directory
 MODULE_CONFIG_FILE = "module_config.json"  # the small config that rebuilds the module around them
 _CHECKPOINT_INDEX = "model.safetensors.index.json"
@@ -336,71 +335,6 @@ def load_encoder(version_dir: str | Path, device: str | torch.device = "cpu",
 def load_projector(version_dir: str | Path, device: str | torch.device = "cpu",
                    dtype: str | torch.dtype = torch.float32) -> Projector:
     return _load_module(Projector, version_dir, device, dtype)
-
-
-# --- CUDA graphs ----------------------------------------------------------------------------------
-
-class GraphedModule:
-    """A module replayed from CUDA graphs, one per batch bucket (1, 2, 4, ... max_batch).
-
-    CLIP ViT-L is ~25 kernels a layer; launched one by one from Python they cost more than they
-    run at small batches (the H100 host took ~14 ms for one image eagerly). Captured once at
-    load, a forward is one graph launch. The batch is padded up to its bucket: every row of the
-    vision tower and the projector is computed independently of the others, so the padding
-    rows (whatever an earlier batch left there) change nothing in the real ones.
-    """
-
-    def __init__(self, module: nn.Module, item_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                 max_batch: int):
-        self.module = module
-        self.buckets = batch_buckets(max_batch)
-        self.inputs = torch.zeros((max_batch, *item_shape), dtype=dtype, device=device)
-        self.pool = torch.cuda.graph_pool_handle()
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
-        with torch.inference_mode():
-            for batch in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
-                x = self.inputs[:batch]
-                self.graphs[batch] = capture(lambda: self.module(x), self.pool)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (n, *item_shape) on the device, in the module's dtype -> the module's output (n, ...), a view
-        of the graph's output buffer (valid until the next call)."""
-        n = x.shape[0]
-        batch = bucket(n, self.buckets)
-        if batch is None:
-            return self.module(x)
-        self.inputs[:n].copy_(x)
-        graph, out = self.graphs[batch]
-        graph.replay()
-        return out[:n]
-
-
-def maybe_compiled(module: VisionEncoder | Projector, item_shape: tuple[int, ...], dtype: torch.dtype,
-                   device: torch.device, enabled: bool) -> None:
-    """`module.compile_layers()` on a GPU when enabled, compiled here by calls at batch 1 and 3 (batch 1
-    is specialised, 3 gives the dynamic-batch version every other bucket shares); eager layers if
-    compilation fails (`compile_or_eager`). Call before capturing CUDA graphs."""
-    if not enabled or device.type != "cuda":
-        return
-
-    def warm_up() -> None:
-        for batch in (1, 3):
-            module(torch.zeros((batch, *item_shape), dtype=dtype, device=device))
-
-    compile_or_eager(module, type(module).__name__, warm_up)
-
-
-def maybe_graphed(module: nn.Module, item_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
-                  max_batch: int, enabled: bool) -> Callable[[torch.Tensor], torch.Tensor]:
-    """`GraphedModule` on a GPU when enabled; the module itself otherwise, or if capture fails."""
-    if not enabled or device.type != "cuda":
-        return module
-    try:
-        return GraphedModule(module, item_shape, dtype, device, max_batch)
-    except Exception:  # noqa: BLE001 - eager is slower but correct: serve rather than fail to load
-        log.exception("CUDA graph capture of %s failed; running it eagerly", type(module).__name__)
-        torch.cuda.synchronize(device)
-        return module
 
 
 # --- batching across requests (used by the Triton adapters) -------------------------------------

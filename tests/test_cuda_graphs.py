@@ -1,4 +1,4 @@
-"""The bucketing that both CUDA-graph users (decode, vision) share; capture itself needs a GPU
+"""The bucketing that every CUDA-graph runner (decode, prefill, vision) shares; capture itself needs a GPU
 (tests/test_gpu.py)."""
 
 from llava_triton.cuda_graphs import batch_buckets, bucket

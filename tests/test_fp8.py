@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_triton import fp8
-from llava_triton.engine import compile_model
 from llava_triton.llama import LlamaForCausalLM
 from llava_triton.spec import ServingConfig
+from llava_triton.torch_compile import compile_model
 from test_llama import CONFIG
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

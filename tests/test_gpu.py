@@ -1,16 +1,19 @@
 """GPU-only checks (skipped where torch sees no CUDA device; run on the H100 with
-`python3 -m pytest tests/test_gpu.py`): the vision models replayed from CUDA graphs give what
-they give eagerly, for every batch size up to the largest bucket and past it."""
+`python3 -m pytest tests/test_gpu.py`): every CUDA-graph runner (llava_triton.cuda_graphs) gives what
+its model gives eagerly: the vision models for every batch size up to the largest bucket and past it,
+and the language model's decode and prefill steps."""
 
 import numpy as np
 import pytest
 import torch
 from transformers import CLIPVisionConfig
 
-from llava_triton.errors import InvalidRequestError
 from llava_triton import vision
-from llava_triton.vision import (BatchedModule, GraphedModule, Projector, VisionEncoder, maybe_compiled,
-                                  maybe_graphed)
+from llava_triton.cuda_graphs import DecodeGraphs, GraphedModule, PrefillGraphs, maybe_graphed
+from llava_triton.errors import InvalidRequestError
+from llava_triton.llama import LlamaConfig, LlamaForCausalLM
+from llava_triton.torch_compile import compile_model, maybe_compiled
+from llava_triton.vision import BatchedModule, Projector, VisionEncoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -115,8 +118,6 @@ def test_maybe_graphed_is_eager_on_the_cpu_or_when_off():
 
 
 def test_decode_graphs_match_eager_decode():
-    from llava_triton.llama import DecodeGraphs, LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -142,9 +143,6 @@ def test_prefill_graphs_match_eager_prefill(weights):
     cache): a lone first chunk replays its length bucket's graph and gives eager prefill's logits
     and cache; other chunks (several sequences, a later chunk, past the largest bucket) run eager
     prefill."""
-    from llava_triton.engine import compile_model
-    from llava_triton.llama import LlamaConfig, LlamaForCausalLM, PrefillGraphs
-
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
@@ -182,9 +180,6 @@ def test_compiled_fused_decode_graphs_match_eager_decode(decode_kernel):
     (one compiled function for every layer), replayed from CUDA graphs; decode attention by SDPA
     or by the Triton kernel (compared with eager SDPA decode either way)."""
     from torch._dynamo.utils import counters
-
-    from llava_triton.engine import compile_model
-    from llava_triton.llama import DecodeGraphs, LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,

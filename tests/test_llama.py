@@ -4,8 +4,8 @@ what the plain eager path gives. Equality with transformers is checked in test_e
 import pytest
 import torch
 
-from llava_triton.engine import compile_model
 from llava_triton.llama import LlamaConfig, LlamaForCausalLM
+from llava_triton.torch_compile import compile_model
 
 CONFIG = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)

@@ -21,10 +21,10 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 from export import tensorrt as trt_export
 from export.onnx_export import ONNX_REL_TOLERANCE, OnnxMismatchError, check_error, export_vision
 from llava_triton import vision
-from llava_triton.cuda_graphs import compile_or_eager
 from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, SPEC_FILE, VISION_ENCODER,
                                ModelSpec, ServingConfig, write_spec)
+from llava_triton.torch_compile import compile_or_eager, maybe_compiled
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 patches
@@ -203,8 +203,8 @@ def test_maybe_compiled_is_eager_on_the_cpu_when_off_or_when_compilation_fails(c
     _, path = checkpoint
     encoder, projector = vision.load_from_checkpoint(path)
     cpu = torch.device("cpu")
-    vision.maybe_compiled(encoder, (3, IMAGE_SIZE, IMAGE_SIZE), torch.float32, cpu, True)  # CPU: never compiled
-    vision.maybe_compiled(projector, (16, 32), torch.float32, torch.device("cuda"), False)  # off
+    maybe_compiled(encoder, (3, IMAGE_SIZE, IMAGE_SIZE), torch.float32, cpu, True)  # CPU: never compiled
+    maybe_compiled(projector, (16, 32), torch.float32, torch.device("cuda"), False)  # off
     assert encoder.encoder_layer is vision.encoder_layer and "forward" not in projector.__dict__
 
     def broken_compile(function, **options):  # what a machine without a C compiler gives
