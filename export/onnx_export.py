@@ -1,9 +1,10 @@
 """Export the vision encoder and projector: ONNX (always, checked against PyTorch), then serving artifacts.
 
-`export_vision` is the one entry point: it loads both modules from the checkpoint, exports and
-checks ONNX in a work directory, then writes what Triton serves, either the PyTorch weights for
-the Python-backend adapters (`engine="pytorch"`) or a TensorRT engine per model
-(`engine="tensorrt"`). It writes no `config.pbtxt`: those come from `export.repository`.
+`export_vision` is the one entry point: it loads both modules from the checkpoint
+(`export.vision_weights`), exports and checks ONNX in a work directory, then writes what Triton
+serves, either the PyTorch weights for the Python-backend adapters (`engine="pytorch"`,
+`llava_triton.vision_artifacts`) or a TensorRT engine per model (`engine="tensorrt"`). It writes no
+`config.pbtxt`: those come from `export.repository`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from llava_triton import vision
+from export.vision_weights import load_from_checkpoint
+from llava_triton import vision, vision_artifacts
+from llava_triton.dtypes import resolve_dtype
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, LANGUAGE_MODEL, LANGUAGE_MODEL_PROJECTOR_DIR, PIXEL_VALUES,
                                PROJECTOR, VISION_ENCODER, ModelSpec, ServingConfig, wire_dtype)
 
@@ -27,7 +30,8 @@ ONNX_OPSET = 18  # LayerNormalization (>= 17) parses into TensorRT's normalizati
 ONNX_REL_TOLERANCE = 1e-4
 CHECK_BATCH_SIZES = (1, 3)  # batch 1 and a batch > 1, through the dynamic batch axis
 _EXAMPLE_BATCH_SIZE = 2  # torch.export treats sizes 0 and 1 as constants, so trace with 2
-_ARTIFACTS = {"pytorch": (vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE), "tensorrt": ("model.plan",)}
+_ARTIFACTS = {"pytorch": (vision_artifacts.WEIGHTS_FILE, vision_artifacts.MODULE_CONFIG_FILE),
+              "tensorrt": ("model.plan",)}
 
 
 class OnnxMismatchError(RuntimeError):
@@ -151,7 +155,7 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
     repo_dir, work_dir = Path(repo_dir), Path(work_dir)
     started = time.perf_counter()
     _log(f"loading the vision tower and projector from {checkpoint_dir} ...")
-    encoder, projector = vision.load_from_checkpoint(checkpoint_dir, "cpu", torch.float32)
+    encoder, projector = load_from_checkpoint(checkpoint_dir, "cpu", torch.float32)
     onnx_results = export_onnx(encoder, projector, work_dir, spec, serving) if onnx else {}
 
     # With projector_placement "language_model" the projector's weights go to the language model
@@ -166,13 +170,13 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
         _remove_other_engine(version_dir, engine)
     # Stored as the checkpoint has them (FP16 for llava-1.5) and cast to serving.dtype at load.
     try:
-        storage_dtype = vision.resolve_dtype(spec.torch_dtype)
+        storage_dtype = resolve_dtype(spec.torch_dtype)
     except ValueError:
         storage_dtype = torch.float32
     if engine == "pytorch":
         _log(f"writing PyTorch serving weights ({storage_dtype}) ...")
-        written = vision.save_for_serving(encoder.to(storage_dtype), projector.to(storage_dtype), encoder_dir,
-                                          projector_dir)
+        written = vision_artifacts.save_for_serving(encoder.to(storage_dtype), projector.to(storage_dtype),
+                                                    encoder_dir, projector_dir)
         artifacts = {VISION_ENCODER: [p for p in written if p.parent == encoder_dir],
                      PROJECTOR: [p for p in written if p.parent == projector_dir]}
     else:
@@ -180,7 +184,7 @@ def export_vision(checkpoint_dir: Path, repo_dir: Path, work_dir: Path, spec: Mo
         artifacts = {}
         plans = [(VISION_ENCODER, PIXEL_VALUES, vision.pixel_values_shape(spec), encoder_dir)]
         if in_language_model:
-            artifacts[PROJECTOR] = vision.save_module(projector.to(storage_dtype), projector_dir)
+            artifacts[PROJECTOR] = vision_artifacts.save_module(projector.to(storage_dtype), projector_dir)
         else:
             plans.append((PROJECTOR, IMAGE_FEATURES, vision.image_features_shape(spec), projector_dir))
         for name, input_name, item_shape, version_dir in plans:

@@ -28,16 +28,8 @@ from .fp8 import quantize_linears
 # plans are built once at capture.
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # KV-cache dtypes besides the model's own (ServingConfig.kv_cache_dtype).
 KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    try:
-        return _DTYPES[name]
-    except KeyError:
-        raise ValueError(f"unsupported dtype {name!r}; choose one of {sorted(_DTYPES)}") from None
 
 
 @dataclass(frozen=True)

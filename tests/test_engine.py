@@ -10,7 +10,8 @@ import torch
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from export.language_model import export_language_model
-from llava_triton import spec, vision
+from export.vision_weights import load_from_checkpoint
+from llava_triton import spec
 from llava_triton.engine import Engine, Output, count_images
 from llava_triton.errors import InvalidRequestError, ServerBusyError
 from llava_triton.llama import LlamaForCausalLM
@@ -142,7 +143,7 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
     engine projects them; the tokens equal transformers' from the pixels."""
     _, model_spec, tokenizer, hf = parts
     lm_dir = parts[0]
-    encoder, projector = vision.load_from_checkpoint(tiny_checkpoint)
+    encoder, projector = load_from_checkpoint(tiny_checkpoint)
     serving = ServingConfig(projector_placement="language_model")
     engine = Engine(LlamaForCausalLM.from_pretrained(lm_dir), tokenizer, model_spec, serving, projector=projector)
     n = model_spec.num_image_tokens

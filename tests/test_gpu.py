@@ -9,11 +9,12 @@ import torch
 from transformers import CLIPVisionConfig
 
 from llava_triton import vision
+from llava_triton.batching import BatchedModule
 from llava_triton.cuda_graphs import DecodeGraphs, GraphedModule, PrefillGraphs, maybe_graphed
 from llava_triton.errors import InvalidRequestError
 from llava_triton.llama import LlamaConfig, LlamaForCausalLM
 from llava_triton.torch_compile import compile_model, maybe_compiled
-from llava_triton.vision import BatchedModule, Projector, VisionEncoder
+from llava_triton.vision import Projector, VisionEncoder
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

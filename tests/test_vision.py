@@ -20,11 +20,15 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 
 from export import tensorrt as trt_export
 from export.onnx_export import ONNX_REL_TOLERANCE, OnnxMismatchError, check_error, export_vision
-from llava_triton import vision
+from export.vision_weights import load_from_checkpoint
+from llava_triton import batching, vision, vision_serving
+from llava_triton.dtypes import resolve_dtype
 from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, SPEC_FILE, VISION_ENCODER,
                                ModelSpec, ServingConfig, write_spec)
 from llava_triton.torch_compile import compile_or_eager, maybe_compiled
+from llava_triton.vision_artifacts import (MODULE_CONFIG_FILE, WEIGHTS_FILE, load_encoder, load_projector,
+                                           save_for_serving)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 patches
@@ -78,7 +82,7 @@ def _reference(model, pixel_values, layer, strategy) -> torch.Tensor:
 def test_matches_transformers_get_image_features(checkpoint, tmp_path, layer, strategy):
     model, path = checkpoint
     variant = _variant(path, tmp_path / "variant", vision_feature_layer=layer, vision_feature_select_strategy=strategy)
-    encoder, projector = vision.load_from_checkpoint(variant)
+    encoder, projector = load_from_checkpoint(variant)
     pixel_values = _pixels(3)
     with torch.inference_mode():
         features = encoder(pixel_values)
@@ -124,7 +128,7 @@ def _model_prefixed_layout(name: str) -> str:  # transformers 5's in-memory name
 def test_loads_other_key_layouts(checkpoint, tmp_path, rename, shards):
     model, path = checkpoint
     other = _rewrite_keys(path, tmp_path / "other", rename, shards)
-    encoder, projector = vision.load_from_checkpoint(other)
+    encoder, projector = load_from_checkpoint(other)
     pixel_values = _pixels(2)
     with torch.inference_mode():
         embeds = projector(encoder(pixel_values))
@@ -135,7 +139,7 @@ def test_checkpoint_errors(checkpoint, tmp_path):
     _, path = checkpoint
     no_projector = _rewrite_keys(path, tmp_path / "no-projector", lambda name: name.replace("multi_modal", "other"))
     with pytest.raises(ValueError, match="lacks 4 needed tensors"):
-        vision.load_from_checkpoint(no_projector)
+        load_from_checkpoint(no_projector)
     doubled = tmp_path / "doubled"
     doubled.mkdir()
     shutil.copy(path / "config.json", doubled)
@@ -144,32 +148,32 @@ def test_checkpoint_errors(checkpoint, tmp_path):
     save_file({_llava_hf_layout(name): tensor for name, tensor in tensors.items() if "vision_tower" in name},
               doubled / "b.safetensors")
     with pytest.raises(ValueError, match="map to"):
-        vision.load_from_checkpoint(doubled)
+        load_from_checkpoint(doubled)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     shutil.copy(path / "config.json", pickled)
     with pytest.raises(FileNotFoundError, match="no .safetensors"):
-        vision.load_from_checkpoint(pickled)
+        load_from_checkpoint(pickled)
     with pytest.raises(ValueError, match="out of range"):
         vision.num_layers_needed(-5, 3)
     with pytest.raises(ValueError, match="single integer"):
         vision.num_layers_needed([-2, -1], 3)
     with pytest.raises(ValueError, match="unsupported dtype"):
-        vision.resolve_dtype("float64")
+        resolve_dtype("float64")
 
 
 def test_save_for_serving_round_trip(checkpoint, tmp_path):
     _, path = checkpoint
-    encoder, projector = vision.load_from_checkpoint(path)
-    written = vision.save_for_serving(encoder, projector, tmp_path / "enc", tmp_path / "proj")
-    assert sorted(p.name for p in written) == sorted([vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE] * 2)
+    encoder, projector = load_from_checkpoint(path)
+    written = save_for_serving(encoder, projector, tmp_path / "enc", tmp_path / "proj")
+    assert sorted(p.name for p in written) == sorted([WEIGHTS_FILE, MODULE_CONFIG_FILE] * 2)
     pixel_values = _pixels(2)
-    loaded_encoder, loaded_projector = vision.load_encoder(tmp_path / "enc"), vision.load_projector(tmp_path / "proj")
+    loaded_encoder, loaded_projector = load_encoder(tmp_path / "enc"), load_projector(tmp_path / "proj")
     with torch.inference_mode():
         expected = projector(encoder(pixel_values))
         torch.testing.assert_close(loaded_projector(loaded_encoder(pixel_values)), expected, rtol=0, atol=0)
-        half_encoder = vision.load_encoder(tmp_path / "enc", dtype="bfloat16")
-        half_projector = vision.load_projector(tmp_path / "proj", dtype=torch.bfloat16)
+        half_encoder = load_encoder(tmp_path / "enc", dtype="bfloat16")
+        half_projector = load_projector(tmp_path / "proj", dtype=torch.bfloat16)
         assert next(half_encoder.parameters()).dtype == torch.bfloat16
         torch.testing.assert_close(half_projector(half_encoder(pixel_values)).float(), expected, rtol=0.05, atol=0.05)
 
@@ -180,9 +184,9 @@ def test_compiled_modules_match_eager_for_every_batch_with_few_compilations(chec
     from torch._dynamo.utils import counters
 
     _, path = checkpoint
-    vision.save_for_serving(*vision.load_from_checkpoint(path), tmp_path / "enc", tmp_path / "proj")
-    eager = (vision.load_encoder(tmp_path / "enc"), vision.load_projector(tmp_path / "proj"))
-    compiled = (vision.load_encoder(tmp_path / "enc"), vision.load_projector(tmp_path / "proj"))
+    save_for_serving(*load_from_checkpoint(path), tmp_path / "enc", tmp_path / "proj")
+    eager = (load_encoder(tmp_path / "enc"), load_projector(tmp_path / "proj"))
+    compiled = (load_encoder(tmp_path / "enc"), load_projector(tmp_path / "proj"))
     counters.clear()
     for module in compiled:
         module.compile_layers()
@@ -201,7 +205,7 @@ def test_compiled_modules_match_eager_for_every_batch_with_few_compilations(chec
 
 def test_maybe_compiled_is_eager_on_the_cpu_when_off_or_when_compilation_fails(checkpoint, monkeypatch, caplog):
     _, path = checkpoint
-    encoder, projector = vision.load_from_checkpoint(path)
+    encoder, projector = load_from_checkpoint(path)
     cpu = torch.device("cpu")
     maybe_compiled(encoder, (3, IMAGE_SIZE, IMAGE_SIZE), torch.float32, cpu, True)  # CPU: never compiled
     maybe_compiled(projector, (16, 32), torch.float32, torch.device("cuda"), False)  # off
@@ -224,24 +228,24 @@ def test_maybe_compiled_is_eager_on_the_cpu_when_off_or_when_compilation_fails(c
 
 def test_concat_and_split():
     batches = [np.full((n, 2, 3), n, np.float32) for n in (2, 1, 3)]
-    stacked, sizes = vision.concat_batches(batches)
+    stacked, sizes = batching.concat_batches(batches)
     assert stacked.shape == (6, 2, 3) and sizes == [2, 1, 3]
-    for part, batch in zip(vision.split_batch(stacked, sizes), batches):
+    for part, batch in zip(batching.split_batch(stacked, sizes), batches):
         np.testing.assert_array_equal(part, batch)
         assert part.flags.c_contiguous
     with pytest.raises(ValueError, match="do not add up"):
-        vision.split_batch(stacked, [2, 2])
+        batching.split_batch(stacked, [2, 2])
     with pytest.raises(ValueError, match="no batches"):
-        vision.concat_batches([])
+        batching.concat_batches([])
 
 
 def test_select_device():
-    assert vision.select_device("CPU", "0") == torch.device("cpu")
+    assert vision_serving.select_device("CPU", "0") == torch.device("cpu")
     if torch.cuda.is_available():
-        assert vision.select_device("GPU", "1") == torch.device("cuda:1")
+        assert vision_serving.select_device("GPU", "1") == torch.device("cuda:1")
     else:
         with pytest.raises(RuntimeError, match="no CUDA device"):
-            vision.select_device("GPU", "0")
+            vision_serving.select_device("GPU", "0")
 
 
 @pytest.fixture(scope="module")
@@ -261,9 +265,9 @@ def test_export_vision_pytorch_artifacts(exported):
     assert report["engine"] == "pytorch"
     for name in (VISION_ENCODER, PROJECTOR):
         files = {p.name for p in (repo / name / "1").iterdir()}
-        assert {vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE, SPEC_FILE} <= files
+        assert {WEIGHTS_FILE, MODULE_CONFIG_FILE, SPEC_FILE} <= files
         assert not (repo / name / "config.pbtxt").exists()  # the lead's generator writes every config
-        assert [p.name for p in report["artifacts"][name]] == [vision.WEIGHTS_FILE, vision.MODULE_CONFIG_FILE]
+        assert [p.name for p in report["artifacts"][name]] == [WEIGHTS_FILE, MODULE_CONFIG_FILE]
     assert (work / f"{VISION_ENCODER}.onnx").exists() and (work / f"{PROJECTOR}.onnx").exists()
 
 
@@ -293,8 +297,8 @@ def test_check_error_bound():
 def test_served_modules_batch_requests(exported, checkpoint):
     model, _ = checkpoint
     _, repo, _, spec = exported
-    encoder = vision.serve_encoder(repo / VISION_ENCODER / "1", "CPU", "0")
-    projector = vision.serve_projector(repo / PROJECTOR / "1", "CPU", "0")
+    encoder = vision_serving.serve_encoder(repo / VISION_ENCODER / "1", "CPU", "0")
+    projector = vision_serving.serve_projector(repo / PROJECTOR / "1", "CPU", "0")
     first, second = _pixels(2, seed=3).numpy(), _pixels(1, seed=4).numpy()
     nan = first.copy()
     nan[0, 0, 0, 0] = np.nan
@@ -317,7 +321,7 @@ def served_bfloat16(exported, tmp_path_factory):
     _, repo, _, spec = exported
     serving = dataclasses.replace(SERVING, dtype="bfloat16")
     modules = []
-    for name, serve in ((VISION_ENCODER, vision.serve_encoder), (PROJECTOR, vision.serve_projector)):
+    for name, serve in ((VISION_ENCODER, vision_serving.serve_encoder), (PROJECTOR, vision_serving.serve_projector)):
         version_dir = tmp_path_factory.mktemp(name) / "1"
         shutil.copytree(repo / name / "1", version_dir)
         write_spec(version_dir, spec, serving)
@@ -358,7 +362,7 @@ def test_served_modules_batch_requests_with_an_fp16_wire(served_bfloat16, export
 
 def test_fused_qkv_encoder_matches_the_unfused_one(checkpoint):
     model, path = checkpoint
-    encoder, _ = vision.load_from_checkpoint(path)
+    encoder, _ = load_from_checkpoint(path)
     pixels = _pixels(3, seed=5)
     with torch.inference_mode():
         unfused = encoder(pixels)
@@ -378,7 +382,7 @@ def test_served_modules_with_fp8_weights(exported, checkpoint, tmp_path):
     _, repo, _, spec = exported
     serving = dataclasses.replace(SERVING, dtype="bfloat16", vision_weight_dtype="fp8_e4m3")
     served = []
-    for name, serve in ((VISION_ENCODER, vision.serve_encoder), (PROJECTOR, vision.serve_projector)):
+    for name, serve in ((VISION_ENCODER, vision_serving.serve_encoder), (PROJECTOR, vision_serving.serve_projector)):
         shutil.copytree(repo / name / "1", tmp_path / name)
         write_spec(tmp_path / name, spec, serving)
         served.append(serve(tmp_path / name, "CPU", "0"))
@@ -403,7 +407,8 @@ def test_fp16_wire_output_beyond_fp16_range_is_refused_by_the_next_step():
     def scale(rows: torch.Tensor) -> torch.Tensor:
         return rows * 1e6
 
-    step = vision.BatchedModule(scale, "x", "y", (2,), (2,), torch.device("cpu"), torch.bfloat16, np.dtype(np.float16))
+    step = batching.BatchedModule(scale, "x", "y", (2,), (2,), torch.device("cpu"), torch.bfloat16,
+                                  np.dtype(np.float16))
     (big, small) = step.run_requests([np.array([[0.5, 1.0]], np.float16), np.array([[1e-5, 0.0]], np.float16)])
     assert np.isinf(big).all() and np.isfinite(small).all()
     (refused,) = dataclasses.replace(step, input_name="y").run_requests([big])
@@ -417,7 +422,7 @@ def test_serving_refuses_artifacts_that_disagree_with_the_spec(exported, tmp_pat
     other = ModelSpec.from_dict({**spec.to_dict(), "vision_feature_select_strategy": "full"})
     write_spec(version_dir, other, SERVING)
     with pytest.raises(ValueError, match="re-run the export"):
-        vision.serve_encoder(version_dir, "CPU", "0")
+        vision_serving.serve_encoder(version_dir, "CPU", "0")
 
 
 # --- the Triton adapters, run against a stand-in for triton_python_backend_utils ---

@@ -8,14 +8,15 @@ import torch
 import triton_python_backend_utils as pb_utils
 
 from llava_triton import spec
+from llava_triton.dtypes import resolve_dtype
 from llava_triton.engine import Engine, Metrics, Output
-from llava_triton.llama import LlamaForCausalLM, torch_dtype
+from llava_triton.llama import LlamaForCausalLM
 from llava_triton.outbox import ThreadedOutbox
 from llava_triton.processor import load_processor
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import (freeze_loaded_objects, instance_device, is_decoupled, load_spec, optional_inputs,
                                       triton_error, version_dir)
-from llava_triton.vision import load_serving_projector
+from llava_triton.vision_serving import load_serving_projector
 
 
 class ResponseSink:
@@ -129,7 +130,7 @@ class TritonPythonModel:
         device = instance_device(args)
         if device.startswith("cuda"):
             torch.cuda.set_device(device)
-        model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=torch_dtype(self.serving.dtype))
+        model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=resolve_dtype(self.serving.dtype))
         tokenizer = load_processor(directory / spec.PROCESSOR_DIR).tokenizer  # as the preprocess model loads it
         # With projector_placement "language_model" requests carry the vision encoder's features and
         # the engine projects them (the projector's weights are in a directory of this version's).
