@@ -4,6 +4,9 @@ Requests join between decode steps and leave as soon as they finish: each `step(
 spends a budget of prompt tokens on prefill (long prompts in chunks, so running streams are
 not stalled for a whole prompt), then decodes one token for every running sequence in a
 single batched forward pass. A sequence owns one KV-cache slot from admission to the end.
+
+The engine only schedules: it receives the language model already prepared (fused, quantised,
+its KV cache allocated, compiled and captured) as a `LanguageModelRuntime` (llava_triton.lm_runtime).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ from __future__ import annotations
 import collections
 import heapq
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,15 +21,12 @@ from typing import Callable, Protocol
 
 import torch
 
-from . import decode_attention
-from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
-from .llama import KV_CACHE_DTYPES, LlamaForCausalLM
+from .lm_runtime import LanguageModelRuntime
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
 from .spec import IMAGE_EMBEDS, ModelSpec, ServingConfig, language_model_image_input
-from .torch_compile import compile_model
 
 log = logging.getLogger(__name__)
 
@@ -124,96 +123,35 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     return num_images
 
 
-def kv_cache_dtype(model: LlamaForCausalLM, serving: ServingConfig) -> torch.dtype:
-    return KV_CACHE_DTYPES.get(serving.kv_cache_dtype, model.lm_head.weight.dtype)
-
-
-def use_decode_kernel(serving: ServingConfig, device: torch.device) -> bool:
-    """Whether decode attention runs as llava_triton.decode_attention's Triton kernel (see
-    ServingConfig.decode_attention).
-
-    "auto" picks it for an FP8 cache on a GPU. With a bfloat16 cache it is no faster than SDPA
-    (cuDNN) in whole 7B decode steps on the H100 (within 4 % either way at batch 1 to 128), while
-    with FP8 SDPA would read a bfloat16 copy of the cache, and the kernel's steps took 40 % less
-    time at batch 128 (13.8 against 23.1 ms)."""
-    if serving.decode_attention == "sdpa":
-        return False
-    if serving.decode_attention == "triton":
-        if not decode_attention.available():
-            raise RuntimeError("decode_attention is 'triton' but the triton package is not installed")
-        if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise RuntimeError("decode_attention is 'triton' but the language model runs on the CPU: Triton "
-                               "kernels need a GPU (or TRITON_INTERPRET=1, Triton's slow interpreter)")
-        return True
-    return device.type == "cuda" and decode_attention.available() and serving.kv_cache_dtype != "auto"
-
-
-def kv_cache_slots(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len: int) -> int:
-    """How many sequences the KV cache holds: max_num_seqs, or fewer where device memory is short.
-
-    On a GPU the cache is sized from the memory left after the weights (a fraction of it, so the
-    vision models and activations sharing the GPU still fit); requests beyond it wait.
-    """
-    c = model.config
-    weight = model.lm_head.weight
-    element_size = kv_cache_dtype(model, serving).itemsize
-    bytes_per_slot = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * max_seq_len * element_size
-    slots = serving.max_num_seqs
-    if weight.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(weight.device)
-        fit = int(free * serving.kv_cache_memory_fraction) // bytes_per_slot
-        if fit < 1:
-            raise RuntimeError(f"no GPU memory left for even one KV-cache slot of {max_seq_len} tokens "
-                               f"({bytes_per_slot / 2**30:.2f} GiB); lower max_seq_len")
-        if fit < slots:
-            log.warning("KV cache: %d slots of %d tokens fit in %.1f GiB free (max_num_seqs %d)", fit, max_seq_len,
-                        free / 2**30, slots)
-        slots = min(slots, fit)
-    return slots
-
-
 class Engine:
-    def __init__(self, model: LlamaForCausalLM, tokenizer, spec: ModelSpec, serving: ServingConfig,
+    """Admission, prefill chunks, decode steps, sampling, detokenizing and sending, over a prepared model."""
+
+    def __init__(self, runtime: LanguageModelRuntime, tokenizer, spec: ModelSpec, serving: ServingConfig,
                  metrics: Metrics | None = None, outbox: Outbox | None = None,
                  projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        """`projector`: LLaVA's projector, on the model's device and in its dtype, for
+        """`runtime`: the language model prepared for `serving` (lm_runtime.prepare_language_model).
+        `projector`: LLaVA's projector, on the model's device and in its dtype, for
         projector_placement "language_model" (requests then carry the vision encoder's features)."""
         if (projector is not None) != serving.projector_in_language_model:
             raise ValueError(f"projector_placement {serving.projector_placement!r} "
                              + ("needs the projector" if projector is None else "takes no projector"))
+        if runtime.max_seq_len != serving.token_limit(spec):
+            raise ValueError(f"the language model was prepared for sequences of {runtime.max_seq_len} tokens, "
+                             f"the serving config allows {serving.token_limit(spec)}")
         self.projector = projector
         self.image_input = language_model_image_input(serving)
         self.metrics = metrics or Metrics()
         self.out = outbox or Outbox()  # responses and errors leave through it (see outbox.py)
-        self.model = model
+        self.model = runtime.model
         self.tokenizer = tokenizer
         self.spec = spec
         self.serving = serving
-        self.device = model.lm_head.weight.device
-        self.dtype = model.lm_head.weight.dtype
-        self.max_seq_len = serving.token_limit(spec)
-        # Weights in their final form first (fused, FP8 copies made), so the KV cache is sized from
-        # the memory they leave free.
-        model.fuse()
-        if serving.lm_weight_dtype != "auto":  # FP8, the one other value
-            model.quantize_fp8()
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()  # return quantize_fp8's float32 temporaries before measuring
-        self.num_slots = kv_cache_slots(model, serving, self.max_seq_len)
-        model.setup_caches(self.num_slots, self.max_seq_len, kv_cache_dtype(model, serving),
-                           decode_kernel=use_decode_kernel(serving, self.device))
-        self.decode_step = model.decode
-        self.prefill_step = model.prefill
-        if serving.torch_compile and self.device.type == "cuda":
-            compile_model(model)
-        if serving.cuda_graphs and self.device.type == "cuda":
-            graphs = DecodeGraphs(model, self.num_slots)
-            graphs.capture_all()
-            self.decode_step = graphs
-            prefill_graphs = PrefillGraphs(model, serving.prefill_chunk_tokens)
-            prefill_graphs.capture_all()
-            self.prefill_step = prefill_graphs
-            log.info("captured %d decode and %d prefill CUDA graphs", len(graphs.graphs), len(prefill_graphs.graphs))
+        self.device = runtime.device
+        self.dtype = runtime.dtype
+        self.max_seq_len = runtime.max_seq_len
+        self.num_slots = runtime.num_slots
+        self.decode_step = runtime.decode_step
+        self.prefill_step = runtime.prefill_step
         self.eos = frozenset(spec.eos_token_id)
         self._detokenizer = Detokenizer(tokenizer)
         # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
@@ -327,8 +265,8 @@ class Engine:
             for seq in [s for s in self._waiting if s.last_event < deadline]:
                 self._waiting.remove(seq)
                 self.metrics.request_refused("queue_timeout")
-                self.out.error(seq.sink, f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a KV-cache slot "
-                               "(queue_timeout_us); retry later")
+                self.out.error(seq.sink, f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a "
+                               "KV-cache slot (queue_timeout_us); retry later")
         for seq in [s for s in self._prefilling + self._running if id(s.sink) in cancelled]:
             self._release(seq)
             self.metrics.request_refused("cancelled")

@@ -28,9 +28,6 @@ from .fp8 import quantize_linears
 # plans are built once at capture.
 PREFILL_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
-# KV-cache dtypes besides the model's own (ServingConfig.kv_cache_dtype).
-KV_CACHE_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn}
-
 
 @dataclass(frozen=True)
 class LlamaConfig:

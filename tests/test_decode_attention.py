@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 from llava_triton import decode_attention as da
-from llava_triton.engine import use_decode_kernel
 from llava_triton.llama import LlamaForCausalLM, to_cache_dtype
+from llava_triton.lm_runtime import use_decode_kernel
 from llava_triton.spec import ServingConfig
 from llava_triton.torch_compile import compile_model
 from test_llama import CONFIG

@@ -11,10 +11,10 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from export.language_model import export_language_model
 from export.vision_weights import load_from_checkpoint
-from llava_triton import spec
 from llava_triton.engine import Engine, Output, count_images
 from llava_triton.errors import InvalidRequestError, ServerBusyError
 from llava_triton.llama import LlamaForCausalLM
+from llava_triton.lm_runtime import prepare_language_model
 from llava_triton.sampling import SamplingParams
 from llava_triton.spec import ModelSpec, ServingConfig
 
@@ -74,9 +74,16 @@ def parts(tiny_checkpoint, tmp_path_factory):
     return lm_dir, model_spec, tokenizer, hf
 
 
+def prepared(parts, serving: ServingConfig):
+    """The exported language model, loaded and prepared as the language model's Triton adapter does."""
+    lm_dir, model_spec, _, _ = parts
+    return prepare_language_model(LlamaForCausalLM.from_pretrained(lm_dir), model_spec, serving)
+
+
 def make_engine(parts, **serving) -> Engine:
-    lm_dir, model_spec, tokenizer, _ = parts
-    return Engine(LlamaForCausalLM.from_pretrained(lm_dir), tokenizer, model_spec, ServingConfig(**serving))
+    _, model_spec, tokenizer, _ = parts
+    serving = ServingConfig(**serving)
+    return Engine(prepared(parts, serving), tokenizer, model_spec, serving)
 
 
 def run_until_done(engine: Engine, sinks: list[Collect], max_steps: int = 1000) -> None:
@@ -142,10 +149,10 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
     """projector_placement "language_model": requests carry the vision encoder's features and the
     engine projects them; the tokens equal transformers' from the pixels."""
     _, model_spec, tokenizer, hf = parts
-    lm_dir = parts[0]
     encoder, projector = load_from_checkpoint(tiny_checkpoint)
     serving = ServingConfig(projector_placement="language_model")
-    engine = Engine(LlamaForCausalLM.from_pretrained(lm_dir), tokenizer, model_spec, serving, projector=projector)
+    runtime = prepared(parts, serving)
+    engine = Engine(runtime, tokenizer, model_spec, serving, projector=projector)
     n = model_spec.num_image_tokens
     text_ids = tokenizer("USER: <image>\nWhat is this? <image> ASSISTANT:")["input_ids"]
     input_ids = []
@@ -170,11 +177,34 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
     expected = hf_greedy(hf, input_ids, 8, pixel_values=pixel_values)
     assert good.token_ids == expected[: len(good.token_ids)] and good.token_ids
     with pytest.raises(ValueError, match="'language_model' needs the projector"):
-        Engine(engine.model, tokenizer, model_spec, serving)
+        Engine(runtime, tokenizer, model_spec, serving)
     with pytest.raises(ValueError, match="'model' takes no projector"):
-        Engine(engine.model, tokenizer, model_spec, ServingConfig(), projector=projector)
+        Engine(runtime, tokenizer, model_spec, ServingConfig(), projector=projector)
     with pytest.raises(ValueError, match="projector_placement must be model or language_model, got 'vision'"):
         ServingConfig(projector_placement="vision")
+
+
+def test_the_model_is_prepared_before_the_engine_gets_it(parts):
+    """prepare_language_model does the preparing (here on the CPU: fused projections, a KV cache of
+    max_num_seqs slots of the serving token limit, the model's own steps; compiled layers and CUDA
+    graphs only on a GPU, see tests/test_gpu.py); the engine takes the result as it is."""
+    _, model_spec, tokenizer, _ = parts
+    serving = ServingConfig(max_num_seqs=3, max_seq_len=48)
+    runtime = prepared(parts, serving)
+    model = runtime.model
+    attention = model.model.layers[0].self_attn
+    qkv_proj = attention.qkv_proj
+    assert qkv_proj is not None and not hasattr(attention, "q_proj")
+    assert (runtime.num_slots, runtime.max_seq_len) == (model.max_slots, model.max_seq_len) == (3, 48)
+    assert attention.cache.k.shape[0] == 3 and attention.cache.k.shape[2] == 48
+    assert attention.cache.k.dtype == runtime.dtype == torch.float32 and runtime.device == torch.device("cpu")
+    assert runtime.decode_step == model.decode and runtime.prefill_step == model.prefill
+    engine = Engine(runtime, tokenizer, model_spec, serving)
+    assert engine.model is model and attention.qkv_proj is qkv_proj  # not prepared again
+    assert (engine.num_slots, engine.max_seq_len, engine.free_slots) == (3, 48, 3)
+    assert engine.decode_step == model.decode and engine.prefill_step == model.prefill
+    with pytest.raises(ValueError, match="prepared for sequences of 48 tokens, the serving config allows 64"):
+        Engine(runtime, tokenizer, model_spec, ServingConfig(max_num_seqs=3, max_seq_len=64))
 
 
 def test_streamed_text_joins_to_the_full_decode_and_stop_strings_cut(parts):

@@ -322,6 +322,7 @@ def test_requests_that_will_get_a_free_slot_do_not_fill_the_queue(tiny_checkpoin
     from llava_triton.engine import Engine
     from llava_triton.errors import ServerBusyError
     from llava_triton.llama import LlamaForCausalLM
+    from llava_triton.lm_runtime import prepare_language_model
     from llava_triton.processor import load_processor
     from llava_triton.sampling import SamplingParams
     from llava_triton.spec import read_spec
@@ -329,7 +330,8 @@ def test_requests_that_will_get_a_free_slot_do_not_fill_the_queue(tiny_checkpoin
     directory = fault_repository / spec.LANGUAGE_MODEL / "1"
     model_spec, serving = read_spec(directory)
     tokenizer = load_processor(directory / spec.PROCESSOR_DIR).tokenizer
-    engine = Engine(LlamaForCausalLM.from_pretrained(directory), tokenizer, model_spec, serving)
+    runtime = prepare_language_model(LlamaForCausalLM.from_pretrained(directory), model_spec, serving)
+    engine = Engine(runtime, tokenizer, model_spec, serving)
     ids = torch.from_numpy(hf_inputs(tiny_checkpoint, [], TEXT_PROMPTS[0])[0].astype(np.int64))
     params = SamplingParams.from_inputs({}, serving)
     for accepted in range(MAX_NUM_SEQS + MAX_QUEUE_SIZE):

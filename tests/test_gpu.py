@@ -1,7 +1,7 @@
 """GPU-only checks (skipped where torch sees no CUDA device; run on the H100 with
 `python3 -m pytest tests/test_gpu.py`): every CUDA-graph runner (llava_triton.cuda_graphs) gives what
 its model gives eagerly: the vision models for every batch size up to the largest bucket and past it,
-and the language model's decode and prefill steps."""
+the language model's decode and prefill steps; and the language model prepared as the engine gets it."""
 
 import numpy as np
 import pytest
@@ -208,3 +208,35 @@ def test_compiled_fused_decode_graphs_match_eager_decode(decode_kernel):
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
     # As in tests/test_llama.py: prefill 2, decode 4, whatever the layers and buckets.
     assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_prepared_language_model_replays_graphs_that_match_eager():
+    """prepare_language_model on a GPU, as the language model's adapter calls it before making the
+    engine: fused, compiled, decode and prefill captured (DecodeGraphs, PrefillGraphs); the steps it
+    hands over give what the model's eager steps give."""
+    from llava_triton.lm_runtime import prepare_language_model
+    from llava_triton.spec import ModelSpec, ServingConfig
+
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    spec = ModelSpec.from_hf_config({"vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 32},
+                                     "text_config": {"hidden_size": 64, "vocab_size": 128,
+                                                     "max_position_embeddings": 64},
+                                     "image_token_index": 100})
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    runtime = prepare_language_model(model, spec, ServingConfig(max_num_seqs=4, prefill_chunk_tokens=64))
+    assert isinstance(runtime.decode_step, DecodeGraphs) and isinstance(runtime.prefill_step, PrefillGraphs)
+    assert (runtime.num_slots, runtime.max_seq_len) == (4, 64) and model.model.layers[0].self_attn.qkv_proj is not None
+    assert runtime.decode_step.graphs and runtime.prefill_step.graphs  # captured before any request
+    with torch.inference_mode():
+        x = torch.randn(1, 9, 64, device="cuda", dtype=torch.bfloat16)
+        got = runtime.prefill_step(x[:, :4], [(0, 0, 4)])  # a lone first chunk: replayed, padded to 64
+        # Eager prefill of both prompts (slot 0's again: the same keys and values at the same positions).
+        expected = model.prefill(x, [(0, 0, 4), (1, 0, 5)])
+        torch.testing.assert_close(got, expected[:1], rtol=2e-2, atol=2e-2)
+        ids, positions = torch.tensor([3, 7], device="cuda"), torch.tensor([4, 5], device="cuda")
+        replayed = runtime.decode_step(ids, positions, 6).clone()  # batch 2, length 6 -> 64
+        eager = model.decode(ids, positions, 6)
+    torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)

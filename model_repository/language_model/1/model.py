@@ -11,6 +11,7 @@ from llava_triton import spec
 from llava_triton.dtypes import resolve_dtype
 from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.llama import LlamaForCausalLM
+from llava_triton.lm_runtime import prepare_language_model
 from llava_triton.outbox import ThreadedOutbox
 from llava_triton.processor import load_processor
 from llava_triton.sampling import SamplingParams
@@ -140,7 +141,9 @@ class TritonPythonModel:
             projector = load_serving_projector(directory / spec.LANGUAGE_MODEL_PROJECTOR_DIR, device, self.serving)
         # Responses, metric updates and cancellation checks leave from the outbox's thread.
         self.outbox = ThreadedOutbox()
-        self.engine = Engine(model, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox,
+        # Fused, quantised, KV cache allocated, compiled and captured before the engine gets it.
+        runtime = prepare_language_model(model, self.model_spec, self.serving)
+        self.engine = Engine(runtime, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox,
                              projector)
         freeze_loaded_objects()  # after compiling and capturing: the engine thread starts next
         self.stop = threading.Event()
