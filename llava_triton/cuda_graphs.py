@@ -3,7 +3,8 @@
 The language model's decode steps (`DecodeGraphs`) and lone first prefill chunks (`PrefillGraphs`),
 and the vision encoder's and projector's forward passes (`GraphedModule`), with the batch buckets
 and the capture they share. Each runner takes a model that is ready to run (weights in their final
-form, caches allocated, layers compiled: see llava_triton.torch_compile) and changes nothing in it.
+form, caches allocated, layers compiled: see llava_triton.torch_compile) and leaves its weights and
+layers as they are; capturing runs the model, so it writes cache positions that serving writes again.
 """
 
 from __future__ import annotations
