@@ -14,12 +14,14 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.setup-done
 
-# The venv, the pinned packages, and the Triton server shipped inside the nvidia-pytriton
-# wheel (installed without its own dependencies: we only use its server binary and backend).
-$(VENV)/.setup-done: requirements.txt
+# The venv: this project (editable) with every optional group of pyproject.toml, and the Triton
+# server shipped inside the nvidia-pytriton wheel (installed without its own dependencies: we only
+# use its server binary and backend). The serving image installs the base and `export` only.
+EXTRAS := export,bench,test,chart,lint
+$(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	@# perf_analyzer needs libb64 from Debian.
 	@if ! ldconfig -p | grep -q libb64.so.0d; then \
