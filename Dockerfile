@@ -10,9 +10,9 @@
 ARG TRITON_VERSION=24.12
 FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
 
-# Empty: no TensorRT Python package (export --engine tensorrt unavailable, auto = pytorch).
-# Set it to the TensorRT of the Triton release above (10.7.0 for 24.12) to build plans in the
-# export Job: a plan only loads in the TensorRT that built it.
+# Empty: no TensorRT Python package, so `export --engine tensorrt` is refused (the default engine
+# is pytorch). Set it to the TensorRT of the Triton release above (10.7.0 for 24.12) to build plans
+# in the export Job: a plan only loads in the TensorRT that built it.
 ARG TENSORRT_VERSION=""
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
