@@ -49,8 +49,9 @@ SOAK_ARGS ?= --duration-s 1800 --concurrency 64
 soak: setup
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
+# ruff as configured in pyproject.toml (it also reports syntax errors), and the Dockerfile's linter.
 lint: setup
-	$(PY) -m compileall -q llava_triton export client tests model_repository bench
+	$(VENV)/bin/ruff check
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:

@@ -36,7 +36,7 @@ def tiny_checkpoint() -> Path:
     return preset_checkpoint("tiny")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_processor(checkpoint: Path):
     from transformers import LlavaProcessor
 
@@ -50,7 +50,7 @@ def hf_processor(checkpoint: Path):
     return processor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_model(checkpoint: Path):
     import torch
     from transformers import LlavaForConditionalGeneration
