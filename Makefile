@@ -5,7 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?=
-ENGINE ?= auto
+ENGINE ?= pytorch
 REPO ?= model_repository
 GRPC_PORT ?= 8001
 PYTEST_ARGS ?=
@@ -14,12 +14,14 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.setup-done
 
-# The venv, the pinned packages, and the Triton server shipped inside the nvidia-pytriton
-# wheel (installed without its own dependencies: we only use its server binary and backend).
-$(VENV)/.setup-done: requirements.txt
+# The venv: this project (editable) with every optional group of pyproject.toml, and the Triton
+# server shipped inside the nvidia-pytriton wheel (installed without its own dependencies: we only
+# use its server binary and backend). The serving image installs the base and `export` only.
+EXTRAS := export,bench,test,chart,lint
+$(VENV)/.setup-done: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip==25.3
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -m pip install -q --no-deps nvidia-pytriton==0.7.0
 	@# perf_analyzer needs libb64 from Debian.
 	@if ! ldconfig -p | grep -q libb64.so.0d; then \
@@ -47,8 +49,9 @@ SOAK_ARGS ?= --duration-s 1800 --concurrency 64
 soak: setup
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
+# ruff as configured in pyproject.toml (it also reports syntax errors), and the Dockerfile's linter.
 lint: setup
-	$(PY) -m compileall -q llava_triton export client tests model_repository bench
+	$(VENV)/bin/ruff check
 	$(VENV)/bin/hadolint Dockerfile
 
 clean:

@@ -10,8 +10,8 @@ compute transformers' greedy answers for a few valid requests, start tritonserve
 * valid requests (images or none, streamed or not), each answer compared token for token with
   transformers', and a seeded sampled request that must give the same tokens every time, whatever
   it is batched with;
-* hostile requests from tests/corpus.py (a few bad requests of our own when it is absent), each
-  to be refused with its message, or answered exactly where the corpus says it is valid;
+* hostile requests from llava_triton/testing/corpus.py (a few bad requests of our own when it is
+  absent), each to be refused with its message, or answered exactly where the corpus says it is valid;
 * abandoned streams: the client cancels after the first chunk.
 
 Server memory (RSS of tritonserver and its backend stubs, and their shared-memory regions) is
@@ -48,7 +48,6 @@ from bench.report import json_safe
 from llava_triton.server import TritonServer, backend_stubs, child_pids, cmdline
 
 ROOT = Path(__file__).resolve().parent.parent
-TESTS = ROOT / "tests"
 FINAL = "triton_final_response"
 
 
@@ -157,15 +156,10 @@ class Outcome:
     detail: str = ""
 
 
-def _tests_on_path() -> None:
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))
-
-
 def valid_cases(checkpoint: Path) -> list[Case]:
     """Valid requests with transformers' greedy answers, and one seeded sampled request."""
     from client.api import build_inputs
-    from reference import hf_generate, make_test_images, varied_image
+    from llava_triton.testing.reference import hf_generate, make_test_images, varied_image
 
     images = make_test_images()
     requests = [
@@ -190,15 +184,16 @@ def valid_cases(checkpoint: Path) -> list[Case]:
 
 
 def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
-    """The hostile cases of tests/corpus.py (imported here, lazily), else a few bad requests of our own."""
+    """The hostile cases of llava_triton/testing/corpus.py (imported here, lazily), else a few bad requests of
+    our own."""
     from client.api import build_inputs
     from llava_triton import spec
     from llava_triton.spec import read_spec
-    from reference import hf_generate, make_test_images
+    from llava_triton.testing.reference import hf_generate, make_test_images
 
     model_spec, serving = read_spec(repository / spec.LANGUAGE_MODEL / "1")
     try:
-        corpus = importlib.import_module("corpus")
+        corpus = importlib.import_module("llava_triton.testing.corpus")
     except ModuleNotFoundError:
         corpus = None
     if corpus is not None:
@@ -207,10 +202,10 @@ def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
             expected = None
             if hostile.expect is None:
                 expected = hf_generate(checkpoint, list(hostile.images), hostile.prompt, corpus.MAX_TOKENS)
-            cases.append(Case("corpus", hostile.name, corpus.raw_inputs(hostile),
+            cases.append(Case("corpus", hostile.name, corpus.raw_inputs(hostile, build_inputs),
                               model=hostile.model, parameters=hostile.parameters, expected_ids=expected,
                               expect_error=hostile.expect))
-        return cases, "tests/corpus.py"
+        return cases, "llava_triton/testing/corpus.py"
     jpeg = make_test_images()["jpeg"]
     own = [
         ("truncated jpeg", [jpeg[: len(jpeg) // 2]], "What is it?", {}, r"image 0.*(truncated|corrupt)"),
@@ -220,8 +215,9 @@ def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
         ("more tags than images", [jpeg], "<image> and <image>?", {}, r"2 .*1|1 .*2"),
         ("max_tokens past the context", [], "What is it?", {"max_tokens": 100_000}, r"max_tokens 100000"),
     ]
-    return [Case("corpus", name, build_inputs(prompt, images, **{"max_tokens": 4, **options}), expect_error=expect)
-            for name, images, prompt, options, expect in own], "bench/soak.py (tests/corpus.py not found)"
+    return ([Case("corpus", name, build_inputs(prompt, images, **{"max_tokens": 4, **options}), expect_error=expect)
+             for name, images, prompt, options, expect in own],
+            "bench/soak.py (llava_triton/testing/corpus.py not found)")
 
 
 def _error_message(error: BaseException) -> str:
@@ -590,7 +586,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    _tests_on_path()
     started = time.monotonic()
 
     def log(message: str) -> None:
@@ -599,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint is None:
-        from reference import tiny_checkpoint
+        from llava_triton.testing.reference import tiny_checkpoint
 
         checkpoint = tiny_checkpoint()
     else:

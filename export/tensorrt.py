@@ -11,7 +11,11 @@ or FP16 when the language model computes in half precision), so they match Trito
 converts between them and the layers' precision (as trtexec's `--inputIOFormats=fp16:chw`).
 Normalization layers are pinned to FP32 compute, since CLIP's hidden states have
 outliers large enough to overflow FP16 in a variance. Expect FP16-level differences from the FP32
-PyTorch path; none of this could be run where it was written (no TensorRT there).
+PyTorch path.
+
+Never run: no TensorRT builder was available on any machine of ours (PyPI's `tensorrt` stubs have
+none), so no plan has been built, loaded or compared. `python -m export --engine tensorrt` is opt-in
+only; the default engine (and `auto`) is pytorch.
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ def fresh_dynamo():
 @pytest.fixture(scope="session")
 def tiny_checkpoint() -> Path:
     """The embedded default checkpoint, built once (reused across runs by its preset stamp)."""
-    from reference import tiny_checkpoint as build_tiny
+    from llava_triton.testing.reference import tiny_checkpoint as build_tiny
 
     return build_tiny()
 
@@ -59,7 +59,7 @@ def triton_server(model_repository):
 @pytest.fixture(scope="session")
 def sentencepiece_checkpoint() -> Path:
     """The tiny model with the Llama/SentencePiece tokenizer of llava-hf's checkpoints."""
-    from reference import preset_checkpoint
+    from llava_triton.testing.reference import preset_checkpoint
 
     return preset_checkpoint("tiny-sentencepiece")
 

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from reference import hf_generate, make_test_images, preset_checkpoint, tiny_checkpoint
 from transformers import AutoProcessor, AutoTokenizer, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
 from llava_triton import checkpoint
 from llava_triton.checkpoint import STAMP_FILE, build_checkpoint, load_preset
 from llava_triton.preset_tokenizers import write_tokenizer
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec
+from llava_triton.testing.reference import hf_generate, make_test_images, preset_checkpoint, tiny_checkpoint
 
 TINY_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
               "chat_template.jinja", "preprocessor_config.json", "processor_config.json", STAMP_FILE)

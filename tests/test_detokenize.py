@@ -7,10 +7,10 @@ import functools
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from reference import TOKENIZER_PRESETS, hf_processor, preset_checkpoint
 
 from llava_triton.detokenize import BYTE_FALLBACK_TOKENS, Detokenizer, TextStream
 from llava_triton.spec import IMAGE_TOKEN
+from llava_triton.testing.reference import TOKENIZER_PRESETS, hf_processor, preset_checkpoint
 
 MODEL_VOCAB_SIZE = 1024  # the tiny presets' text_config.vocab_size: ids the model can emit
 

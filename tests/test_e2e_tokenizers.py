@@ -14,11 +14,19 @@ import concurrent.futures
 import functools
 
 import pytest
-from reference import (IMAGES_FOR_PROMPTS, TOKENIZER_PRESETS, TOKENIZER_PROMPTS, hf_generate, hf_inputs, hf_processor,
-                       preset_checkpoint, varied_image)
 
 from client import LlavaClient
 from llava_triton.detokenize import BYTE_FALLBACK_TOKENS
+from llava_triton.testing.reference import (
+    IMAGES_FOR_PROMPTS,
+    TOKENIZER_PRESETS,
+    TOKENIZER_PROMPTS,
+    hf_generate,
+    hf_inputs,
+    hf_processor,
+    preset_checkpoint,
+    varied_image,
+)
 
 pytestmark = pytest.mark.e2e
 

@@ -28,14 +28,14 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from reference import make_mode_images, make_test_images, tiny_checkpoint
 
-from corpus import hostile_cases, jpeg_with_size, png_claiming, webp_lossless_with_size
 from llava_triton import spec as spec_module
 from llava_triton.errors import InvalidRequestError
 from llava_triton.preprocess import Preprocessor, check_request_parameters, decode_image, request_prompt
 from llava_triton.sampling import SamplingParams, make_generator, sample
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
+from llava_triton.testing.corpus import hostile_cases, jpeg_with_size, png_claiming, webp_lossless_with_size
+from llava_triton.testing.reference import make_mode_images, make_test_images, tiny_checkpoint
 
 # PIL warns about headers past its own soft limit before our (lower) limit refuses them.
 pytestmark = pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")

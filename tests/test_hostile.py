@@ -21,14 +21,14 @@ import tritonclient.grpc as grpcclient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException
 
-from client import LlavaClient, LlavaError
-from corpus import MAX_TOKENS, HostileCase, hostile_cases, raw_inputs, request_bytes_case
+from client import LlavaClient, LlavaError, build_inputs
 from export.repository import read_config
 from llava_triton import spec
 from llava_triton.server import MALLOC_MMAP_THRESHOLD
 from llava_triton.spec import ModelSpec, ServingConfig, read_spec
-from reference import hf_generate, make_test_images
-from reference import tiny_checkpoint as build_tiny_checkpoint
+from llava_triton.testing.corpus import MAX_TOKENS, HostileCase, hostile_cases, raw_inputs, request_bytes_case
+from llava_triton.testing.reference import hf_generate, make_test_images
+from llava_triton.testing.reference import tiny_checkpoint as build_tiny_checkpoint
 
 pytestmark = pytest.mark.e2e
 
@@ -78,7 +78,7 @@ def stream_raw(url: str, model: str, inputs: list[grpcclient.InferInput], parame
 
 def send(case: HostileCase, url: str, llava_client: LlavaClient) -> list[int]:
     if case.needs_raw_client:
-        return stream_raw(url, case.model, raw_inputs(case), case.parameters)
+        return stream_raw(url, case.model, raw_inputs(case, build_inputs), case.parameters)
     try:
         return llava_client.generate(case.prompt, list(case.images), timeout=TIMEOUT_S,
                                      **{"max_tokens": MAX_TOKENS, **case.options}).token_ids
@@ -163,7 +163,7 @@ def test_a_limit_refusal_is_invalid_argument_and_names_the_limit(triton_server, 
     ensemble step that checks every limit (it takes the same inputs)."""
     with grpcclient.InferenceServerClient(triton_server.url_grpc) as connection:
         with pytest.raises(InferenceServerException) as refused:
-            connection.infer(spec.PREPROCESS, raw_inputs(case), client_timeout=TIMEOUT_S)
+            connection.infer(spec.PREPROCESS, raw_inputs(case, build_inputs), client_timeout=TIMEOUT_S)
     assert refused.value.status() == "StatusCode.INVALID_ARGUMENT", refused.value
     assert_refused_clearly(case, refused.value.message())
 

@@ -11,7 +11,7 @@ import tritonclient.grpc as grpcclient
 
 from bench.soak import scrape_metrics as scrape
 from client import LlavaClient
-from reference import make_test_images
+from llava_triton.testing.reference import make_test_images
 
 pytestmark = pytest.mark.e2e
 

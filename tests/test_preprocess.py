@@ -12,12 +12,12 @@ import zlib
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
-from reference import hf_inputs, make_mode_images, make_test_images, tiny_checkpoint
 
 from llava_triton.errors import InvalidRequestError
 from llava_triton.preprocess import Preprocessor, decode_image, pixel_values_to_wire
 from llava_triton.processor import PROCESSOR_FILES, copy_processor_files
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
+from llava_triton.testing.reference import hf_inputs, make_mode_images, make_test_images, tiny_checkpoint
 
 IMAGES = make_test_images()
 PROMPT = "What is in this image?"

@@ -186,3 +186,20 @@ def test_export_cli_refuses_bad_settings_with_the_fields_name(tiny_checkpoint, t
         export_main(["--model", str(tiny_checkpoint), "--output", str(tmp_path / "repo"), "--engine", "pytorch",
                      "--set", "projector_placement=vision"])
     assert not (tmp_path / "repo").exists()
+
+
+@pytest.mark.parametrize("engine_args", [[], ["--engine", "auto"]])
+def test_export_engine_default_and_auto_are_pytorch_even_where_tensorrt_imports(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                                capsys, engine_args):
+    """The TensorRT path has never been run, so only `--engine tensorrt` takes it: not the default, and
+    not `auto`, even where TensorRT imports and a GPU exists (as in NVIDIA's Triton image)."""
+    from export import tensorrt
+    from export.__main__ import main as export_main
+
+    monkeypatch.setattr(tensorrt, "tensorrt_available", lambda: True)
+    repo = tmp_path / "repo"
+    assert export_main(["--model", str(tiny_checkpoint), "--output", str(repo), "--work-dir", str(tmp_path / "work"),
+                        "--device", "cpu", "--no-onnx", *engine_args]) == 0
+    assert "engine pytorch" in capsys.readouterr().out
+    for name in (spec.VISION_ENCODER, spec.PROJECTOR):
+        assert read_config(repo / name / "config.pbtxt").backend == "python"

@@ -6,13 +6,19 @@ import shutil
 
 import numpy as np
 import pytest
-from reference import IMAGES_FOR_PROMPTS, TOKENIZER_PRESETS, TOKENIZER_PROMPTS, hf_inputs, preset_checkpoint
 from transformers import AutoTokenizer
 
 from export.processor_check import PROBE_PROMPTS, ProcessorMismatchError, check_prompt_ids
 from llava_triton.preprocess import Preprocessor
 from llava_triton.processor import copy_processor_files
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
+from llava_triton.testing.reference import (
+    IMAGES_FOR_PROMPTS,
+    TOKENIZER_PRESETS,
+    TOKENIZER_PROMPTS,
+    hf_inputs,
+    preset_checkpoint,
+)
 
 
 @pytest.fixture(scope="module", params=TOKENIZER_PRESETS)

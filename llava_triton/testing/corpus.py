@@ -17,6 +17,7 @@ import io
 import struct
 import zipfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +26,7 @@ from PIL import Image
 
 from llava_triton import spec
 from llava_triton.spec import IMAGE_TOKEN, ModelSpec, ServingConfig
-from reference import make_test_images
+from llava_triton.testing.reference import make_test_images
 
 PROMPT = "What is in the picture?"
 MAX_TOKENS = 4  # every case asks for this few tokens: the answers are compared, not read
@@ -156,11 +157,12 @@ def padded(signature: bytes, size: int) -> bytes:
 
 # --- the corpus ----------------------------------------------------------------------------------
 
-def raw_inputs(case: HostileCase, max_tokens: int = MAX_TOKENS) -> list:
-    """The case's tensors: the client's for its prompt, images and options, then `raw` applied."""
-    import tritonclient.grpc as grpcclient
+def raw_inputs(case: HostileCase, build_inputs: Callable[..., list], max_tokens: int = MAX_TOKENS) -> list:
+    """The case's tensors: the client's for its prompt, images and options, then `raw` applied.
 
-    from client import build_inputs
+    `build_inputs` is the client's (`client.build_inputs`), passed in since the package never
+    imports `client/`."""
+    import tritonclient.grpc as grpcclient
 
     inputs = []
     if case.model == spec.ENSEMBLE:
@@ -310,7 +312,8 @@ def hostile_cases(model: ModelSpec, serving: ServingConfig | None = None) -> lis
         HostileCase("empty stop string", "stop string 1 is empty", options={"stop": ["###", ""]}),
         HostileCase("stop string in Latin-1", "stop string 0 is not valid UTF-8",
                     raw=(_strings(spec.IN_STOP, ["café".encode("latin-1")]),)),
-        HostileCase("temperature as INT32", "input 'temperature' data-type is 'INT32', but model 'llava' expects 'FP32'",
+        HostileCase("temperature as INT32",
+                    "input 'temperature' data-type is 'INT32', but model 'llava' expects 'FP32'",
                     raw=(RawTensor(spec.IN_TEMPERATURE, np.array([1], np.int32), "INT32"),)),
         HostileCase("max_tokens as FP64", r"input 'max_tokens' data-type is 'FP64', but model 'llava' expects 'INT32'",
                     raw=(RawTensor(spec.IN_MAX_TOKENS, np.array([4.0], np.float64), "FP64"),)),

@@ -20,7 +20,8 @@ from PIL import Image, ImageDraw
 from llava_triton.checkpoint import build_checkpoint
 from llava_triton.spec import IMAGE_TOKEN
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The checkout this file is in (llava_triton/testing/reference.py): presets are built into its build/.
+REPO_ROOT = Path(__file__).resolve().parents[2]
 # The tiny model with each tokenizer style real checkpoints ship (llava_triton.preset_tokenizers):
 # byte-level BPE (the embedded default) and Llama/SentencePiece with byte fallback.
 TOKENIZER_PRESETS = ("tiny", "tiny-sentencepiece")
@@ -35,7 +36,7 @@ def tiny_checkpoint() -> Path:
     return preset_checkpoint("tiny")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_processor(checkpoint: Path):
     from transformers import LlavaProcessor
 
@@ -49,7 +50,7 @@ def hf_processor(checkpoint: Path):
     return processor
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hf_model(checkpoint: Path):
     import torch
     from transformers import LlavaForConditionalGeneration
