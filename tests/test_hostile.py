@@ -25,8 +25,8 @@ from client import LlavaClient, LlavaError
 from corpus import MAX_TOKENS, HostileCase, hostile_cases, raw_inputs, request_bytes_case
 from export.repository import read_config
 from llava_triton import spec
-from llava_triton.server import MALLOC_MMAP_THRESHOLD
 from llava_triton.spec import ModelSpec, ServingConfig, read_spec
+from llava_triton.triton_install import MALLOC_MMAP_THRESHOLD
 from reference import hf_generate, make_test_images
 from reference import tiny_checkpoint as build_tiny_checkpoint
 
