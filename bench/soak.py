@@ -104,9 +104,7 @@ def server_memory(server_pid: int) -> dict[str, Any]:
 
 def scrape_metrics(url: str) -> dict[str, float]:
     """Prometheus text from Triton's metrics endpoint -> {'name{labels}': value} for the llava_* series."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return {f"{name}{{{labels}}}" if labels else name: value
-            for name, labels, value in server_stats.samples(text) if name.startswith("llava_")}
+    return server_stats.series(urllib.request.urlopen(url, timeout=5).read().decode(), "llava_")
 
 
 def kv_cache_state(metrics_url: str) -> dict[str, float]:
