@@ -38,28 +38,36 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
-def backend_stubs(server_pid: int) -> dict[int, str]:
-    """{pid: model name} of the server's live Python-backend stubs (argv: stub <repo>/<model>/<v>/model.py ...)."""
-    stubs = {}
-    for pid in child_pids(server_pid):
-        argv = cmdline(pid)
+def backend_stub_states(server_pid: int) -> tuple[dict[int, str], set[int]]:
+    """The server's Python-backend stubs: {pid: model name} of the live ones, and the pids of those that
+    have exited but are not reaped (zombies: Triton 2.51 never reaps a dead one).
+
+    A live stub's argv is `stub <repo>/<model>/<version>/model.py ...`. A zombie has no argv, so it
+    is known by its name, the kernel's, cut to 15 characters. Why not "a pid seen earlier is
+    gone": during start-up the Python backend runs a short-lived stub per model (to complete its
+    config) and reaps it; that one is not a failure. One look at the process table for both, since
+    the supervisor asks twice a second.
+    """
+    live, exited = {}, set()
+    for child in _children(server_pid):
+        try:
+            if child.status() == psutil.STATUS_ZOMBIE:
+                if STUB_NAME.startswith(child.name()):
+                    exited.add(child.pid)
+                continue
+            argv = [arg for arg in child.cmdline() if arg]
+        except (psutil.NoSuchProcess, psutil.AccessDenied):  # ended (or reaped) meanwhile
+            continue
         if argv and argv[0].endswith(STUB_NAME) and len(argv) > 1:
-            stubs[pid] = Path(argv[1]).parent.parent.name
-    return stubs
+            live[child.pid] = Path(argv[1]).parent.parent.name
+    return live, exited
+
+
+def backend_stubs(server_pid: int) -> dict[int, str]:
+    """{pid: model name} of the server's live Python-backend stubs."""
+    return backend_stub_states(server_pid)[0]
 
 
 def exited_backend_stubs(server_pid: int) -> set[int]:
-    """The server's stubs that have exited but are not reaped (zombies: Triton 2.51 never reaps a dead one).
-
-    Why not "a pid seen earlier is gone": during start-up the Python backend runs a short-lived
-    stub per model (to complete its config) and reaps it; that one is not a failure.
-    """
-    dead = set()
-    for child in _children(server_pid):
-        try:
-            # A zombie has no argv, so psutil's name() is the kernel's, cut to 15 characters.
-            if child.status() == psutil.STATUS_ZOMBIE and STUB_NAME.startswith(child.name()):
-                dead.add(child.pid)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):  # reaped meanwhile
-            continue
-    return dead
+    """The server's stubs that have exited but are not reaped (see backend_stub_states)."""
+    return backend_stub_states(server_pid)[1]

@@ -29,7 +29,7 @@ from typing import Callable
 
 from llava_triton import deploy
 from llava_triton.install_check import check
-from llava_triton.processes import backend_stubs, exited_backend_stubs
+from llava_triton.processes import backend_stub_states, backend_stubs
 from llava_triton.triton_install import PROJECT_ROOT, TritonInstall, TritonNotFoundError, find_triton, server_env
 
 DEFAULT_HTTP_PORT = deploy.HTTP_PORT
@@ -240,9 +240,9 @@ class TritonServer:
         code = process.poll()
         if code is not None:
             return f"tritonserver exited with code {code}"
-        alive = backend_stubs(process.pid)
+        alive, exited = backend_stub_states(process.pid)
         dead = {pid: name for pid, name in self._stubs.items() if pid not in alive}  # gone, even if reaped
-        dead |= {pid: self._names.get(pid, "a model") for pid in exited_backend_stubs(process.pid)}
+        dead |= {pid: self._names.get(pid, "a model") for pid in exited}
         self._stubs.update(alive)
         self._names.update(alive)  # a stub Triton starts again later (non-decoupled models) is watched too
         if dead:

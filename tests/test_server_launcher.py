@@ -18,7 +18,8 @@ import tritonclient.grpc as grpcclient
 
 from llava_triton import server as server_module
 from llava_triton import perf_analyzer, spec, triton_install
-from llava_triton.processes import backend_stubs, child_pids, cmdline, exited_backend_stubs, process_tree
+from llava_triton.processes import (backend_stub_states, backend_stubs, child_pids, cmdline, exited_backend_stubs,
+                                    process_tree)
 from llava_triton.server import SHM_DIR, TritonServer, TritonServerError, free_port
 from llava_triton.triton_install import PROJECT_ROOT, TritonNotFoundError, find_triton, server_env
 
@@ -197,7 +198,8 @@ def test_backend_stubs_name_a_stubs_model_and_exited_ones_once_they_are_zombies(
         deadline = time.monotonic() + 10
         while psutil.Process(stub.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert stub.pid in exited_backend_stubs(os.getpid())
+        live, exited = backend_stub_states(os.getpid())
+        assert stub.pid in exited and stub.pid not in live and stub.pid in exited_backend_stubs(os.getpid())
         assert stub.pid not in backend_stubs(os.getpid()) and cmdline(stub.pid) == []
     finally:
         stub.kill()
