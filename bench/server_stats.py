@@ -9,12 +9,13 @@ histogram (llava_time_to_first_token_seconds) tells its part of TTFT instead.
 from __future__ import annotations
 
 import math
-import re
 import urllib.request
 from typing import Any, Iterator
 
-_LINE = re.compile(r'^(nv_inference_[a-z_]+|llava_[a-z_]+)(?:\{([^}]*)\})? ([0-9.eE+-]+|nan|NaN)$')
-_MODEL = re.compile(r'model="([^"]*)"')
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
+
+PREFIXES = ("nv_inference_", "llava_")
 COUNTERS = ("nv_inference_request_success", "nv_inference_exec_count", "nv_inference_queue_duration_us",
             "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
             "nv_inference_compute_output_duration_us")
@@ -22,26 +23,46 @@ LM_SERIES = ("llava_time_to_first_token_seconds_sum", "llava_time_to_first_token
              "llava_inter_token_latency_seconds_sum", "llava_inter_token_latency_seconds_count")
 
 
-def samples(text: str) -> Iterator[tuple[str, str, float]]:
-    """(name, labels, value) of each nv_inference_* and llava_* sample in Prometheus text."""
-    for line in text.splitlines():
-        match = _LINE.match(line)
-        if match:
-            yield match.group(1), match.group(2) or "", float(match.group(3))
+def samples(text: str) -> Iterator[tuple[str, Sample]]:
+    """(family name, sample) of each nv_inference_* and llava_* sample in Prometheus text.
+
+    prometheus_client names a counter as OpenMetrics does: the family without `_total`, its samples
+    with it, whichever the text wrote. Triton writes its counters without it (so the family name is
+    the name as written), this project's language model with it (so the sample name is).
+    """
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith(PREFIXES):
+            for sample in family.samples:
+                yield family.name, sample
+
+
+def _label_value(value: str) -> str:
+    """A label value escaped as the text format writes it."""
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def series(text: str, prefix: str) -> dict[str, float]:
+    """{'name{labels}': value} of the samples whose name starts with `prefix`, keyed as the text writes them."""
+    values = {}
+    for _, sample in samples(text):
+        if sample.name.startswith(prefix):
+            labels = ",".join(f'{key}="{_label_value(value)}"' for key, value in sample.labels.items())
+            values[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
+    return values
 
 
 def parse(text: str) -> dict[str, Any]:
     """Prometheus text -> {"models": {model: {counter: value}}, "llava": {series: value}} (summed over instances)."""
     models: dict[str, dict[str, float]] = {}
     llava: dict[str, float] = {}
-    for name, labels, value in samples(text):
-        if name in COUNTERS:
-            model = _MODEL.search(labels)
-            if model:
-                per_model = models.setdefault(model.group(1), {})
-                per_model[name] = per_model.get(name, 0.0) + value
-        elif name in LM_SERIES:
-            llava[name] = llava.get(name, 0.0) + value
+    for family, sample in samples(text):
+        if family in COUNTERS:
+            model = sample.labels.get("model")
+            if model is not None:
+                per_model = models.setdefault(model, {})
+                per_model[family] = per_model.get(family, 0.0) + sample.value
+        elif sample.name in LM_SERIES:
+            llava[sample.name] = llava.get(sample.name, 0.0) + sample.value
     return {"models": models, "llava": llava}
 
 

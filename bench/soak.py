@@ -45,7 +45,8 @@ import numpy as np
 
 from bench import server_stats
 from bench.report import json_safe
-from llava_triton.server import TritonServer, backend_stubs, child_pids, cmdline
+from llava_triton.processes import backend_stubs, cmdline, process_tree
+from llava_triton.server import TritonServer
 
 ROOT = Path(__file__).resolve().parent.parent
 FINAL = "triton_final_response"
@@ -53,17 +54,12 @@ FINAL = "triton_final_response"
 
 # --- the server's processes, memory and metrics ------------------------------------------------
 
-def process_tree(pid: int) -> list[int]:
-    """The process and all its descendants."""
-    tree, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        tree.append(current)
-        todo += child_pids(current)
-    return tree
-
-
 def _status_kib(pid: int) -> dict[str, int]:
+    """VmRSS and its parts from /proc/<pid>/status; empty when the process is gone.
+
+    Not psutil: its memory_info has statm's `shared` (RssFile and RssShmem together), and
+    server_memory needs RssAnon and RssFile without RssShmem (it counts the regions once, from /dev/shm).
+    """
     values = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -107,9 +103,7 @@ def server_memory(server_pid: int) -> dict[str, Any]:
 
 def scrape_metrics(url: str) -> dict[str, float]:
     """Prometheus text from Triton's metrics endpoint -> {'name{labels}': value} for the llava_* series."""
-    text = urllib.request.urlopen(url, timeout=5).read().decode()
-    return {f"{name}{{{labels}}}" if labels else name: value
-            for name, labels, value in server_stats.samples(text) if name.startswith("llava_")}
+    return server_stats.series(urllib.request.urlopen(url, timeout=5).read().decode(), "llava_")
 
 
 def kv_cache_state(metrics_url: str) -> dict[str, float]:

@@ -116,7 +116,7 @@ def measure(url: str, batch_size: int, input_data: Path, work_dir: Path, *, mode
     number of requests (`--request-count`, no stability search) and the result is marked
     `"stable": false`; when shared memory is refused, once more without it.
     """
-    from llava_triton.server import perf_analyzer_command, perf_analyzer_env
+    from llava_triton.perf_analyzer import perf_analyzer_command, perf_analyzer_env
 
     attempts: list[dict[str, Any]] = []
     plan: list[tuple[str, float | None]] = [(shared_memory, stability)]

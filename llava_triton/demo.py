@@ -14,7 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from llava_triton.server import PROJECT_ROOT, TritonServer
+from llava_triton.server import TritonServer
+from llava_triton.triton_install import PROJECT_ROOT
 
 
 def demo_image(path: Path) -> Path:

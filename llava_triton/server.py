@@ -1,16 +1,6 @@
-"""Find, configure and run `tritonserver` (and `perf_analyzer`) for this project.
+"""Run `tritonserver`: launch it on free ports, wait until ready, supervise its backend stubs, stop it.
 
-Two installations are supported:
-
-* NVIDIA's container (or any host) with `tritonserver` on PATH; its backends live in
-  `$TRITON_HOME/backends` or `/opt/tritonserver/backends`.
-* The server bundled in the `nvidia-pytriton` wheel of the current environment. That wheel keeps
-  one Python-backend stub per Python version; the one matching this interpreter is copied to
-  `backends/python/triton_python_backend_stub`, where the Python backend looks for it.
-
-The stub embeds libpython and ignores PYTHONPATH, but every `model.py` of this project prepends
-`os.environ["PYTHONPATH"]` to `sys.path` itself, so `server_env` puts the project root and this
-interpreter's site-packages there.
+Also the command line that runs it in the foreground (the Makefile, the image and the Helm chart use it):
 
     python -m llava_triton.server --model-repository model_repository   # foreground
     python -m llava_triton.server --check                               # verify the install
@@ -24,12 +14,10 @@ import collections
 import ctypes
 import math
 import os
-import shutil
 import signal
 import socket
 import subprocess
 import sys
-import sysconfig
 import tempfile
 import threading
 import time
@@ -40,175 +28,17 @@ from pathlib import Path
 from typing import Callable
 
 from llava_triton import deploy
+from llava_triton.install_check import check
+from llava_triton.processes import backend_stub_states, backend_stubs
+from llava_triton.triton_install import PROJECT_ROOT, TritonInstall, TritonNotFoundError, find_triton, server_env
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_HTTP_PORT = deploy.HTTP_PORT
 DEFAULT_GRPC_PORT = deploy.GRPC_PORT
 DEFAULT_METRICS_PORT = deploy.METRICS_PORT
-STUB_NAME = "triton_python_backend_stub"
-LIBB64 = "libb64.so.0d"  # perf_analyzer's only dependency outside glibc/libstdc++ besides libcudart
-LIBCUDART = "libcudart.so.12"
-
-
-class TritonNotFoundError(RuntimeError):
-    """No usable tritonserver installation was found."""
 
 
 class TritonServerError(RuntimeError):
     """The server exited or did not become ready; the message ends with its log tail."""
-
-
-@dataclass(frozen=True)
-class TritonInstall:
-    """A tritonserver binary, its backend directory and the libraries it needs."""
-
-    server: Path
-    backend_directory: Path
-    ld_library_path: tuple[str, ...] = ()  # prepended to LD_LIBRARY_PATH
-    source: str = "PATH"  # "PATH" or "nvidia-pytriton"
-
-    @property
-    def python_stub(self) -> Path:
-        return self.backend_directory / "python" / STUB_NAME
-
-
-def _site_packages() -> list[str]:
-    paths = sysconfig.get_paths()
-    return list(dict.fromkeys(p for p in (paths["purelib"], paths["platlib"]) if p))
-
-
-def _pytriton_dir() -> Path | None:
-    for site in _site_packages():
-        candidate = Path(site) / "pytriton" / "tritonserver"
-        if (candidate / "bin" / "tritonserver").is_file():
-            return candidate
-    return None
-
-
-def _install_stub(pytriton_dir: Path) -> Path:
-    """Copy the stub built for this Python version into the Python backend's directory."""
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
-    source = pytriton_dir / "python_backend_stubs" / version / STUB_NAME
-    target = pytriton_dir / "backends" / "python" / STUB_NAME
-    if not source.is_file():
-        available = sorted(p.name for p in (pytriton_dir / "python_backend_stubs").iterdir())
-        raise TritonNotFoundError(f"nvidia-pytriton has no Python backend stub for Python {version} "
-                                  f"(it has {', '.join(available)})")
-    if target.is_file() and target.stat().st_size == source.stat().st_size \
-            and target.read_bytes() == source.read_bytes():
-        return target
-    # Copy then rename, so two processes installing at once never see a half-written stub.
-    tmp = target.with_name(f".{STUB_NAME}.{os.getpid()}")
-    shutil.copy2(source, tmp)
-    tmp.chmod(0o755)
-    os.replace(tmp, target)
-    return target
-
-
-def find_triton() -> TritonInstall:
-    """The tritonserver on PATH if there is one, else the one in the nvidia-pytriton wheel."""
-    on_path = shutil.which("tritonserver")
-    if on_path:
-        server = Path(on_path).resolve()
-        candidates = [Path(os.environ["TRITON_HOME"]) / "backends"] if os.environ.get("TRITON_HOME") else []
-        candidates += [Path("/opt/tritonserver/backends"), server.parent.parent / "backends"]
-        for backends in candidates:
-            if backends.is_dir():
-                return TritonInstall(server=server, backend_directory=backends, source="PATH")
-        raise TritonNotFoundError(f"found {server} but no backend directory (looked in "
-                                  f"{', '.join(map(str, candidates))}); set TRITON_HOME")
-    pytriton_dir = _pytriton_dir()
-    if pytriton_dir is None:
-        raise TritonNotFoundError(
-            "no tritonserver found: not on PATH and nvidia-pytriton is not installed in "
-            f"{sys.prefix}. Use NVIDIA's tritonserver container, or run `make setup` "
-            "(pip install --no-deps nvidia-pytriton==0.7.0)")
-    _install_stub(pytriton_dir)
-    # The stub links libpython3.X.so: this interpreter's LIBDIR has it for pyenv/conda builds.
-    libdir = sysconfig.get_config_var("LIBDIR")
-    return TritonInstall(server=pytriton_dir / "bin" / "tritonserver",
-                         backend_directory=pytriton_dir / "backends",
-                         ld_library_path=(libdir,) if libdir else (),
-                         source="nvidia-pytriton")
-
-
-def _prepend(entries: list[str] | tuple[str, ...], existing: str | None) -> str:
-    parts = list(entries) + [p for p in (existing or "").split(os.pathsep) if p]
-    return os.pathsep.join(dict.fromkeys(parts))
-
-
-# glibc malloc serves blocks of at least this size with mmap, so freeing one returns it to the OS.
-# Why: by default glibc raises its mmap threshold to the size of the last large block freed (up
-# to 32 MiB), so tritonserver's gRPC threads then carve large request buffers out of their heap
-# arenas and keep them. Measured on the 2-core CI machine (Triton 2.51, embedded default): 64
-# requests carrying a 20 MiB image, each refused, grew tritonserver's RssAnon by 1,019 MiB, then
-# by 1,251 and 911 MiB for the next 64s (3.2 GB, no plateau); with this threshold by 181, 175 and
-# 154 MiB, given back by the next requests (about 100 MiB after each round); with 4 MiB it still
-# grew to about 1 GB. A user's own MALLOC_MMAP_THRESHOLD_ wins.
-MALLOC_MMAP_THRESHOLD = 1 << 20
-
-
-def server_env(install: TritonInstall, project_root: Path | str = PROJECT_ROOT,
-               base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment for tritonserver: the project and this interpreter's path on PYTHONPATH,
-    ours first on LD_LIBRARY_PATH, a fixed malloc mmap threshold (see MALLOC_MMAP_THRESHOLD)."""
-    env = dict(os.environ if base is None else base)
-    env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MALLOC_MMAP_THRESHOLD))
-    # The order a normal interpreter uses: the project, then PYTHONPATH, then site-packages.
-    existing = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env["PYTHONPATH"] = _prepend([str(Path(project_root).resolve()), *existing, *_site_packages()], None)
-    if install.ld_library_path:
-        env["LD_LIBRARY_PATH"] = _prepend(install.ld_library_path, env.get("LD_LIBRARY_PATH"))
-    return env
-
-
-# --- processes ---------------------------------------------------------------------------------
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of a process (from /proc/<pid>/task/*/children)."""
-    children: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            children += [int(p) for p in (task / "children").read_text().split()]
-        except (OSError, ValueError):
-            continue
-    return children
-
-
-def cmdline(pid: int) -> list[str]:
-    """A process's argv; empty once it has exited (a zombie has none)."""
-    try:
-        return [a for a in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0") if a]
-    except OSError:
-        return []
-
-
-def backend_stubs(server_pid: int) -> dict[int, str]:
-    """{pid: model name} of the server's live Python-backend stubs (argv: stub <repo>/<model>/<v>/model.py ...)."""
-    stubs = {}
-    for pid in child_pids(server_pid):
-        argv = cmdline(pid)
-        if argv and argv[0].endswith(STUB_NAME) and len(argv) > 1:
-            stubs[pid] = Path(argv[1]).parent.parent.name
-    return stubs
-
-
-def exited_backend_stubs(server_pid: int) -> set[int]:
-    """The server's stubs that have exited but are not reaped (zombies: Triton 2.51 never reaps a dead one).
-
-    Why not "a pid seen earlier is gone": during start-up the Python backend runs a short-lived
-    stub per model (to complete its config) and reaps it; that one is not a failure.
-    """
-    dead = set()
-    for pid in child_pids(server_pid):
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        comm, _, rest = stat.partition("(")[2].rpartition(")")
-        if STUB_NAME.startswith(comm) and rest.split()[:1] == ["Z"]:  # comm is cut to 15 characters
-            dead.add(pid)
-    return dead
 
 
 def free_port() -> int:
@@ -410,14 +240,14 @@ class TritonServer:
         code = process.poll()
         if code is not None:
             return f"tritonserver exited with code {code}"
-        alive = backend_stubs(process.pid)
+        alive, exited = backend_stub_states(process.pid)
         dead = {pid: name for pid, name in self._stubs.items() if pid not in alive}  # gone, even if reaped
-        dead |= {pid: self._names.get(pid, "a model") for pid in exited_backend_stubs(process.pid)}
+        dead |= {pid: self._names.get(pid, "a model") for pid in exited}
         self._stubs.update(alive)
         self._names.update(alive)  # a stub Triton starts again later (non-decoupled models) is watched too
         if dead:
-            return "the Python-backend stub of " + ", ".join(f"{name} (pid {pid})" for pid, name in sorted(dead.items())) \
-                   + " exited"
+            stubs = ", ".join(f"{name} (pid {pid})" for pid, name in sorted(dead.items()))
+            return f"the Python-backend stub of {stubs} exited"
         return None
 
     def _supervise(self) -> None:
@@ -501,117 +331,7 @@ class TritonServer:
         self.stop()
 
 
-# --- perf_analyzer -----------------------------------------------------------------------------
-
-def perf_analyzer_command() -> list[str]:
-    """The perf_analyzer binary of this environment's tritonclient wheel, else the one on PATH."""
-    candidates = [Path(sysconfig.get_path("scripts")) / "perf_analyzer"]
-    candidates += [Path(site) / "tritonclient" / "bin" / "perf_analyzer" for site in _site_packages()]
-    for candidate in candidates:
-        if candidate.is_file() and os.access(candidate, os.X_OK):
-            return [str(candidate)]
-    on_path = shutil.which("perf_analyzer")
-    if on_path:
-        return [on_path]
-    raise TritonNotFoundError("perf_analyzer not found: install tritonclient[all] (it ships the binary)")
-
-
-def _cudart_dir() -> str | None:
-    for site in _site_packages():
-        lib = Path(site) / "nvidia" / "cuda_runtime" / "lib"
-        if (lib / LIBCUDART).is_file():
-            return str(lib)
-    return None
-
-
-def _unresolved_libraries(binary: str, env: dict[str, str]) -> list[str]:
-    result = subprocess.run(["ldd", binary], env=env, capture_output=True, text=True, check=False)
-    return [line.split()[0] for line in result.stdout.splitlines() if "not found" in line]
-
-
-def _libb64_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "llava-triton" / "lib"
-
-
-def _libb64_fallback_dir() -> str | None:
-    """A directory with `libb64.so.0d` pointing at the copy bundled in nvidia-pytriton.
-
-    perf_analyzer needs Debian's libb64-0d; when it is not installed, the identical library that
-    auditwheel bundled (under a mangled name) in nvidia-pytriton.libs serves.
-    """
-    for site in _site_packages():
-        bundled = sorted((Path(site) / "nvidia_pytriton.libs").glob("libb64-*.so.0d"))
-        if bundled:
-            cache = _libb64_cache_dir()
-            cache.mkdir(parents=True, exist_ok=True)
-            link = cache / LIBB64
-            if not link.exists() or link.resolve() != bundled[0].resolve():
-                tmp = cache / f".{LIBB64}.{os.getpid()}"
-                tmp.unlink(missing_ok=True)
-                tmp.symlink_to(bundled[0])
-                os.replace(tmp, link)
-            return str(cache)
-    return None
-
-
-def perf_analyzer_env(base: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment perf_analyzer needs: libcudart.so.12 (and libb64 if missing) on LD_LIBRARY_PATH."""
-    env = dict(os.environ if base is None else base)
-    extra = [d for d in (_cudart_dir(),) if d]
-    env["LD_LIBRARY_PATH"] = _prepend(extra, env.get("LD_LIBRARY_PATH"))
-    try:
-        binary = perf_analyzer_command()[0]
-    except TritonNotFoundError:
-        return env
-    if any(lib.startswith("libb64") for lib in _unresolved_libraries(binary, env)):
-        fallback = _libb64_fallback_dir()
-        if fallback:
-            env["LD_LIBRARY_PATH"] = _prepend([fallback], env["LD_LIBRARY_PATH"])
-    return env
-
-
 # --- command line ------------------------------------------------------------------------------
-
-def check() -> bool:
-    """Verify the installation, print what was found; False if anything is missing."""
-    ok = True
-
-    def report(good: bool, what: str) -> None:
-        nonlocal ok
-        ok &= good
-        print(f"[{'ok' if good else 'FAIL'}] {what}")
-
-    try:
-        install = find_triton()
-    except TritonNotFoundError as error:
-        report(False, str(error))
-        return False
-    env = server_env(install)
-    report(install.server.is_file(), f"tritonserver ({install.source}): {install.server}")
-    report(install.backend_directory.is_dir(), f"backend directory: {install.backend_directory}")
-    backend_lib = install.backend_directory / "python" / "libtriton_python.so"
-    report(backend_lib.is_file(), f"Python backend: {backend_lib}")
-    report(install.python_stub.is_file(), f"Python backend stub: {install.python_stub}")
-    for binary in (install.server, install.python_stub):
-        if binary.is_file():
-            missing = _unresolved_libraries(str(binary), env)
-            report(not missing, f"shared libraries of {binary.name}: "
-                                + (f"missing {', '.join(missing)}" if missing else "all resolved"))
-    try:
-        command = perf_analyzer_command()
-    except TritonNotFoundError as error:
-        report(False, str(error))
-        return ok
-    env = perf_analyzer_env()
-    result = subprocess.run([*command, "--help"], env=env, capture_output=True, text=True, check=False)
-    output = result.stdout + result.stderr
-    # `perf_analyzer --help` prints its usage and exits non-zero; a loader error means it did not run.
-    runs = "--input-data" in output and "error while loading shared libraries" not in output
-    fallback = str(_libb64_cache_dir()) in env["LD_LIBRARY_PATH"].split(os.pathsep)
-    note = f" (libb64 from nvidia-pytriton.libs: Debian's {LIBB64} is not installed)" if fallback else ""
-    report(runs, f"perf_analyzer: {command[0]}{note}" + ("" if runs else f"\n{output.strip()[-2000:]}"))
-    return ok
-
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_triton.server", description=__doc__.split("\n")[0],

@@ -159,6 +159,49 @@ def test_server_stats_take_each_models_share_from_triton_counters():
     assert stats["language_model_ttft_ms"] == 200.0 and math.isnan(stats["language_model_itl_ms"])
 
 
+# As Triton 2.51 writes its metrics: its own counters without `_total`, the language model's with it.
+TRITON_METRICS = """\
+# HELP nv_inference_request_success Number of successful inference requests, all batch sizes
+# TYPE nv_inference_request_success counter
+nv_inference_request_success{model="vision_encoder",version="1"} 30
+nv_inference_request_success{model="projector",version="1"} 4
+# HELP nv_gpu_utilization GPU utilization rate [0.0 - 1.0)
+# TYPE nv_gpu_utilization gauge
+nv_gpu_utilization{gpu_uuid="GPU-0"} 0.5
+# HELP llava_requests_refused_total Requests the language model refused or dropped, by reason
+# TYPE llava_requests_refused_total counter
+llava_requests_refused_total{reason="invalid"} 2
+llava_requests_refused_total{reason="say \\"no\\"\\\\"} 1
+# HELP llava_requests_running Requests holding a KV-cache slot
+# TYPE llava_requests_running gauge
+llava_requests_running 0
+# HELP llava_time_to_first_token_seconds Time from the language model receiving a request to its first token
+# TYPE llava_time_to_first_token_seconds histogram
+llava_time_to_first_token_seconds_count 20
+llava_time_to_first_token_seconds_sum 3
+llava_time_to_first_token_seconds_bucket{le="0.005"} 0
+llava_time_to_first_token_seconds_bucket{le="+Inf"} 20
+"""
+
+
+def test_server_stats_name_each_series_as_triton_writes_it():
+    stats = server_stats.parse(TRITON_METRICS)
+    assert stats == {"models": {"vision_encoder": {"nv_inference_request_success": 30.0},
+                                "projector": {"nv_inference_request_success": 4.0}},
+                     "llava": {"llava_time_to_first_token_seconds_count": 20.0,
+                               "llava_time_to_first_token_seconds_sum": 3.0}}
+    series = server_stats.series(TRITON_METRICS, "llava_")
+    assert series == {'llava_requests_refused_total{reason="invalid"}': 2.0,
+                      'llava_requests_refused_total{reason="say \\"no\\"\\\\"}': 1.0,
+                      "llava_requests_running": 0.0,
+                      "llava_time_to_first_token_seconds_count": 20.0, "llava_time_to_first_token_seconds_sum": 3.0,
+                      'llava_time_to_first_token_seconds_bucket{le="0.005"}': 0.0,
+                      'llava_time_to_first_token_seconds_bucket{le="+Inf"}': 20.0}
+    # Every key is the sample's line as written, less its value.
+    lines = {line.rpartition(" ")[0] for line in TRITON_METRICS.splitlines() if line.startswith("llava_")}
+    assert set(series) == lines and all(type(value) is float for value in series.values())
+
+
 def test_vision_input_and_output_sizes_follow_the_wire_dtype(tmp_path):
     model = ModelSpec(image_size=28, patch_size=14, num_channels=3, vision_hidden_size=8, text_hidden_size=16,
                       vocab_size=64, image_token_index=32, vision_feature_layer=-2,

@@ -20,7 +20,9 @@ import pytest
 from client import Chunk, LlavaClient, LlavaError
 from client.perf_data import perf_input_entry, serialize_bytes_tensor, write_perf_input
 from llava_triton import spec
-from llava_triton.server import PROJECT_ROOT, TritonServer, perf_analyzer_command, perf_analyzer_env
+from llava_triton.perf_analyzer import perf_analyzer_command, perf_analyzer_env
+from llava_triton.server import TritonServer
+from llava_triton.triton_install import PROJECT_ROOT
 
 ECHO = "echo"
 CHUNK_CHARS = 16

@@ -17,7 +17,8 @@ import pytest
 
 from client import LlavaClient, LlavaError
 from client.perf_data import write_perf_input
-from llava_triton.server import TritonServer, perf_analyzer_command, perf_analyzer_env
+from llava_triton.perf_analyzer import perf_analyzer_command, perf_analyzer_env
+from llava_triton.server import TritonServer
 from llava_triton.testing.reference import hf_generate, make_test_images, varied_image
 
 pytestmark = pytest.mark.e2e

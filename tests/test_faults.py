@@ -29,7 +29,8 @@ import tritonclient.grpc as grpcclient
 from bench.soak import kv_cache_state, scrape_metrics, wait_kv_cache_empty
 from client import LlavaClient, LlavaError
 from llava_triton import spec
-from llava_triton.server import SHM_DIR, TritonServer, backend_stubs
+from llava_triton.processes import backend_stubs
+from llava_triton.server import SHM_DIR, TritonServer
 from llava_triton.testing.reference import hf_generate, hf_inputs, make_test_images
 
 pytestmark = pytest.mark.e2e

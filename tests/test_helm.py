@@ -34,9 +34,9 @@ import pytest
 import yaml
 
 from llava_triton import deploy, spec
-from llava_triton.server import (TritonInstall, TritonServer, find_triton, free_port, parse_command_line,
-                                 server_env, server_from_command_line)
+from llava_triton.server import TritonServer, free_port, parse_command_line, server_from_command_line
 from llava_triton.spec import ServingConfig
+from llava_triton.triton_install import TritonInstall, find_triton, server_env
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "helm" / "llava-triton"
@@ -473,7 +473,7 @@ def test_rendered_default_arguments_serve_probes_and_metrics(rendered_server):
 def test_rendered_server_exits_non_zero_when_a_backend_stub_dies(rendered_server):
     # Triton 2.51 keeps a decoupled model "ready" with its stub dead; the launcher ends the
     # container's main process instead, so the kubelet restarts the container.
-    from llava_triton.server import backend_stubs, child_pids
+    from llava_triton.processes import backend_stubs, child_pids
 
     server = rendered_server({})
     (tritonserver,) = child_pids(server.process.pid)

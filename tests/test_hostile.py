@@ -24,11 +24,11 @@ from tritonclient.utils import InferenceServerException
 from client import LlavaClient, LlavaError, build_inputs
 from export.repository import read_config
 from llava_triton import spec
-from llava_triton.server import MALLOC_MMAP_THRESHOLD
 from llava_triton.spec import ModelSpec, ServingConfig, read_spec
 from llava_triton.testing.corpus import MAX_TOKENS, HostileCase, hostile_cases, raw_inputs, request_bytes_case
 from llava_triton.testing.reference import hf_generate, make_test_images
 from llava_triton.testing.reference import tiny_checkpoint as build_tiny_checkpoint
+from llava_triton.triton_install import MALLOC_MMAP_THRESHOLD
 
 pytestmark = pytest.mark.e2e
 

@@ -12,13 +12,16 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
-from llava_triton import spec
 from llava_triton import server as server_module
-from llava_triton.server import (PROJECT_ROOT, TritonNotFoundError, TritonServer, TritonServerError, find_triton,
-                                 free_port, server_env)
+from llava_triton import perf_analyzer, spec, triton_install
+from llava_triton.processes import (backend_stub_states, backend_stubs, child_pids, cmdline, exited_backend_stubs,
+                                    process_tree)
+from llava_triton.server import SHM_DIR, TritonServer, TritonServerError, free_port
+from llava_triton.triton_install import PROJECT_ROOT, TritonNotFoundError, find_triton, server_env
 
 # Decoupled like the real language model: one response per count, then the FINAL flag alone.
 COUNTER_CONFIG = """
@@ -144,14 +147,14 @@ def test_find_triton_prefers_the_server_on_path(tmp_path, monkeypatch):
 
 def test_find_triton_without_any_server_says_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(server_module, "_site_packages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(triton_install, "site_packages", lambda: [str(tmp_path)])
     with pytest.raises(TritonNotFoundError, match="nvidia-pytriton"):
         find_triton()
 
 
 def test_check_fails_without_a_server(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(server_module, "_site_packages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(triton_install, "site_packages", lambda: [str(tmp_path)])
     assert server_module.main(["--check"]) == 1
     assert "[FAIL]" in capsys.readouterr().out
 
@@ -167,6 +170,67 @@ def test_check_exits_zero():
 def test_missing_repository_is_refused(tmp_path):
     with pytest.raises(FileNotFoundError):
         TritonServer(tmp_path / "nowhere")
+
+
+def _fake_stub(tmp_path: Path) -> subprocess.Popen:
+    """A child of this process that looks like a Python-backend stub of model `counter`.
+
+    The kernel names a process after the file it executed, so a link named like the stub to this
+    interpreter gives it the stub's (cut) name; argv[1] is the model.py it serves, as Triton passes it.
+    """
+    model_py = tmp_path / "repository" / "counter" / "1" / "model.py"
+    model_py.parent.mkdir(parents=True)
+    model_py.write_text("import time\ntime.sleep(60)\n")
+    stub = tmp_path / triton_install.STUB_NAME
+    stub.symlink_to(os.path.realpath(sys.executable))
+    return subprocess.Popen([str(stub), str(model_py)])
+
+
+def test_backend_stubs_name_a_stubs_model_and_exited_ones_once_they_are_zombies(tmp_path):
+    stub = _fake_stub(tmp_path)
+    try:
+        assert backend_stubs(os.getpid()).get(stub.pid) == "counter"
+        assert stub.pid in child_pids(os.getpid()) and stub.pid in process_tree(os.getpid())
+        assert process_tree(os.getpid())[0] == os.getpid()
+        assert stub.pid not in exited_backend_stubs(os.getpid())
+        os.kill(stub.pid, signal.SIGKILL)
+        # Not reaped (no wait() yet): a zombie, as Triton 2.51 leaves a dead stub.
+        deadline = time.monotonic() + 10
+        while psutil.Process(stub.pid).status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+            time.sleep(0.05)
+        live, exited = backend_stub_states(os.getpid())
+        assert stub.pid in exited and stub.pid not in live and stub.pid in exited_backend_stubs(os.getpid())
+        assert stub.pid not in backend_stubs(os.getpid()) and cmdline(stub.pid) == []
+    finally:
+        stub.kill()
+        stub.wait()
+    assert stub.pid not in exited_backend_stubs(os.getpid())
+
+
+def test_a_process_that_is_gone_has_no_children_and_no_command_line():
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()  # reaped: its pid names nothing now
+    assert child_pids(process.pid) == [] and cmdline(process.pid) == [] and backend_stubs(process.pid) == {}
+    assert exited_backend_stubs(process.pid) == set() and process_tree(process.pid) == [process.pid]
+    assert cmdline(os.getpid()) == [arg for arg in sys.orig_argv if arg]  # a live one's argv, as it was started
+
+
+def test_perf_analyzer_env_says_when_libb64_comes_from_nvidia_pytriton(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bundled = str(tmp_path / "llava-triton" / "lib")
+    assert perf_analyzer.uses_bundled_libb64({"LD_LIBRARY_PATH": os.pathsep.join(["/x", bundled])})
+    assert not perf_analyzer.uses_bundled_libb64({"LD_LIBRARY_PATH": "/x"})
+    assert not perf_analyzer.uses_bundled_libb64({})
+
+
+def test_perf_analyzer_missing_everywhere_is_named(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.setattr(triton_install, "site_packages", lambda: [str(tmp_path)])
+    monkeypatch.setattr(perf_analyzer.sysconfig, "get_path", lambda name: str(tmp_path))
+    with pytest.raises(TritonNotFoundError, match="perf_analyzer not found"):
+        perf_analyzer.perf_analyzer_command()
+    # Without the binary the environment still gets the CUDA runtime's directory (none here).
+    assert perf_analyzer.perf_analyzer_env({"LD_LIBRARY_PATH": "/lib/already"}) == {"LD_LIBRARY_PATH": "/lib/already"}
 
 
 @pytest.mark.e2e
@@ -227,8 +291,8 @@ def _wait_ready(process: subprocess.Popen, http_port: int, timeout: float = 90) 
 
 def _counter_stubs(launcher_pid: int) -> set[int]:
     """The counter model's stub pids, whether the launcher is tritonserver (exec) or its parent."""
-    servers = [launcher_pid, *server_module.child_pids(launcher_pid)]
-    return {pid for server in servers for pid, name in server_module.backend_stubs(server).items()
+    servers = [launcher_pid, *child_pids(launcher_pid)]
+    return {pid for server in servers for pid, name in backend_stubs(server).items()
             if name == "counter"}
 
 
@@ -246,7 +310,7 @@ def test_cli_unsupervised_execs_tritonserver_and_stops_on_sigterm(tmp_path):
         _wait_ready(process, http_port)
         assert [index for index, _ in stream_counter(f"localhost:{grpc_port}", 2)] == [0, 1]
         # exec: the pid we started is tritonserver itself, so SIGTERM reaches it directly.
-        assert Path(f"/proc/{process.pid}/exe").resolve().name == "tritonserver"
+        assert Path(psutil.Process(process.pid).exe()).name == "tritonserver"
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=30) == 0
     finally:
@@ -276,7 +340,7 @@ def test_cli_restarts_tritonserver_when_a_backend_stub_dies_and_stops_on_sigterm
         assert log.count("the Python-backend stub of counter") == 1 and "ready again (restart 1" in log
         assert "successfully loaded 'counter'" in log  # the server's own log reaches stderr
         # Neither launch left a shared-memory region behind (the first one's stub was SIGKILLed).
-        assert not list(server_module.SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
+        assert not list(SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
     finally:
         _kill_group(process)
 
@@ -291,7 +355,7 @@ def test_cli_exits_non_zero_when_a_backend_stub_dies_for_an_orchestrator_to_rest
         assert process.wait(timeout=60) == 1
         log = (tmp_path / "launcher.log").read_text()
         assert "error: the Python-backend stub of counter" in log and "orchestrator restarts" in log
-        assert not list(server_module.SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
+        assert not list(SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
     finally:
         _kill_group(process)
 
@@ -304,9 +368,9 @@ def test_a_killed_launcher_takes_tritonserver_with_it(tmp_path):
     process, http_port, _ = _start_cli(repository)
     try:
         _wait_ready(process, http_port)
-        servers = server_module.child_pids(process.pid)
+        servers = child_pids(process.pid)
         assert len(servers) == 1
-        stubs = list(server_module.backend_stubs(servers[0]))
+        stubs = list(backend_stubs(servers[0]))
         assert stubs
         process.kill()
         process.wait()
@@ -323,8 +387,8 @@ def test_a_killed_launcher_takes_tritonserver_with_it(tmp_path):
 def _ended(pid: int) -> bool:
     """Gone, or a zombie nobody has reaped yet."""
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
-    except OSError:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return True
 
 
