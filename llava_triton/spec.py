@@ -97,9 +97,8 @@ INPUTS = (
            "the images go first", required=True),
     Tensor(IN_IMAGES, "BYTES", (-1,), "encoded JPEG, PNG or WebP images, zero or more (at most "
            "`max_images_per_request`)", default=()),
-    Tensor(IN_MAX_TOKENS, "INT32", (1,), "tokens to generate; left out: `default_max_tokens`, or fewer when the "
-           "context has less room; a value past the context (`max_seq_len`) is refused",
-           serving_default="default_max_tokens"),
+    Tensor(IN_MAX_TOKENS, "INT32", (1,), "tokens to generate; a value past the context (`max_seq_len`) is refused, "
+           "the default is cut to the room left", serving_default="default_max_tokens"),
     Tensor(IN_TEMPERATURE, "FP32", (1,), "0 = greedy; otherwise sampling, in [0, 100]",
            serving_default="default_temperature"),
     Tensor(IN_TOP_P, "FP32", (1,), "nucleus sampling: the most likely tokens whose probabilities add up to top_p, "
