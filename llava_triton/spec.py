@@ -394,7 +394,8 @@ class ServingConfig:
                 data[name] = tuple(data[name])
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            renamed = "".join(f"; {old} is now {RENAMED_OPTIONS[old]}" for old in sorted(unknown & set(RENAMED_OPTIONS)))
+            renamed = "".join(f"; {old} is now {RENAMED_OPTIONS[old]}"
+                              for old in sorted(unknown & set(RENAMED_OPTIONS)))
             raise ValueError(f"unknown serving options: {sorted(unknown)}{renamed}")
         return cls(**data)
 
