@@ -2,7 +2,8 @@
 
 Configs are built as Triton's own `ModelConfig` protobuf messages (tritonclient ships the
 schema as `model_config_pb2`), so a misspelt field or a wrong type fails here, not at server
-start, and every size comes from `ModelSpec` / `ServingConfig`.
+start, every size comes from `ModelSpec` / `ServingConfig`, and the ensemble's inputs and outputs
+from `spec.INPUTS` / `spec.OUTPUTS`.
 """
 
 from __future__ import annotations
@@ -19,16 +20,10 @@ from llava_triton.spec import ModelSpec, ServingConfig
 ENGINES = ("pytorch", "tensorrt")
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 
-_SAMPLING_TYPES = {
-    spec.IN_MAX_TOKENS: mc.TYPE_INT32,
-    spec.IN_TEMPERATURE: mc.TYPE_FP32,
-    spec.IN_TOP_P: mc.TYPE_FP32,
-    spec.IN_TOP_K: mc.TYPE_INT32,
-    spec.IN_SEED: mc.TYPE_INT64,
-    spec.IN_STOP: mc.TYPE_STRING,
-    spec.IN_STREAM: mc.TYPE_BOOL,
-    spec.IN_IGNORE_EOS: mc.TYPE_BOOL,
-}
+
+def config_type(datatype: str) -> int:
+    """config.pbtxt's type of a Triton datatype name (spec.NUMPY_DTYPES): BYTES is TYPE_STRING there."""
+    return mc.TYPE_STRING if datatype == "BYTES" else mc.DataType.Value(f"TYPE_{datatype}")
 
 
 def _tensor(message_type, name: str, data_type: int, dims: list[int], optional: bool = False):
@@ -46,19 +41,17 @@ def _output(name, data_type, dims) -> mc.ModelOutput:
     return _tensor(mc.ModelOutput, name, data_type, dims)
 
 
-def _sampling_inputs() -> list[mc.ModelInput]:
-    return [_input(name, dtype, [-1] if name == spec.IN_STOP else [1], optional=True)
-            for name, dtype in _SAMPLING_TYPES.items()]
+def contract_inputs(names: tuple[str, ...] | None = None) -> list[mc.ModelInput]:
+    """The ensemble's inputs (spec.INPUTS), or those named. Every one is optional, `prompt` too: a
+    request without it reaches preprocess and gets a clear error, where Triton's ensemble would answer
+    it with an empty success."""
+    return [_input(t.name, config_type(t.datatype), list(t.shape), optional=True)
+            for t in spec.INPUTS if names is None or t.name in names]
 
 
-def _generation_outputs() -> list[mc.ModelOutput]:
-    return [
-        _output(spec.OUT_TEXT, mc.TYPE_STRING, [1]),
-        _output(spec.OUT_TOKEN_IDS, mc.TYPE_INT64, [-1]),
-        _output(spec.OUT_PROMPT_TOKENS, mc.TYPE_INT32, [1]),
-        _output(spec.OUT_COMPLETION_TOKENS, mc.TYPE_INT32, [1]),
-        _output(spec.OUT_FINISH_REASON, mc.TYPE_STRING, [1]),
-    ]
+def contract_outputs() -> list[mc.ModelOutput]:
+    """The outputs of the ensemble and of the language model, in every response (spec.OUTPUTS)."""
+    return [_output(t.name, config_type(t.datatype), list(t.shape)) for t in spec.OUTPUTS]
 
 
 def _instances(count: int, serving: ServingConfig, cpu_only: bool = False) -> list[mc.ModelInstanceGroup]:
@@ -72,7 +65,8 @@ def _instances(count: int, serving: ServingConfig, cpu_only: bool = False) -> li
 
 def _queue_policy(serving: ServingConfig) -> mc.ModelQueuePolicy:
     # A full queue refuses new requests at once (UNAVAILABLE) instead of letting them time out.
-    return mc.ModelQueuePolicy(max_queue_size=serving.max_queue_size, default_timeout_microseconds=serving.queue_timeout_us,
+    return mc.ModelQueuePolicy(max_queue_size=serving.max_queue_size,
+                               default_timeout_microseconds=serving.queue_timeout_us,
                                timeout_action=mc.ModelQueuePolicy.REJECT)
 
 
@@ -83,12 +77,11 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     features_dims = [model.num_image_tokens, model.vision_hidden_size]
     embeds_dims = [model.num_image_tokens, model.text_hidden_size]
     # pixel_values, image_features and image_embeds: FP16 for half-precision models, FP32 otherwise.
-    wire = mc.DataType.Value(f"TYPE_{spec.wire_type_name(serving)}")
+    wire = config_type(spec.wire_type_name(serving))
 
     preprocess = mc.ModelConfig(
         name=spec.PREPROCESS, backend="python", max_batch_size=0,
-        input=[_input(spec.IN_IMAGES, mc.TYPE_STRING, [-1], optional=True),
-               _input(spec.IN_PROMPT, mc.TYPE_STRING, [1], optional=True), *_sampling_inputs()],
+        input=contract_inputs(),
         output=[_output(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                 _output(spec.PIXEL_VALUES, wire, [-1, *pixel_dims])],
         # Image decoding is CPU work whatever the device: several CPU instances.
@@ -113,8 +106,8 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
             config.backend = "python"
         return config
 
-    vision_encoder = vision_model(spec.VISION_ENCODER, spec.PIXEL_VALUES, pixel_dims, spec.IMAGE_FEATURES, features_dims,
-                                  serving.vision_instances)
+    vision_encoder = vision_model(spec.VISION_ENCODER, spec.PIXEL_VALUES, pixel_dims, spec.IMAGE_FEATURES,
+                                  features_dims, serving.vision_instances)
     projector = vision_model(spec.PROJECTOR, spec.IMAGE_FEATURES, features_dims, spec.IMAGE_EMBEDS, embeds_dims,
                              serving.projector_instances or serving.vision_instances)
 
@@ -126,8 +119,8 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         name=spec.LANGUAGE_MODEL, backend="python", max_batch_size=0,
         input=[_input(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                _input(image_input, wire, [-1, *(features_dims if in_language_model else embeds_dims)], optional=True),
-               *_sampling_inputs()],
-        output=_generation_outputs(),
+               *contract_inputs(spec.SAMPLING_INPUTS)],
+        output=contract_outputs(),
         # Decoupled: any number of responses per request (streaming); the model batches in flight.
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
         instance_group=_instances(serving.language_model_instances, serving),
@@ -136,22 +129,22 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     def step(model_name: str, inputs: dict[str, str], outputs: dict[str, str]):
         return mc.ModelEnsembling.Step(model_name=model_name, model_version=-1, input_map=inputs, output_map=outputs)
 
-    sampling = {name: name for name in _SAMPLING_TYPES}
+    def same_names(*names: str) -> dict[str, str]:
+        return {name: name for name in names}
+
     ensemble = mc.ModelConfig(
         name=spec.ENSEMBLE, platform="ensemble", max_batch_size=0,
-        input=[_input(spec.IN_IMAGES, mc.TYPE_STRING, [-1], optional=True),
-               _input(spec.IN_PROMPT, mc.TYPE_STRING, [1], optional=True), *_sampling_inputs()],
-        output=_generation_outputs(),
+        input=contract_inputs(),
+        output=contract_outputs(),
         ensemble_scheduling=mc.ModelEnsembling(step=[
             # Sampling inputs go to preprocess too, so bad values are refused before any image work.
-            step(spec.PREPROCESS, {spec.IN_IMAGES: spec.IN_IMAGES, spec.IN_PROMPT: spec.IN_PROMPT, **sampling},
-                 {spec.INPUT_IDS: spec.INPUT_IDS, spec.PIXEL_VALUES: spec.PIXEL_VALUES}),
-            step(spec.VISION_ENCODER, {spec.PIXEL_VALUES: spec.PIXEL_VALUES}, {spec.IMAGE_FEATURES: spec.IMAGE_FEATURES}),
+            step(spec.PREPROCESS, same_names(*(t.name for t in spec.INPUTS)),
+                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES)),
+            step(spec.VISION_ENCODER, same_names(spec.PIXEL_VALUES), same_names(spec.IMAGE_FEATURES)),
             *([] if in_language_model else [
-                step(spec.PROJECTOR, {spec.IMAGE_FEATURES: spec.IMAGE_FEATURES}, {spec.IMAGE_EMBEDS: spec.IMAGE_EMBEDS})]),
-            step(spec.LANGUAGE_MODEL, {spec.INPUT_IDS: spec.INPUT_IDS, image_input: image_input, **sampling},
-                 {name: name for name in (spec.OUT_TEXT, spec.OUT_TOKEN_IDS, spec.OUT_PROMPT_TOKENS,
-                                          spec.OUT_COMPLETION_TOKENS, spec.OUT_FINISH_REASON)}),
+                step(spec.PROJECTOR, same_names(spec.IMAGE_FEATURES), same_names(spec.IMAGE_EMBEDS))]),
+            step(spec.LANGUAGE_MODEL, same_names(spec.INPUT_IDS, image_input, *spec.SAMPLING_INPUTS),
+                 same_names(*(t.name for t in spec.OUTPUTS))),
         ]),
     )
     configs = [preprocess, vision_encoder, *([] if in_language_model else [projector]), language_model, ensemble]
@@ -183,7 +176,8 @@ def write_configs(repository: Path, model: ModelSpec, serving: ServingConfig, en
         uses_adapter = config.backend == "python"
         if uses_adapter and not (version_dir / "model.py").exists():
             shutil.copy2(source_adapter, version_dir / "model.py")
-        if not uses_adapter and (version_dir / "model.py").exists() and model_dir.resolve() != (SOURCE_REPOSITORY / name).resolve():
+        in_source = model_dir.resolve() == (SOURCE_REPOSITORY / name).resolve()
+        if not uses_adapter and (version_dir / "model.py").exists() and not in_source:
             (version_dir / "model.py").unlink()  # a TensorRT model must not also look like a Python one
         spec.write_spec(version_dir, model, serving)
         path = model_dir / "config.pbtxt"

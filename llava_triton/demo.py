@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=48)
     args = parser.parse_args(argv)
 
-    from client.__main__ import main as client_main
+    from llava_triton.client import main as client_main
 
     image = args.image or demo_image(PROJECT_ROOT / "build" / "demo.jpg")
     log = PROJECT_ROOT / "build" / "demo-tritonserver.log"

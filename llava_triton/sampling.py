@@ -35,19 +35,21 @@ class SamplingParams:
     @classmethod
     def from_inputs(cls, inputs: Mapping[str, np.ndarray | None], serving: ServingConfig) -> "SamplingParams":
         """Build from the request's optional tensors (missing ones are None), refusing absurd values."""
+        # Left out: None, which resolve_max_tokens turns into default_max_tokens or the room left, whichever
+        # is less (an explicit value past the room is refused instead).
         max_tokens = _scalar(inputs, spec.IN_MAX_TOKENS, np.integer)
         if max_tokens is not None and max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
-        temperature = _scalar(inputs, spec.IN_TEMPERATURE, np.floating, serving.default_temperature)
+        temperature = _scalar(inputs, spec.IN_TEMPERATURE, np.floating, _default(spec.IN_TEMPERATURE, serving))
         if not math.isfinite(temperature) or not 0.0 <= temperature <= _MAX_TEMPERATURE:
             raise InvalidRequestError(f"temperature must be a finite number in [0, {_MAX_TEMPERATURE:g}], got {temperature}")
-        top_p = _scalar(inputs, spec.IN_TOP_P, np.floating, serving.default_top_p)
+        top_p = _scalar(inputs, spec.IN_TOP_P, np.floating, _default(spec.IN_TOP_P, serving))
         if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
-        top_k = _scalar(inputs, spec.IN_TOP_K, np.integer, serving.default_top_k)
+        top_k = _scalar(inputs, spec.IN_TOP_K, np.integer, _default(spec.IN_TOP_K, serving))
         if top_k < 0:
             raise InvalidRequestError(f"top_k must be 0 (off) or positive, got {top_k}")
-        seed = _scalar(inputs, spec.IN_SEED, np.integer)
+        seed = _scalar(inputs, spec.IN_SEED, np.integer, _default(spec.IN_SEED, serving))
         if seed is not None and seed < 0:
             raise InvalidRequestError(f"seed must be non-negative, got {seed}")
         return cls(
@@ -57,8 +59,8 @@ class SamplingParams:
             top_k=int(top_k),
             seed=None if seed is None else int(seed),
             stop=_stop_strings(inputs.get(spec.IN_STOP), serving),
-            stream=bool(_scalar(inputs, spec.IN_STREAM, np.bool_, False)),
-            ignore_eos=bool(_scalar(inputs, spec.IN_IGNORE_EOS, np.bool_, False)),
+            stream=bool(_scalar(inputs, spec.IN_STREAM, np.bool_, _default(spec.IN_STREAM, serving))),
+            ignore_eos=bool(_scalar(inputs, spec.IN_IGNORE_EOS, np.bool_, _default(spec.IN_IGNORE_EOS, serving))),
         )
 
     def resolve_max_tokens(self, prompt_tokens: int, context_length: int, serving: ServingConfig) -> int:
@@ -75,6 +77,11 @@ class SamplingParams:
                 f"max_tokens {self.max_tokens} plus the prompt's {prompt_tokens} tokens exceeds the context length "
                 f"of {context_length} (at most {room} new tokens fit), the limit set by max_seq_len")
         return self.max_tokens
+
+
+def _default(name: str, serving: ServingConfig):
+    """What a request that leaves the input out gets (spec.INPUTS says)."""
+    return spec.INPUTS_BY_NAME[name].default_value(serving)
 
 
 def _scalar(inputs, name, kind, default=None):

@@ -2,15 +2,19 @@
 
 `ModelSpec` is derived from a Hugging Face LLaVA checkpoint's `config.json` (field names are
 Hugging Face's). `ServingConfig` holds the serving knobs (limits, batching, instances) with
-their defaults written once here. The export writes both into every `config.pbtxt` as
-parameters, and each `model.py` reads them back with `ServingConfig.from_parameters` /
-`ModelSpec.from_parameters`, so no size is typed twice.
+their defaults and meanings written once here. The export writes both beside every model
+(`write_spec`), and each `model.py` reads them back (`read_spec`), so no size is typed twice.
+
+The `llava` ensemble's public contract is here too: `INPUTS` and `OUTPUTS` (name, Triton datatype,
+shape, default, meaning) and the language model's `METRICS`. The config.pbtxt files, the client's
+tensors and flags, docs/api.md and the Helm chart's values.schema.json are all produced from them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,24 +29,22 @@ LANGUAGE_MODEL = "language_model"
 ENSEMBLE = "llava"
 MODEL_NAMES = (PREPROCESS, VISION_ENCODER, PROJECTOR, LANGUAGE_MODEL, ENSEMBLE)
 
-# Tensor names of the ensemble's public contract.
-# Inputs: only `prompt` is required; the rest are optional with the defaults in ServingConfig.
-IN_IMAGES = "images"  # BYTES [num_images], encoded JPEG/PNG/WebP; may be omitted or empty
-IN_PROMPT = "prompt"  # BYTES [1], UTF-8 user message; `<image>` marks where each image goes
-IN_MAX_TOKENS = "max_tokens"  # INT32 [1]
-IN_TEMPERATURE = "temperature"  # FP32 [1], 0 = greedy
-IN_TOP_P = "top_p"  # FP32 [1], (0, 1]
-IN_TOP_K = "top_k"  # INT32 [1], 0 = off
-IN_SEED = "seed"  # INT64 [1]
-IN_STOP = "stop"  # BYTES [num_stop], stop strings
-IN_STREAM = "stream"  # BOOL [1], one response per new text chunk when true
-IN_IGNORE_EOS = "ignore_eos"  # BOOL [1], keep generating past EOS (benchmarks)
-# Outputs, present in every response (streamed responses carry the delta).
-OUT_TEXT = "text"  # BYTES [1]
-OUT_TOKEN_IDS = "token_ids"  # INT64 [n], the generated ids carried by this response
-OUT_PROMPT_TOKENS = "prompt_tokens"  # INT32 [1]
-OUT_COMPLETION_TOKENS = "completion_tokens"  # INT32 [1], generated so far
-OUT_FINISH_REASON = "finish_reason"  # BYTES [1]: "" while running, then "stop" or "length"
+# Tensor names of the ensemble's public contract; INPUTS and OUTPUTS below say what each holds.
+IN_PROMPT = "prompt"
+IN_IMAGES = "images"
+IN_MAX_TOKENS = "max_tokens"
+IN_TEMPERATURE = "temperature"
+IN_TOP_P = "top_p"
+IN_TOP_K = "top_k"
+IN_SEED = "seed"
+IN_STOP = "stop"
+IN_STREAM = "stream"
+IN_IGNORE_EOS = "ignore_eos"
+OUT_TEXT = "text"
+OUT_TOKEN_IDS = "token_ids"
+OUT_PROMPT_TOKENS = "prompt_tokens"
+OUT_COMPLETION_TOKENS = "completion_tokens"
+OUT_FINISH_REASON = "finish_reason"
 
 # Internal tensors between the ensemble steps; the three image tensors travel in `wire_dtype(serving)`.
 INPUT_IDS = "input_ids"  # INT64 [seq_len], `<image>` already expanded to num_image_tokens ids
@@ -50,12 +52,110 @@ PIXEL_VALUES = "pixel_values"  # [num_images, 3, image_size, image_size]
 IMAGE_FEATURES = "image_features"  # [num_images, num_image_tokens, vision_hidden_size]
 IMAGE_EMBEDS = "image_embeds"  # [num_images, num_image_tokens, text_hidden_size]
 
-# Sampling inputs, shared by preprocess (early validation) and language_model.
-SAMPLING_INPUTS = (IN_MAX_TOKENS, IN_TEMPERATURE, IN_TOP_P, IN_TOP_K, IN_SEED, IN_STOP, IN_STREAM,
-                   IN_IGNORE_EOS)
-
 IMAGE_TOKEN = "<image>"
 SPEC_FILE = "llava_triton_spec.json"  # written by export next to each model's artifacts
+
+
+# --- the `llava` ensemble's public contract -----------------------------------------------------------
+# Export writes it into the config.pbtxt files, the client builds its tensors and command-line flags
+# from it, the server takes its defaults from it, and docs/api.md lists it (python -m llava_triton.generated).
+
+# Triton's datatype names (the gRPC and HTTP protocols'), as numpy holds them.
+NUMPY_DTYPES = {"BYTES": np.dtype(np.object_), "BOOL": np.dtype(np.bool_), "INT32": np.dtype(np.int32),
+                "INT64": np.dtype(np.int64), "FP32": np.dtype(np.float32)}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One input or output of the `llava` ensemble."""
+
+    name: str
+    datatype: str  # a key of NUMPY_DTYPES (config.pbtxt says TYPE_STRING for BYTES, else TYPE_<datatype>)
+    shape: tuple[int, ...]  # -1: any length
+    meaning: str
+    # What the server uses when a request leaves the input out: `default`, or when `serving_default`
+    # names a ServingConfig field, that field's value.
+    default: Any = None
+    serving_default: str = ""
+    required: bool = False  # preprocess refuses a request without it
+
+    def __post_init__(self) -> None:
+        if self.datatype not in NUMPY_DTYPES:
+            raise ValueError(f"{self.name}: datatype {self.datatype!r} is not one of {sorted(NUMPY_DTYPES)}")
+
+    @property
+    def repeated(self) -> bool:
+        """Whether the tensor holds any number of values (shape [-1]) rather than one."""
+        return self.shape == (-1,)
+
+    def default_value(self, serving: "ServingConfig") -> Any:
+        return getattr(serving, self.serving_default) if self.serving_default else self.default
+
+
+INPUTS = (
+    Tensor(IN_PROMPT, "BYTES", (1,), "the user message (UTF-8); `<image>` marks where each image goes, with no tag "
+           "the images go first", required=True),
+    Tensor(IN_IMAGES, "BYTES", (-1,), "encoded JPEG, PNG or WebP images, zero or more (at most "
+           "`max_images_per_request`)", default=()),
+    Tensor(IN_MAX_TOKENS, "INT32", (1,), "tokens to generate; a value past the context (`max_seq_len`) is refused, "
+           "the default is cut to the room left", serving_default="default_max_tokens"),
+    Tensor(IN_TEMPERATURE, "FP32", (1,), "0 = greedy; otherwise sampling, in [0, 100]",
+           serving_default="default_temperature"),
+    Tensor(IN_TOP_P, "FP32", (1,), "nucleus sampling: the most likely tokens whose probabilities add up to top_p, "
+           "in (0, 1]", serving_default="default_top_p"),
+    Tensor(IN_TOP_K, "INT32", (1,), "sample from the k most likely tokens; 0 = off", serving_default="default_top_k"),
+    Tensor(IN_SEED, "INT64", (1,), "the request's sampling seed, reproducible whatever else is batched with it; "
+           "left out: a random one"),
+    Tensor(IN_STOP, "BYTES", (-1,), "stop strings (at most `max_stop_strings`); the text ends just before the first "
+           "occurrence of any of them in the decoded text", default=()),
+    Tensor(IN_STREAM, "BOOL", (1,), "true: a response per generated token (when the server's sender falls behind, "
+           "one carries the tokens queued since the last); false: one response at the end", default=False),
+    Tensor(IN_IGNORE_EOS, "BOOL", (1,), "keep generating past EOS, to exactly max_tokens (benchmarks)",
+           default=False),
+)
+OUTPUTS = (
+    Tensor(OUT_TEXT, "BYTES", (1,), "the new text when streaming, else the whole answer; every streamed piece is "
+           "final, and the pieces joined equal `tokenizer.decode(token_ids, skip_special_tokens=True)`"),
+    Tensor(OUT_TOKEN_IDS, "INT64", (-1,), "the generated ids this response carries"),
+    Tensor(OUT_PROMPT_TOKENS, "INT32", (1,), "the prompt's tokens, image tokens included"),
+    Tensor(OUT_COMPLETION_TOKENS, "INT32", (1,), "tokens generated so far"),
+    Tensor(OUT_FINISH_REASON, "BYTES", (1,), "empty until the last response, then `stop` (EOS or a stop string) or "
+           "`length` (max_tokens)"),
+)
+INPUTS_BY_NAME = {tensor.name: tensor for tensor in INPUTS}
+
+# Sampling inputs, shared by preprocess (early validation) and language_model.
+SAMPLING_INPUTS = tuple(tensor.name for tensor in INPUTS if tensor.name not in (IN_PROMPT, IN_IMAGES))
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric family the language model publishes on Triton's metrics endpoint."""
+
+    name: str
+    kind: str  # "counter", "gauge" or "histogram" (pb_utils.MetricFamily's COUNTER, GAUGE, HISTOGRAM)
+    help: str
+    label: str = ""  # the one label its series carry, if any
+    label_values: tuple[str, ...] = ()
+
+
+# Reasons the language model refuses or drops a request (METRIC_REQUESTS_REFUSED's label).
+REFUSAL_REASONS = ("invalid", "queue_full", "queue_timeout", "cancelled")
+
+METRIC_TIME_TO_FIRST_TOKEN = Metric("llava_time_to_first_token_seconds", "histogram",
+                                    "Time from the language model receiving a request to its first token")
+METRIC_INTER_TOKEN_LATENCY = Metric("llava_inter_token_latency_seconds", "histogram",
+                                    "Time between consecutive tokens of a request")
+METRIC_PROMPT_TOKENS = Metric("llava_prompt_tokens_total", "counter", "Prompt tokens received (image tokens included)")
+METRIC_GENERATION_TOKENS = Metric("llava_generation_tokens_total", "counter", "Tokens generated")
+METRIC_REQUESTS_RUNNING = Metric("llava_requests_running", "gauge", "Requests holding a KV-cache slot")
+METRIC_REQUESTS_WAITING = Metric("llava_requests_waiting", "gauge", "Requests waiting for a KV-cache slot")
+METRIC_KV_CACHE_USAGE = Metric("llava_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache slots in use")
+METRIC_REQUESTS_REFUSED = Metric("llava_requests_refused_total", "counter",
+                                 "Requests the language model refused or dropped, by reason", label="reason",
+                                 label_values=REFUSAL_REASONS)
+METRICS = (METRIC_TIME_TO_FIRST_TOKEN, METRIC_INTER_TOKEN_LATENCY, METRIC_PROMPT_TOKENS, METRIC_GENERATION_TOKENS,
+           METRIC_REQUESTS_RUNNING, METRIC_REQUESTS_WAITING, METRIC_KV_CACHE_USAGE, METRIC_REQUESTS_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -141,99 +241,125 @@ PROCESSOR_DIR = "processor"
 # Serving options that were renamed: old name → what to use instead (named in the error).
 RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for prefill too; export again)"}
 
-
-@dataclass(frozen=True)
-class ServingConfig:
-    """Serving knobs. Every default lives here and nowhere else."""
-
-    # Request limits (checked before any expensive work).
-    max_images_per_request: int = 4
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_image_pixels: int = 36_000_000  # width * height, read from the header before decoding
-    max_prompt_bytes: int = 256 * 1024
-    max_request_bytes: int = 32 * 1024 * 1024  # images + prompt of one request together
-    max_stop_strings: int = 16
-    max_stop_string_bytes: int = 256
-    # Sampling defaults (used when the client omits the input).
-    default_max_tokens: int = 256
-    default_temperature: float = 0.0  # greedy, as LLaVA-1.5's generation_config
-    default_top_p: float = 1.0
-    default_top_k: int = 0
-    # Batching: the vision models batch across requests through Triton's dynamic batcher;
-    # the language model batches in flight (requests join and leave between decode steps).
-    vision_max_batch_size: int = 32
-    vision_preferred_batch_sizes: tuple[int, ...] = (8, 16, 32)
-    # How long a lone image waits for others to batch with: every request pays it when traffic is
-    # light, while under load batches form anyway from what queues during a forward pass. 0: on the
-    # H100 (FP8 options, same machine) 500 µs cost 1.1 ms of TTFT at c=1 (two steps' queues, 0.66
-    # and 0.63 ms against 0.11 and 0.10) and gave no larger batches at c=128 (3.56 against 3.41).
-    vision_max_queue_delay_us: int = 0
-    max_num_seqs: int = 32  # sequences decoded together; more wait in the language model's queue
-    # Prompt tokens prefilled per step, so running decodes are not stalled by a long prompt. 1024:
-    # a LLaVA-1.5 prompt (576 image tokens and the text) is one chunk, which PrefillGraphs replays
-    # from a CUDA graph; a step of 1024 tokens takes ~25 ms of a 7B's bf16 GEMMs on the H100.
-    prefill_chunk_tokens: int = 1024
-    max_seq_len: int = 0  # tokens per KV-cache slot (prompt + output); 0 = the model's context length
-    kv_cache_memory_fraction: float = 0.8  # of the GPU memory free after the weights, for the KV cache
-    # KV-cache element type: "auto" = the model's dtype; "fp8_e4m3" = FP8 (e4m3, unscaled,
-    # saturating), half the bytes of bfloat16, so twice the tokens fit and decode attention reads
-    # half as much. Not bit-exact with transformers: keys and values are rounded to 3 mantissa bits.
-    kv_cache_dtype: str = "auto"
-    # The language model's projection weights (its 32 layers' q/k/v/o and MLP matrices on a 7B):
-    # "auto" = the model's dtype; "fp8_e4m3" = FP8 with a scale per output channel, in place of the
-    # model's (llava_triton/fp8.py): half the bytes a decode step reads, twice the tensor-core rate
-    # for prefill, half the memory. Not bit-exact with transformers: weights, and activations of
-    # GEMMs over more than one token, keep 3 mantissa bits.
-    lm_weight_dtype: str = "auto"
-    # The vision encoder's layer projections and the projector's two linears: "auto" = the model's
-    # dtype; "fp8_e4m3" = FP8 as for lm_weight_dtype, activations rounded to FP8 per token too: twice
-    # the tensor-core rate for the GEMMs that are 91 % of the encoder's FLOPs. Not bit-exact.
-    vision_weight_dtype: str = "auto"
-    # Decode attention: "triton" = llava_triton.decode_attention (each sequence reads only its own
-    # length; reads an FP8 cache), "sdpa" = PyTorch's scaled_dot_product_attention over the length
-    # bucket, "auto" = triton for an FP8 cache on a GPU where the triton package is importable
-    # (with a bfloat16 cache it measured no faster than SDPA), else sdpa.
-    decode_attention: str = "auto"
-    cuda_graphs: bool = True  # on a GPU, replay decode steps and the vision models from CUDA graphs (captured at load)
-    # On a GPU, fuse the small kernels (norms, RoPE, activations, bias and residual adds) around the
-    # GEMMs and attention with torch.compile: the language model's decode and prefill layers, the
-    # vision encoder's layers and the projector. At load, before capturing the graphs; eager layers
-    # if it cannot compile (no C compiler).
-    torch_compile: bool = True
-    # The language model's threads (engine loop, response sender, Triton's execute) share the GIL;
-    # the engine gives it up at each GPU sync and waits up to this long to get it back (Python's
-    # default is 5 ms, a big share of a decode step).
-    gil_switch_interval_s: float = 0.0005
-    max_queue_size: int = 256  # requests waiting per queueing model before new ones are refused
-    queue_timeout_us: int = 30_000_000  # a request waiting longer in a queue is refused
-    # Instances: `kind` is "KIND_GPU" or "KIND_CPU"; count is per device.
-    instance_kind: str = "KIND_CPU"
-    preprocess_instances: int = 2
-    vision_instances: int = 1  # per GPU (or on the CPU)
-    # Projector instances per GPU; 0 = vision_instances. Its step is bound by copying its output
-    # (576 x 4096 values an image, 4x the encoder's) through host memory, work that more instances
-    # spread over more CPU cores, while its GPU work is small (1.2 ms for 32 images on an H100).
-    projector_instances: int = 0
-    # Where the projector runs: "model" = its own Triton model, an ensemble step between the vision
-    # encoder and the language model (a TensorRT plan with the TensorRT engine); "language_model" =
-    # inside the language model's step, on the image features it then receives (PyTorch, on its
-    # device). The second moves 4x fewer bytes between processes (576 x 1024 values an image
-    # instead of 576 x 4096) and saves a step: on the H100 the projector's step was bound by those
-    # copies (1.2 ms of GPU work for 32 images, ~36 ms of execute) and cost ~5 ms of TTFT at c=1.
-    projector_placement: str = "model"
-    language_model_instances: int = 1  # per GPU; each has its own KV cache (lower kv_cache_memory_fraction)
-    gpus: tuple[int, ...] = ()  # GPUs to place instances on; () = every visible GPU
-    device: str = "cpu"  # torch device for the PyTorch-served models ("cuda" uses Triton's device id)
-    dtype: str = "float32"  # compute dtype of the PyTorch-served models
-
-    def __post_init__(self) -> None:
-        positive = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
+# Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
+POSITIVE_OPTIONS = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
                     "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
-        for name in positive:
+
+
+def _option(default: Any, meaning: str, choices: tuple[str, ...] = ()) -> Any:
+    """A ServingConfig field: its default, what it means (docs/api.md and the Helm chart's schema say
+    it) and, for a string, the values it may take (checked in __post_init__)."""
+    return field(default=default, metadata={"meaning": meaning, "choices": choices})
+
+
+def one_of(choices: tuple[str, ...]) -> str:
+    """("a", "b", "c") → "a, b or c", as error messages list the allowed values."""
+    return " or ".join(filter(None, (", ".join(choices[:-1]), choices[-1])))
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    """Serving knobs. Every default, and what each knob means, lives here and nowhere else
+    (`serving_options()` lists them; docs/api.md and the chart's values.schema.json are generated)."""
+
+    # Request limits (checked before any expensive work).
+    max_images_per_request: int = _option(4, "images per request")
+    max_image_bytes: int = _option(20 * 1024 * 1024, "bytes of one encoded image")
+    max_image_pixels: int = _option(36_000_000, "width x height of one image, read from its header before "
+                                    "decoding (and after CLIP's resize)")
+    max_prompt_bytes: int = _option(256 * 1024, "the prompt's UTF-8 bytes")
+    max_request_bytes: int = _option(32 * 1024 * 1024, "bytes of one request's images and prompt together")
+    max_stop_strings: int = _option(16, "stop strings per request")
+    max_stop_string_bytes: int = _option(256, "bytes of one stop string")
+    # Sampling defaults: what the server uses when a request leaves the input out (INPUTS).
+    default_max_tokens: int = _option(256, "tokens generated when a request has no max_tokens (fewer when "
+                                      "the context has less room)")
+    default_temperature: float = _option(0.0, "temperature of a request that has none; 0 = greedy, as "
+                                         "LLaVA-1.5's generation_config")
+    default_top_p: float = _option(1.0, "top_p of a request that has none")
+    default_top_k: int = _option(0, "top_k of a request that has none; 0 = off")
+    # Batching: the vision models batch across requests through Triton's dynamic batcher;
+    # the language model batches in flight (requests join and leave between decode steps).
+    vision_max_batch_size: int = _option(32, "largest batch of the vision encoder and projector")
+    vision_preferred_batch_sizes: tuple[int, ...] = _option((8, 16, 32), "batch sizes the vision models' "
+                                                            "dynamic batcher aims for")
+    # Every request pays it when traffic is light, while under load batches form anyway from what
+    # queues during a forward pass. 0: on the H100 (FP8 options, same machine) 500 µs cost 1.1 ms of
+    # TTFT at c=1 (two steps' queues, 0.66 and 0.63 ms against 0.11 and 0.10) and gave no larger
+    # batches at c=128 (3.56 against 3.41).
+    vision_max_queue_delay_us: int = _option(0, "how long (µs) a lone image waits for others to batch with")
+    max_num_seqs: int = _option(32, "sequences decoded together; more wait in the language model's queue")
+    # 1024: a LLaVA-1.5 prompt (576 image tokens and the text) is one chunk, which PrefillGraphs
+    # replays from a CUDA graph; a step of 1024 tokens takes ~25 ms of a 7B's bf16 GEMMs on the H100.
+    prefill_chunk_tokens: int = _option(1024, "prompt tokens prefilled per step, so that a long prompt does not "
+                                        "stall running decodes")
+    max_seq_len: int = _option(0, "tokens per KV-cache slot (prompt and output); 0 = the model's context length")
+    kv_cache_memory_fraction: float = _option(0.8, "share of the GPU memory free after the weights that the "
+                                              "KV cache takes")
+    # FP8 (e4m3, unscaled, saturating) is half the bytes of bfloat16, so twice the tokens fit and decode
+    # attention reads half as much. Not bit-exact with transformers: keys and values keep 3 mantissa bits.
+    kv_cache_dtype: str = _option("auto", "KV-cache element type: auto = the model's dtype; fp8_e4m3 = FP8, "
+                                  "twice the tokens (not bit-exact)", STORAGE_DTYPES)
+    # The language model's q/k/v/o and MLP matrices in FP8 with a scale per output channel, in place of
+    # the model's (llava_triton/fp8.py): half the bytes a decode step reads, twice the tensor-core rate
+    # for prefill, half the memory. Not bit-exact with transformers: weights, and activations of GEMMs
+    # over more than one token, keep 3 mantissa bits.
+    lm_weight_dtype: str = _option("auto", "the language model's projection weights: auto = the model's dtype; "
+                                   "fp8_e4m3 = FP8 with a scale per output channel (not bit-exact)", STORAGE_DTYPES)
+    # FP8 as for lm_weight_dtype, activations rounded to FP8 per token too: twice the tensor-core rate for
+    # the GEMMs that are 91 % of the encoder's FLOPs. Not bit-exact.
+    vision_weight_dtype: str = _option("auto", "the vision encoder's layer projections and the projector's "
+                                       "linears: auto = the model's dtype; fp8_e4m3 = FP8 (not bit-exact)",
+                                       STORAGE_DTYPES)
+    # "triton" = llava_triton.decode_attention (each sequence reads only its own length; reads an FP8
+    # cache), "sdpa" = PyTorch's scaled_dot_product_attention over the length bucket. With a bfloat16
+    # cache triton measured no faster than SDPA.
+    decode_attention: str = _option("auto", "decode attention: triton, sdpa, or auto = triton for an FP8 cache "
+                                    "on a GPU where the triton package is importable, else sdpa",
+                                    ("auto", "triton", "sdpa"))
+    cuda_graphs: bool = _option(True, "on a GPU, replay decode steps and the vision models from CUDA graphs "
+                                "(captured at load)")
+    # At load, before capturing the graphs; eager layers if it cannot compile (no C compiler).
+    torch_compile: bool = _option(True, "on a GPU, fuse the small kernels around the GEMMs and attention with "
+                                  "torch.compile (the language model's, vision encoder's and projector's layers)")
+    # The language model's threads (engine loop, response sender, Triton's execute) share the GIL;
+    # the engine gives it up at each GPU sync and waits up to this long to get it back (Python's
+    # default is 5 ms, a big share of a decode step).
+    gil_switch_interval_s: float = _option(0.0005, "the language model process's sys.setswitchinterval (s)")
+    max_queue_size: int = _option(256, "requests waiting per queueing model before new ones are refused")
+    queue_timeout_us: int = _option(30_000_000, "how long (µs) a request may wait in a queue before it is refused")
+    instance_kind: str = _option("KIND_CPU", "where the vision and language model instances run (the export "
+                                 "sets it from --device)", ("KIND_CPU", "KIND_GPU"))
+    preprocess_instances: int = _option(2, "preprocess instances (on the CPU whatever the device)")
+    vision_instances: int = _option(1, "vision encoder instances per GPU (or on the CPU)")
+    # The projector's step is bound by copying its output (576 x 4096 values an image, 4x the
+    # encoder's) through host memory, work that more instances spread over more CPU cores, while its
+    # GPU work is small (1.2 ms for 32 images on an H100).
+    projector_instances: int = _option(0, "projector instances per GPU; 0 = vision_instances")
+    # "language_model" moves 4x fewer bytes between processes (576 x 1024 values an image instead of
+    # 576 x 4096) and saves a step: on the H100 the projector's step was bound by those copies (1.2 ms
+    # of GPU work for 32 images, ~36 ms of execute) and cost ~5 ms of TTFT at c=1.
+    projector_placement: str = _option("model", "where the projector runs: model = its own Triton model, an "
+                                       "ensemble step (a TensorRT plan with the TensorRT engine); language_model = "
+                                       "inside the language model's step (PyTorch)", PROJECTOR_PLACEMENTS)
+    language_model_instances: int = _option(1, "language model instances per GPU, each with its own KV cache "
+                                            "(lower kv_cache_memory_fraction)")
+    gpus: tuple[int, ...] = _option((), "GPUs to place instances on; [] = every visible GPU")
+    device: str = _option("cpu", "torch device of the PyTorch-served models (the export's --device; cuda uses "
+                          "Triton's device id)")
+    dtype: str = _option("float32", "compute dtype of the PyTorch-served models (the export's --dtype)",
+                         ("float32", "float16", "bfloat16"))
+
+    def __post_init__(self) -> None:
+        for name in POSITIVE_OPTIONS:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for option in dataclasses.fields(self):
+            choices, value = option.metadata["choices"], getattr(self, option.name)
+            if choices and value not in choices:
+                raise ValueError(f"{option.name} must be {one_of(choices)}, got {value!r}")
         if any(b > self.vision_max_batch_size for b in self.vision_preferred_batch_sizes):
             raise ValueError("vision_preferred_batch_sizes must not exceed vision_max_batch_size")
         if any(g < 0 for g in self.gpus):
@@ -241,24 +367,12 @@ class ServingConfig:
         if self.projector_instances < 0:
             raise ValueError(f"projector_instances must be 0 (as vision_instances) or positive, "
                              f"got {self.projector_instances}")
-        if self.projector_placement not in PROJECTOR_PLACEMENTS:
-            raise ValueError(f"projector_placement must be {' or '.join(PROJECTOR_PLACEMENTS)}, "
-                             f"got {self.projector_placement!r}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be 0 (the context length) or positive, got {self.max_seq_len}")
         if not 0.0 < self.gil_switch_interval_s <= 1.0:
             raise ValueError(f"gil_switch_interval_s must be in (0, 1], got {self.gil_switch_interval_s}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
-        if self.instance_kind not in ("KIND_CPU", "KIND_GPU"):
-            raise ValueError(f"instance_kind must be KIND_CPU or KIND_GPU, got {self.instance_kind!r}")
-        for name in ("kv_cache_dtype", "lm_weight_dtype", "vision_weight_dtype"):
-            if getattr(self, name) not in STORAGE_DTYPES:
-                raise ValueError(f"{name} must be {' or '.join(STORAGE_DTYPES)}, got {getattr(self, name)!r}")
-        if self.decode_attention not in ("auto", "triton", "sdpa"):
-            raise ValueError(f"decode_attention must be auto, triton or sdpa, got {self.decode_attention!r}")
-        if self.dtype not in ("float32", "float16", "bfloat16"):
-            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
 
     @property
     def projector_in_language_model(self) -> bool:
@@ -280,10 +394,29 @@ class ServingConfig:
                 data[name] = tuple(data[name])
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            renamed = "".join(f"; {old} is now {RENAMED_OPTIONS[old]}" for old in sorted(unknown & set(RENAMED_OPTIONS)))
+            renamed = "".join(f"; {old} is now {RENAMED_OPTIONS[old]}"
+                              for old in sorted(unknown & set(RENAMED_OPTIONS)))
             raise ValueError(f"unknown serving options: {sorted(unknown)}{renamed}")
         return cls(**data)
 
+
+
+@dataclass(frozen=True)
+class ServingOption:
+    """One ServingConfig field, as `python -m export --set NAME=VALUE` takes it."""
+
+    name: str
+    type: Any  # int, float, bool, str or tuple[int, ...]
+    default: Any
+    meaning: str
+    choices: tuple[str, ...]  # the values a string option may take; () = any
+
+
+def serving_options() -> tuple[ServingOption, ...]:
+    """Every serving option with its type, default and meaning, in ServingConfig's order."""
+    hints = typing.get_type_hints(ServingConfig)
+    return tuple(ServingOption(f.name, hints[f.name], f.default, f.metadata["meaning"], f.metadata["choices"])
+                 for f in dataclasses.fields(ServingConfig))
 
 # Triton's names of the dtypes `wire_dtype` gives (config.pbtxt's TYPE_<name>).
 TRITON_TYPE_NAMES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}

@@ -6,6 +6,7 @@ a decoupled Python model that streams back a JSON description of what it receive
 
 from __future__ import annotations
 
+import base64
 import csv
 import hashlib
 import json
@@ -17,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from client import Chunk, LlavaClient, LlavaError
+from client import Chunk, LlavaClient, LlavaError, build_inputs
 from client.perf_data import perf_input_entry, serialize_bytes_tensor, write_perf_input
 from llava_triton import spec
+from llava_triton.client import add_input_arguments, input_arrays
 from llava_triton.perf_analyzer import perf_analyzer_command, perf_analyzer_env
 from llava_triton.server import TritonServer
 from llava_triton.triton_install import PROJECT_ROOT
@@ -29,22 +31,8 @@ CHUNK_CHARS = 16
 IMAGE_PROMPT_TOKENS = 10  # the echo model's pretend cost of an image
 SLOW_STEPS = 100  # a "slow" prompt streams this many chunks, 20 ms apart
 
-# (name, Triton type, dims, optional) of the ensemble's public inputs and outputs.
-INPUTS = [(spec.IN_PROMPT, "TYPE_STRING", "1", False),
-          (spec.IN_IMAGES, "TYPE_STRING", "-1", True),
-          (spec.IN_MAX_TOKENS, "TYPE_INT32", "1", True),
-          (spec.IN_TEMPERATURE, "TYPE_FP32", "1", True),
-          (spec.IN_TOP_P, "TYPE_FP32", "1", True),
-          (spec.IN_TOP_K, "TYPE_INT32", "1", True),
-          (spec.IN_SEED, "TYPE_INT64", "1", True),
-          (spec.IN_STOP, "TYPE_STRING", "-1", True),
-          (spec.IN_STREAM, "TYPE_BOOL", "1", True),
-          (spec.IN_IGNORE_EOS, "TYPE_BOOL", "1", True)]
-OUTPUTS = [(spec.OUT_TEXT, "TYPE_STRING", "1"),
-           (spec.OUT_TOKEN_IDS, "TYPE_INT64", "-1"),
-           (spec.OUT_PROMPT_TOKENS, "TYPE_INT32", "1"),
-           (spec.OUT_COMPLETION_TOKENS, "TYPE_INT32", "1"),
-           (spec.OUT_FINISH_REASON, "TYPE_STRING", "1")]
+# The echo model's default for an absent `stream` input: the server's (spec.INPUTS).
+STREAM_DEFAULT = spec.INPUTS_BY_NAME[spec.IN_STREAM].default
 
 ECHO_MODEL = f'''
 import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -61,6 +49,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 CHUNK_CHARS = {CHUNK_CHARS}
 IMAGE_PROMPT_TOKENS = {IMAGE_PROMPT_TOKENS}
 SLOW_STEPS = {SLOW_STEPS}
+STREAM_DEFAULT = {STREAM_DEFAULT}
 
 
 class EchoError(ValueError):
@@ -149,7 +138,7 @@ class TritonPythonModel:
         max_tokens = value("max_tokens")
         if max_tokens is not None and max_tokens < len(answer):
             answer, finish_reason = answer[:max_tokens], "length"
-        if not value("stream", True):
+        if not value("stream", STREAM_DEFAULT):
             sender.send(pb_utils.InferenceResponse(outputs(answer, [ord(c) for c in answer], prompt_tokens,
                                                            len(answer), finish_reason)), flags=FINAL)
             return
@@ -162,31 +151,26 @@ class TritonPythonModel:
 '''
 
 
-def _io_block(kind: str, entries: list[tuple]) -> str:
-    lines = []
-    for name, data_type, dims, *optional in entries:
-        extra = " optional: true" if optional and optional[0] else ""
-        lines.append(f'  {{ name: "{name}" data_type: {data_type} dims: [ {dims} ]{extra} }}')
-    return f"{kind} [\n" + ",\n".join(lines) + "\n]\n"
-
-
 def write_echo_repository(root: Path, record_dir: Path) -> Path:
-    echo_dir, ensemble_dir = root / ECHO, root / spec.ENSEMBLE
-    (echo_dir / "1").mkdir(parents=True)
-    (ensemble_dir / "1").mkdir(parents=True)
-    io = _io_block("input", INPUTS) + _io_block("output", OUTPUTS)
-    (echo_dir / "config.pbtxt").write_text(
-        f'name: "{ECHO}"\nbackend: "python"\nmax_batch_size: 0\n'
-        "model_transaction_policy { decoupled: true }\n" + io
-        + 'instance_group [ { kind: KIND_CPU count: 1 } ]\n'
-        + f'parameters {{ key: "record_dir" value: {{ string_value: "{record_dir}" }} }}\n')
-    (echo_dir / "1" / "model.py").write_text(ECHO_MODEL)
-    input_map = "".join(f'      input_map {{ key: "{n}" value: "{n}" }}\n' for n, *_ in INPUTS)
-    output_map = "".join(f'      output_map {{ key: "{n}" value: "{n}" }}\n' for n, *_ in OUTPUTS)
-    (ensemble_dir / "config.pbtxt").write_text(
-        f'name: "{spec.ENSEMBLE}"\nplatform: "ensemble"\nmax_batch_size: 0\n' + io
-        + f'ensemble_scheduling {{\n  step [\n    {{\n      model_name: "{ECHO}"\n      model_version: -1\n'
-        + input_map + output_map + "    }\n  ]\n}\n")
+    """The echo model and an ensemble in front of it, both with the inputs and outputs export writes."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from export.repository import contract_inputs, contract_outputs
+
+    echo = mc.ModelConfig(name=ECHO, backend="python", max_batch_size=0, input=contract_inputs(),
+                          output=contract_outputs(), model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
+                          instance_group=[mc.ModelInstanceGroup(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)],
+                          parameters={"record_dir": mc.ModelParameter(string_value=str(record_dir))})
+    step = mc.ModelEnsembling.Step(model_name=ECHO, model_version=-1,
+                                   input_map={t.name: t.name for t in spec.INPUTS},
+                                   output_map={t.name: t.name for t in spec.OUTPUTS})
+    ensemble = mc.ModelConfig(name=spec.ENSEMBLE, platform="ensemble", max_batch_size=0, input=contract_inputs(),
+                              output=contract_outputs(), ensemble_scheduling=mc.ModelEnsembling(step=[step]))
+    for config in (echo, ensemble):
+        (root / config.name / "1").mkdir(parents=True)
+        (root / config.name / "config.pbtxt").write_text(text_format.MessageToString(config))
+    (root / ECHO / "1" / "model.py").write_text(ECHO_MODEL)
     return root
 
 
@@ -228,11 +212,9 @@ def test_generate_sends_every_option_with_its_dtype(client, images, tmp_path):
     image_path.write_bytes(images[1])
     completion = client.generate("<image><image> Describe.", [images[0], image_path], max_tokens=100_000,
                                  temperature=0.5, top_p=0.9, top_k=40, seed=1234, stop=["\n\n", "END"],
-                                 ignore_eos=True)
+                                 stream=True, ignore_eos=True)
     received = received_by_model(completion.text)
-    assert set(received) == {spec.IN_PROMPT, spec.IN_IMAGES, spec.IN_MAX_TOKENS, spec.IN_TEMPERATURE,
-                             spec.IN_TOP_P, spec.IN_TOP_K, spec.IN_SEED, spec.IN_STOP, spec.IN_STREAM,
-                             spec.IN_IGNORE_EOS}
+    assert set(received) == {t.name for t in spec.INPUTS}
     assert received[spec.IN_PROMPT] == {"value": ["<image><image> Describe."], "dtype": "object", "shape": [1]}
     assert received[spec.IN_IMAGES]["value"] == [[len(i), sha(i)] for i in images]
     assert received[spec.IN_IMAGES]["shape"] == [2]
@@ -253,8 +235,13 @@ def test_generate_sends_every_option_with_its_dtype(client, images, tmp_path):
 
 @pytest.mark.e2e
 def test_unset_options_are_not_sent(client, images):
+    # generate leaves every option to the server, `stream` too: one response, as the server defaults to.
     received = received_by_model(client.generate("Hello").text)
-    assert set(received) == {spec.IN_PROMPT, spec.IN_STREAM}
+    assert set(received) == {spec.IN_PROMPT}
+    # stream() asks for streaming, which is what it is for, and nothing else.
+    chunks = list(client.stream("Hello"))
+    assert len(chunks) > 1
+    assert set(received_by_model("".join(chunk.text for chunk in chunks))) == {spec.IN_PROMPT, spec.IN_STREAM}
     # A lone string or bytes is one stop string / one image, not a sequence of characters.
     received = received_by_model(client.generate("Hello", images[1], stop="one stop string").text)
     assert received[spec.IN_STOP]["value"] == ["one stop string"]
@@ -270,7 +257,7 @@ def test_stream_yields_deltas_then_joins(client):
     assert [chunk.finish_reason for chunk in chunks] == [""] * (len(chunks) - 1) + ["stop"]
     counts = [chunk.completion_tokens for chunk in chunks]
     assert counts == sorted(counts) and counts[-1] == sum(len(chunk.text) for chunk in chunks)
-    completion = client.generate("stream me, a longer prompt so the answer has many chunks")
+    completion = client.generate("stream me, a longer prompt so the answer has many chunks", stream=True)
     assert completion.text == "".join(chunk.text for chunk in chunks)
     assert completion.token_ids == [t for chunk in chunks for t in chunk.token_ids]
 
@@ -399,7 +386,14 @@ def test_cli_streams_and_summarizes(server, images, tmp_path):
     assert received[spec.IN_STOP]["value"] == ["a", "b"]
     assert received[spec.IN_IGNORE_EOS]["value"] == [True]
     assert spec.IN_TOP_P not in received
+    assert received[spec.IN_STREAM]["value"] == [True]  # the CLI streams unless told not to
     assert "finish_reason=stop" in result.stderr and "time_to_first_token=" in result.stderr
+    whole = run_cli("--prompt", "at once", "--url", server.url_grpc, "--no-stream", "--seed", "3")
+    assert whole.returncode == 0, whole.stderr
+    assert received_by_model(whole.stdout) == {
+        spec.IN_PROMPT: {"value": ["at once"], "dtype": "object", "shape": [1]},
+        spec.IN_STREAM: {"value": [False], "dtype": "bool", "shape": [1]},
+        spec.IN_SEED: {"value": [3], "dtype": "int64", "shape": [1]}}
 
 
 @pytest.mark.e2e
@@ -421,6 +415,64 @@ def test_perf_input_entry_leaves_unset_options_out():
     assert set(entry) == {spec.IN_PROMPT}
     with pytest.raises(ValueError, match="unknown sampling options"):
         perf_input_entry([], "hi", 4, temprature=0.5)
+    with pytest.raises(ValueError, match="unknown sampling options"):
+        build_inputs("hi", maxtokens=4)
+
+
+def test_inputs_follow_the_contract(images):
+    arrays = input_arrays("hi", images, max_tokens=4, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop="END",
+                          stream=False, ignore_eos=True)
+    assert list(arrays) == [t.name for t in spec.INPUTS]
+    for tensor in spec.INPUTS:
+        assert arrays[tensor.name].dtype == spec.NUMPY_DTYPES[tensor.datatype], tensor.name
+        assert arrays[tensor.name].ndim == 1 and (tensor.repeated or arrays[tensor.name].shape == (1,)), tensor.name
+    assert arrays[spec.IN_STOP].tolist() == [b"END"] and arrays[spec.IN_IMAGES].tolist() == images
+    # Empty lists, like None, are left out: the server's defaults apply.
+    assert list(input_arrays("hi", [], stop=[], seed=None)) == [spec.IN_PROMPT]
+
+
+def input_flags() -> dict:
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_input_arguments(parser)
+    return {action.dest: action for action in parser._actions if action.dest != "help"}
+
+
+def test_every_input_has_one_flag_with_its_meaning():
+    flags = input_flags()
+    assert set(flags) == {t.name for t in spec.INPUTS}
+    for tensor in spec.INPUTS:
+        assert flags[tensor.name].help.startswith(tensor.meaning.replace("`", "")), tensor.name
+        assert flags[tensor.name].required == tensor.required
+
+
+@pytest.mark.parametrize("prog", ["client", "client.perf_data"])
+def test_both_command_lines_have_the_input_flags(prog):
+    help_text = subprocess.run([sys.executable, "-m", prog, "--help"], cwd=PROJECT_ROOT, capture_output=True,
+                               text=True, check=True, timeout=60).stdout
+    for action in input_flags().values():
+        assert action.option_strings[0] in help_text, (prog, action.option_strings)
+
+
+def test_perf_data_cli_writes_only_the_options_given(images, tmp_path):
+    from client.perf_data import main as perf_data_main
+
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(images[0])
+    assert perf_data_main(["--image", str(image), "--prompt", "hi", "--max-tokens", "8", "--ignore-eos",
+                           "-o", str(tmp_path / "a.json")]) == 0
+    entry = json.loads((tmp_path / "a.json").read_text())["data"][0]
+    assert entry == perf_input_entry([images[0]], "hi", 8, ignore_eos=True)
+    # No stream: the server's default applies.
+    assert set(entry) == {spec.IN_PROMPT, spec.IN_IMAGES, spec.IN_MAX_TOKENS, spec.IN_IGNORE_EOS}
+    assert entry[spec.IN_MAX_TOKENS] == {"content": [8], "shape": [1]}
+    assert perf_data_main(["--prompt", "hi", "--stream", "--stop", "a", "--stop", "b",
+                           "-o", str(tmp_path / "b.json")]) == 0
+    entry = json.loads((tmp_path / "b.json").read_text())["data"][0]
+    assert entry[spec.IN_STREAM] == {"content": [True], "shape": [1]}
+    assert entry[spec.IN_STOP]["shape"] == [2]
+    assert base64.b64decode(entry[spec.IN_STOP]["content"]["b64"]) == serialize_bytes_tensor([b"a", b"b"])
 
 
 @pytest.mark.e2e

@@ -164,6 +164,14 @@ def test_resources_follow_the_values():
     ({"restrictedAPIs": {"apis": ["health", "shared-memory"]}}, "at '/restrictedAPIs/apis/0'"),
     ({"restrictedAPIs": {"headerKey": "Admin_Key"}}, "at '/restrictedAPIs/headerKey'"),
     ({"export": {"set": {"max_num_seq": 64}}}, "additional properties 'max_num_seq' not allowed"),
+    # export.set is typed as ServingConfig types it (generated from llava_triton/spec.py).
+    ({"export": {"set": {"max_num_seqs": "many"}}}, "at '/export/set/max_num_seqs': got string, want integer"),
+    ({"export": {"set": {"max_num_seqs": 0}}}, "at '/export/set/max_num_seqs': minimum: got 0, want 1"),
+    ({"export": {"set": {"kv_cache_dtype": "int4"}}},
+     "at '/export/set/kv_cache_dtype': value must be one of 'auto', 'fp8_e4m3'"),
+    ({"export": {"set": {"vision_preferred_batch_sizes": [8, "x"]}}},
+     "at '/export/set/vision_preferred_batch_sizes/1': got string, want integer"),
+    ({"export": {"set": {"cuda_graphs": "yes"}}}, "at '/export/set/cuda_graphs': got string, want boolean"),
     ({"export": {"device": "tpu"}}, "at '/export/device'"),
     ({"checkpoint": {"existingClaim": ""}}, "at '/checkpoint/existingClaim'"),
     ({"checkpoint": {"download": {"enabled": True}}}, "at '/checkpoint/download/repoId'"),
@@ -193,10 +201,15 @@ def test_values_the_schema_cannot_relate_fail_the_render(values, message):
 
 def test_schema_knows_every_serving_option():
     """export.set accepts exactly the ServingConfig fields the export's --set accepts (device and
-    dtype have their own values)."""
+    dtype have their own values), each with its default (tests/test_generated.py checks that the file
+    is what `python -m llava_triton.generated` writes)."""
     schema = json.loads((CHART / "values.schema.json").read_text())
-    allowed = set(schema["properties"]["export"]["properties"]["set"]["properties"])
-    assert allowed == {f.name for f in dataclasses.fields(ServingConfig)} - {"device", "dtype"}
+    allowed = schema["properties"]["export"]["properties"]["set"]["properties"]
+    assert set(allowed) == {f.name for f in dataclasses.fields(ServingConfig)} - {"device", "dtype"}
+    defaults = ServingConfig.from_dict({name: option["default"] for name, option in allowed.items()})
+    assert defaults == ServingConfig()
+    # Every default passes the schema, as the export's --set takes it.
+    assert only(manifests({"export": {"set": {name: option["default"] for name, option in allowed.items()}}}), "Job")
 
 
 def test_chart_version_is_the_projects():

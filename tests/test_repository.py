@@ -30,11 +30,13 @@ def test_sizes_come_from_the_checkpoint_spec():
     assert dims(configs[spec.PROJECTOR].output, spec.IMAGE_EMBEDS) == [576, 4096]
     assert dims(configs[spec.LANGUAGE_MODEL].input, spec.IMAGE_EMBEDS) == [-1, 576, 4096]
     full = ModelSpec(**{**MODEL.to_dict(), "vision_feature_select_strategy": "full"})
-    assert dims(model_configs(full, ServingConfig(), "pytorch")[spec.PROJECTOR].output, spec.IMAGE_EMBEDS) == [577, 4096]
+    projector = model_configs(full, ServingConfig(), "pytorch")[spec.PROJECTOR]
+    assert dims(projector.output, spec.IMAGE_EMBEDS) == [577, 4096]
 
 
 def test_batching_and_instances_follow_serving_config():
-    serving = ServingConfig(vision_max_batch_size=16, vision_preferred_batch_sizes=(4, 16), vision_max_queue_delay_us=500,
+    serving = ServingConfig(vision_max_batch_size=16, vision_preferred_batch_sizes=(4, 16),
+                            vision_max_queue_delay_us=500,
                             instance_kind="KIND_GPU", vision_instances=2, preprocess_instances=3, max_queue_size=9)
     configs = model_configs(MODEL, serving, "pytorch")
     encoder = configs[spec.VISION_ENCODER]
@@ -87,6 +89,33 @@ def test_an_export_without_the_projector_refuses_this_repositorys_own_directory(
     with pytest.raises(ValueError, match="this export has no projector model .* export to another directory"):
         write_configs(SOURCE_REPOSITORY, MODEL, ServingConfig(projector_placement="language_model"), "pytorch")
     assert sorted(p.relative_to(SOURCE_REPOSITORY) for p in SOURCE_REPOSITORY.rglob("*")) == before  # untouched
+
+
+# The public contract as clients rely on it, written out here on purpose (not read from spec.INPUTS):
+# a change to spec.INPUTS / spec.OUTPUTS that changes what clients send or receive fails here.
+CONTRACT_INPUTS = {spec.IN_PROMPT: (mc.TYPE_STRING, [1]), spec.IN_IMAGES: (mc.TYPE_STRING, [-1]),
+                   spec.IN_MAX_TOKENS: (mc.TYPE_INT32, [1]), spec.IN_TEMPERATURE: (mc.TYPE_FP32, [1]),
+                   spec.IN_TOP_P: (mc.TYPE_FP32, [1]), spec.IN_TOP_K: (mc.TYPE_INT32, [1]),
+                   spec.IN_SEED: (mc.TYPE_INT64, [1]), spec.IN_STOP: (mc.TYPE_STRING, [-1]),
+                   spec.IN_STREAM: (mc.TYPE_BOOL, [1]), spec.IN_IGNORE_EOS: (mc.TYPE_BOOL, [1])}
+CONTRACT_OUTPUTS = {spec.OUT_TEXT: (mc.TYPE_STRING, [1]), spec.OUT_TOKEN_IDS: (mc.TYPE_INT64, [-1]),
+                    spec.OUT_PROMPT_TOKENS: (mc.TYPE_INT32, [1]), spec.OUT_COMPLETION_TOKENS: (mc.TYPE_INT32, [1]),
+                    spec.OUT_FINISH_REASON: (mc.TYPE_STRING, [1])}
+
+
+def test_the_ensemble_has_the_public_contract():
+    configs = model_configs(MODEL, ServingConfig(), "pytorch")
+    ensemble = configs[spec.ENSEMBLE]
+    assert {t.name: (t.data_type, list(t.dims)) for t in ensemble.input} == CONTRACT_INPUTS
+    assert all(t.optional for t in ensemble.input)
+    assert {t.name: (t.data_type, list(t.dims)) for t in ensemble.output} == CONTRACT_OUTPUTS
+    # preprocess takes all of it; the language model the sampling inputs, and it answers every output.
+    assert {t.name: (t.data_type, list(t.dims)) for t in configs[spec.PREPROCESS].input} == CONTRACT_INPUTS
+    language_model = {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].input}
+    assert {name: language_model[name] for name in spec.SAMPLING_INPUTS} == {
+        name: CONTRACT_INPUTS[name] for name in spec.SAMPLING_INPUTS}
+    assert set(spec.SAMPLING_INPUTS) == set(CONTRACT_INPUTS) - {spec.IN_PROMPT, spec.IN_IMAGES}
+    assert {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].output} == CONTRACT_OUTPUTS
 
 
 def test_engines_share_one_tensor_contract():
@@ -170,7 +199,27 @@ def test_written_files_parse_back(tmp_path):
         assert (tmp_path / name / "1" / "model.py").exists() == (name != spec.ENSEMBLE)
 
 
+def test_every_serving_option_says_what_it_means():
+    options = spec.serving_options()
+    assert [o.name for o in options] == [f.name for f in dataclasses.fields(ServingConfig)]
+    for option in options:
+        assert option.meaning and option.default == getattr(ServingConfig(), option.name), option.name
+        assert option.default in option.choices or not option.choices, option.name
+
+
+@pytest.mark.parametrize("option", [o for o in spec.serving_options() if o.choices], ids=lambda o: o.name)
+def test_a_string_option_takes_only_its_values(option):
+    with pytest.raises(ValueError, match=f"{option.name} must be {spec.one_of(option.choices)}, got 'bogus'"):
+        ServingConfig(**{option.name: "bogus"})
+    for value in option.choices:
+        assert getattr(ServingConfig(**{option.name: value}), option.name) == value
+
+
 def test_serving_config_refuses_bad_values():
+    assert spec.one_of(("a",)) == "a" and spec.one_of(("a", "b", "c")) == "a, b or c"
+    for name in spec.POSITIVE_OPTIONS:
+        with pytest.raises(ValueError, match=f"{name} must be positive"):
+            ServingConfig(**{name: 0})
     with pytest.raises(ValueError, match="max_num_seqs must be positive"):
         ServingConfig(max_num_seqs=0)
     with pytest.raises(ValueError, match="must not exceed"):

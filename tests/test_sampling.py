@@ -23,6 +23,21 @@ def test_defaults_come_from_serving_config():
     assert p.greedy
 
 
+def test_defaults_are_the_contracts():
+    """What a request that leaves an input out gets is what spec.INPUTS (and so docs/api.md) says."""
+    serving = ServingConfig(default_temperature=0.7, default_top_p=0.5, default_top_k=9)
+    p = SamplingParams.from_inputs({}, serving)
+    default = {name: spec.INPUTS_BY_NAME[name].default_value(serving) for name in spec.SAMPLING_INPUTS}
+    assert (p.temperature, p.top_k, p.seed, p.stop, p.stream, p.ignore_eos) == (
+        default[spec.IN_TEMPERATURE], default[spec.IN_TOP_K], default[spec.IN_SEED], default[spec.IN_STOP],
+        default[spec.IN_STREAM], default[spec.IN_IGNORE_EOS]) == (0.7, 9, None, (), False, False)
+    assert p.top_p == default[spec.IN_TOP_P] == 0.5
+    # max_tokens left out: default_max_tokens, cut to the room left in the context.
+    assert default[spec.IN_MAX_TOKENS] == serving.default_max_tokens
+    assert p.resolve_max_tokens(prompt_tokens=1, context_length=10_000, serving=serving) == serving.default_max_tokens
+    assert p.resolve_max_tokens(prompt_tokens=90, context_length=100, serving=serving) == 10
+
+
 def test_values_are_read():
     p = parse(max_tokens=np.array([7], np.int32), temperature=np.array([0.5], np.float32),
               top_p=np.array([0.9], np.float32), top_k=np.array([5], np.int32), seed=np.array([3], np.int64),
@@ -64,7 +79,8 @@ def test_max_tokens_against_the_context():
     with pytest.raises(InvalidRequestError, match="leaves no room"):
         parse().resolve_max_tokens(prompt_tokens=100, context_length=100, serving=SERVING)
     assert parse().resolve_max_tokens(prompt_tokens=90, context_length=100, serving=SERVING) == 10
-    assert parse().resolve_max_tokens(prompt_tokens=1, context_length=10_000, serving=SERVING) == SERVING.default_max_tokens
+    assert parse().resolve_max_tokens(prompt_tokens=1, context_length=10_000,
+                                      serving=SERVING) == SERVING.default_max_tokens
 
 
 def test_sampler_greedy_top_k_and_top_p():

@@ -68,24 +68,22 @@ class TritonMetrics(Metrics):
         # A Metric is only valid while its MetricFamily lives: keep both.
         self._families = []
 
-        def metric(name, description, kind, **options):
-            family = pb_utils.MetricFamily(name, description, kind)
-            self._families.append(family)
-            return family, family.Metric(**options)
+        def family(definition: spec.Metric):
+            kind = getattr(pb_utils.MetricFamily, definition.kind.upper())  # COUNTER, GAUGE or HISTOGRAM
+            self._families.append(pb_utils.MetricFamily(definition.name, definition.help, kind))
+            return self._families[-1]
 
-        kinds = pb_utils.MetricFamily
-        _, self._ttft = metric("llava_time_to_first_token_seconds", "Time from the language model receiving a "
-                               "request to its first token", kinds.HISTOGRAM, buckets=self.LATENCY_BUCKETS)
-        _, self._itl = metric("llava_inter_token_latency_seconds", "Time between consecutive tokens of a request",
-                              kinds.HISTOGRAM, buckets=self.LATENCY_BUCKETS)
-        _, self._prompt = metric("llava_prompt_tokens_total", "Prompt tokens received (image tokens included)",
-                                 kinds.COUNTER)
-        _, self._generated = metric("llava_generation_tokens_total", "Tokens generated", kinds.COUNTER)
-        _, self._running = metric("llava_requests_running", "Requests holding a KV-cache slot", kinds.GAUGE)
-        _, self._waiting = metric("llava_requests_waiting", "Requests waiting for a KV-cache slot", kinds.GAUGE)
-        _, self._kv = metric("llava_kv_cache_usage_ratio", "Fraction of KV-cache slots in use", kinds.GAUGE)
-        self._refused_family = pb_utils.MetricFamily("llava_requests_refused_total", "Requests the language model "
-                                                     "refused or dropped, by reason", kinds.COUNTER)
+        def metric(definition: spec.Metric, **options):
+            return family(definition).Metric(**options)
+
+        self._ttft = metric(spec.METRIC_TIME_TO_FIRST_TOKEN, buckets=self.LATENCY_BUCKETS)
+        self._itl = metric(spec.METRIC_INTER_TOKEN_LATENCY, buckets=self.LATENCY_BUCKETS)
+        self._prompt = metric(spec.METRIC_PROMPT_TOKENS)
+        self._generated = metric(spec.METRIC_GENERATION_TOKENS)
+        self._running = metric(spec.METRIC_REQUESTS_RUNNING)
+        self._waiting = metric(spec.METRIC_REQUESTS_WAITING)
+        self._kv = metric(spec.METRIC_KV_CACHE_USAGE)
+        self._refused_family = family(spec.METRIC_REQUESTS_REFUSED)  # a series per reason, made when first counted
         self._refused = {}
 
     def request_refused(self, reason: str) -> None:
@@ -93,7 +91,7 @@ class TritonMetrics(Metrics):
 
     def _refuse(self, reason: str) -> None:
         if reason not in self._refused:
-            self._refused[reason] = self._refused_family.Metric(labels={"reason": reason})
+            self._refused[reason] = self._refused_family.Metric(labels={spec.METRIC_REQUESTS_REFUSED.label: reason})
         self._refused[reason].increment(1)
 
     def prompt_tokens(self, count: int) -> None:
