@@ -10,7 +10,7 @@ REPO ?= model_repository
 GRPC_PORT ?= 8001
 PYTEST_ARGS ?=
 
-.PHONY: setup export serve demo test bench soak lint clean
+.PHONY: setup export serve demo test bench soak lint docs clean
 
 setup: $(VENV)/.setup-done
 
@@ -49,10 +49,16 @@ SOAK_ARGS ?= --duration-s 1800 --concurrency 64
 soak: setup
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
-# ruff as configured in pyproject.toml (it also reports syntax errors), and the Dockerfile's linter.
+# ruff as configured in pyproject.toml (it also reports syntax errors), the Dockerfile's linter, and
+# whether the files generated from llava_triton/spec.py (docs/api.md, the chart's schema) are current.
 lint: setup
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/hadolint Dockerfile
+	$(PY) -m llava_triton.generated --check
+
+# Regenerate docs/api.md's tables and the chart's values schema from llava_triton/spec.py.
+docs: setup
+	$(PY) -m llava_triton.generated
 
 clean:
 	rm -rf build $(REPO)/*/config.pbtxt

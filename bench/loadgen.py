@@ -164,7 +164,7 @@ def run_level(url: str, workload: Workload, concurrency: int, num_requests: int,
 
 
 def _inputs(workload: Workload):
-    from client.api import build_inputs
+    from llava_triton.client import build_inputs
 
     return build_inputs(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
                         temperature=workload.temperature, stream=True, ignore_eos=workload.ignore_eos)
@@ -253,7 +253,7 @@ async def _run_aio(url: str, workload: Workload, concurrency: int, num_requests:
 
 def _run_threads(url: str, workload: Workload, concurrency: int, num_requests: int, model: str,
                  timeout_s: float) -> LevelResult:
-    from client.api import LlavaClient, LlavaError
+    from llava_triton.client import LlavaClient, LlavaError
 
     clients = [LlavaClient(url, model) for _ in range(concurrency)]
     counter = itertools.count()

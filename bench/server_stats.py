@@ -15,12 +15,14 @@ from typing import Any, Iterator
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
+from llava_triton import spec
+
 PREFIXES = ("nv_inference_", "llava_")
 COUNTERS = ("nv_inference_request_success", "nv_inference_exec_count", "nv_inference_queue_duration_us",
             "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
             "nv_inference_compute_output_duration_us")
-LM_SERIES = ("llava_time_to_first_token_seconds_sum", "llava_time_to_first_token_seconds_count",
-             "llava_inter_token_latency_seconds_sum", "llava_inter_token_latency_seconds_count")
+LM_SERIES = tuple(f"{metric.name}_{part}" for metric in (spec.METRIC_TIME_TO_FIRST_TOKEN, spec.METRIC_INTER_TOKEN_LATENCY)
+                  for part in ("sum", "count"))
 
 
 def samples(text: str) -> Iterator[tuple[str, Sample]]:
@@ -100,5 +102,5 @@ def breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         return round(total / count * 1e3, 3) if count > 0 else math.nan
 
     return {"models": models,
-            "language_model_ttft_ms": mean_ms("llava_time_to_first_token_seconds"),
-            "language_model_itl_ms": mean_ms("llava_inter_token_latency_seconds")}
+            "language_model_ttft_ms": mean_ms(spec.METRIC_TIME_TO_FIRST_TOKEN.name),
+            "language_model_itl_ms": mean_ms(spec.METRIC_INTER_TOKEN_LATENCY.name)}

@@ -45,6 +45,7 @@ import numpy as np
 
 from bench import server_stats
 from bench.report import json_safe
+from llava_triton import spec
 from llava_triton.processes import backend_stubs, cmdline, process_tree
 from llava_triton.server import TritonServer
 
@@ -108,9 +109,9 @@ def scrape_metrics(url: str) -> dict[str, float]:
 
 def kv_cache_state(metrics_url: str) -> dict[str, float]:
     values = scrape_metrics(metrics_url)
-    return {"running": values.get("llava_requests_running", math.nan),
-            "waiting": values.get("llava_requests_waiting", math.nan),
-            "kv_cache_usage_ratio": values.get("llava_kv_cache_usage_ratio", math.nan)}
+    return {"running": values.get(spec.METRIC_REQUESTS_RUNNING.name, math.nan),
+            "waiting": values.get(spec.METRIC_REQUESTS_WAITING.name, math.nan),
+            "kv_cache_usage_ratio": values.get(spec.METRIC_KV_CACHE_USAGE.name, math.nan)}
 
 
 def wait_kv_cache_empty(metrics_url: str, timeout_s: float) -> tuple[bool, dict[str, float], float]:
@@ -152,7 +153,7 @@ class Outcome:
 
 def valid_cases(checkpoint: Path) -> list[Case]:
     """Valid requests with transformers' greedy answers, and one seeded sampled request."""
-    from client.api import build_inputs
+    from llava_triton.client import build_inputs
     from llava_triton.testing.reference import hf_generate, make_test_images, varied_image
 
     images = make_test_images()
@@ -180,7 +181,7 @@ def valid_cases(checkpoint: Path) -> list[Case]:
 def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
     """The hostile cases of llava_triton/testing/corpus.py (imported here, lazily), else a few bad requests of
     our own."""
-    from client.api import build_inputs
+    from llava_triton.client import build_inputs
     from llava_triton import spec
     from llava_triton.spec import read_spec
     from llava_triton.testing.reference import hf_generate, make_test_images

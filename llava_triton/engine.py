@@ -26,7 +26,8 @@ from .errors import InvalidRequestError, ServerBusyError
 from .lm_runtime import LanguageModelRuntime
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
-from .spec import IMAGE_EMBEDS, ModelSpec, ServingConfig, language_model_image_input
+from .spec import (IMAGE_EMBEDS, REFUSED_CANCELLED, REFUSED_INVALID, REFUSED_QUEUE_FULL, REFUSED_QUEUE_TIMEOUT, ModelSpec,
+                   ServingConfig, language_model_image_input)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,7 @@ class Engine:
                                       self.image_input)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
         except InvalidRequestError:
-            self.metrics.request_refused("invalid")
+            self.metrics.request_refused(REFUSED_INVALID)
             raise
         seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
                        params=params, max_tokens=max_tokens, sink=sink)
@@ -183,7 +184,7 @@ class Engine:
             # Requests that a free slot will take at the next step are not queued, whatever
             # burst they arrived in: only those beyond the free slots count against the limit.
             if len(self._waiting) - len(self._free_slots) >= self.serving.max_queue_size:
-                self.metrics.request_refused("queue_full")
+                self.metrics.request_refused(REFUSED_QUEUE_FULL)
                 raise ServerBusyError(f"the language model's queue is full ({self.serving.max_queue_size} "
                                       "requests waiting); retry later")
             self._waiting.append(seq)
@@ -259,17 +260,17 @@ class Engine:
         with self._cond:
             for seq in [s for s in self._waiting if id(s.sink) in cancelled]:
                 self._waiting.remove(seq)
-                self.metrics.request_refused("cancelled")
+                self.metrics.request_refused(REFUSED_CANCELLED)
                 self.out.error(seq.sink, "request cancelled")
             # Waiting requests have not produced a token yet: last_event is their submission time.
             for seq in [s for s in self._waiting if s.last_event < deadline]:
                 self._waiting.remove(seq)
-                self.metrics.request_refused("queue_timeout")
+                self.metrics.request_refused(REFUSED_QUEUE_TIMEOUT)
                 self.out.error(seq.sink, f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a "
                                "KV-cache slot (queue_timeout_us); retry later")
         for seq in [s for s in self._prefilling + self._running if id(s.sink) in cancelled]:
             self._release(seq)
-            self.metrics.request_refused("cancelled")
+            self.metrics.request_refused(REFUSED_CANCELLED)
             self.out.error(seq.sink, "request cancelled")
 
     def _admit(self) -> None:
@@ -355,7 +356,7 @@ class Engine:
     def _fail_prefill(self, seq: Sequence, exc: Exception) -> None:
         self._release(seq)
         if isinstance(exc, InvalidRequestError):  # the request's fault, found at prefill (image_embeds)
-            self.metrics.request_refused("invalid")
+            self.metrics.request_refused(REFUSED_INVALID)
             self.out.error(seq.sink, str(exc))
             return
         log.error("prefill failed", exc_info=exc)

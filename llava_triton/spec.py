@@ -140,7 +140,9 @@ class Metric:
 
 
 # Reasons the language model refuses or drops a request (METRIC_REQUESTS_REFUSED's label).
-REFUSAL_REASONS = ("invalid", "queue_full", "queue_timeout", "cancelled")
+REFUSED_INVALID, REFUSED_QUEUE_FULL, REFUSED_QUEUE_TIMEOUT, REFUSED_CANCELLED = (
+    "invalid", "queue_full", "queue_timeout", "cancelled")
+REFUSAL_REASONS = (REFUSED_INVALID, REFUSED_QUEUE_FULL, REFUSED_QUEUE_TIMEOUT, REFUSED_CANCELLED)
 
 METRIC_TIME_TO_FIRST_TOKEN = Metric("llava_time_to_first_token_seconds", "histogram",
                                     "Time from the language model receiving a request to its first token")

@@ -122,7 +122,8 @@ def wait_for(condition, timeout_s: float, poll_s: float = 0.005):
 
 
 def refused_count(url: str, reason: str) -> float:
-    return scrape_metrics(url).get(f'llava_requests_refused_total{{reason="{reason}"}}', 0.0)
+    refused = spec.METRIC_REQUESTS_REFUSED
+    return scrape_metrics(url).get(f'{refused.name}{{{refused.label}="{reason}"}}', 0.0)
 
 
 def assert_idle(server: TritonServer) -> None:
