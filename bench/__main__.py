@@ -282,8 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from bench import limits as bench_limits
-    from bench import report, vision
-    from bench import server_stats
+    from bench import report, server_stats, vision
     from bench.loadgen import run_level, summarize
     from bench.workload import IMAGE_SIZE, w1, w1_pixel_values
     from llava_triton import spec
@@ -406,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
                      f"model's ({baseline['language_model_params']})")
     results: dict[str, Any] = {
         "benchmark": "llava-triton W1",
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *argv]),
         "machine": {"gpu": device_name, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
                     "python": platform.python_version(), "torch": torch.__version__,

@@ -3,7 +3,7 @@
 Run by `python -m bench` in a subprocess after the Triton server has stopped, so the two never
 share the GPU and all of the baseline's GPU memory is returned when it exits. bf16 with SDPA on
 CUDA, float32 on CPU; a batch is B copies of the W1 request (processor inputs as in
-tests/reference.py, left padding), greedy, exactly `max_new_tokens` new tokens
+llava_triton/testing/reference.py, left padding), greedy, exactly `max_new_tokens` new tokens
 (`min_new_tokens` too, so EOS cannot shorten it). Every step is timestamped (after a device
 synchronize) by a stopping criterion that never stops, which gives the time to the first token.
 
@@ -30,7 +30,7 @@ def _processor(checkpoint: Path):
     from transformers import LlavaProcessor
 
     processor = LlavaProcessor.from_pretrained(checkpoint)
-    if type(processor.image_processor).__name__ != "CLIPImageProcessorPil":  # as tests/reference.py
+    if type(processor.image_processor).__name__ != "CLIPImageProcessorPil":  # as llava_triton/testing/reference.py
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         processor.image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
@@ -40,7 +40,7 @@ def _processor(checkpoint: Path):
 
 def batch_inputs(processor, image: bytes, question: str, batch_size: int) -> dict[str, Any]:
     """B copies of the W1 request as transformers' processor builds them (images as base64 strings,
-    decoded by transformers.image_utils.load_image, as tests/reference.py does)."""
+    decoded by transformers.image_utils.load_image, as llava_triton/testing/reference.py does)."""
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question.strip()}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     encoded = base64.b64encode(image).decode("ascii")
@@ -96,7 +96,8 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
     if pad_token_id is None:
         pad_token_id = processor.tokenizer.eos_token_id
 
-    def generate(inputs: dict[str, Any], new_tokens: int) -> tuple[float, list[float], int]:
+    # The model is an argument, not a closure variable, so that `del model` below drops the last reference.
+    def generate(model, inputs: dict[str, Any], new_tokens: int) -> tuple[float, list[float], int]:
         timer = _StepTimes(synchronize)
         synchronize()
         start = time.perf_counter()
@@ -114,10 +115,10 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
         inputs = {k: v.to(device) for k, v in batch_inputs(processor, image, QUESTION, batch_size).items()}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
-        generate(inputs, warmup_tokens)  # warm-up: kernels chosen, caches allocated (not reported)
+        generate(model, inputs, warmup_tokens)  # warm-up: kernels chosen, caches allocated (not reported)
         latencies, ttfts = [], []
         for _ in range(repeats):
-            latency, step_times, generated = generate(inputs, output_tokens)
+            latency, step_times, generated = generate(model, inputs, output_tokens)
             if generated != output_tokens:
                 raise RuntimeError(f"generate gave {generated} new tokens, expected {output_tokens}")
             latencies.append(latency)

@@ -126,7 +126,7 @@ class FakeServer:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def __enter__(self) -> "FakeServer":
+    def __enter__(self) -> FakeServer:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bench.fake_server", "--port", str(self.port), "--step-ms", str(self.step_ms),

@@ -107,7 +107,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"{results['repository']['serving'].get('dtype')} on {results['repository']['serving'].get('device')}, "
         f"language-model weights {results['repository']['serving'].get('lm_weight_dtype', 'auto')}, "
         f"KV cache {results['repository']['serving'].get('kv_cache_dtype', 'auto')}, "
-        f"vision weights {results['repository']['serving'].get('vision_weight_dtype', 'auto')} (auto = the model's dtype), "
+        f"vision weights {results['repository']['serving'].get('vision_weight_dtype', 'auto')} "
+        f"(auto = the model's dtype), "
         f"the projector {projector_place}, "
         f"decode attention {results['repository']['serving'].get('decode_attention', 'auto')}; "
         f"torch {machine.get('torch')}, transformers {machine.get('transformers')}.",
@@ -124,7 +125,8 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{_fmt(level['ttft_ms']['p99'])} | {_fmt(level['itl_ms']['p50'], 2)} | "
                      f"{_fmt(level['output_tokens_per_s'])} | {_fmt(level['requests_per_s'], 2)} |")
     for skipped in results.get("skipped_levels", []):
-        lines.append(f"| {skipped} | not run: time budget of {results['settings']['time_budget_s']} s spent | | | | | |")
+        lines.append(f"| {skipped} | not run: time budget of {results['settings']['time_budget_s']} s spent "
+                     f"| | | | | |")
 
     lines += server_table(results["levels"])
 
@@ -173,14 +175,16 @@ def markdown(results: dict[str, Any]) -> str:
         "Limits (from the checkpoint's config):",
         f"- language model: {limits['language_model_params'] / 1e9:.3f} B parameters = "
         f"{_gb(limits['language_model_bytes'])} in {limits['serving_dtype']}; a batch-1 decode step reads "
-        f"{_gb(step['total'])} (weights {_gb(step['weights'])}{_fp8_note(limits.get('lm_weight_dtype'), 'projections')} "
+        f"{_gb(step['total'])} "
+        f"(weights {_gb(step['weights'])}{_fp8_note(limits.get('lm_weight_dtype'), 'projections')} "
         f"+ KV cache of {limits['decode_context_tokens']} tokens {_gb(step['kv_cache'])}"
         f"{_fp8_note(limits.get('kv_cache_dtype'), 'values')})",
         f"- single-stream decode limit at {_fmt(limits['gpu_bandwidth_gbs'], 0)} GB/s: "
         f"{_fmt(limits['single_stream_decode_limit_tokens_per_s'])} tokens/s; c=1 measured "
         f"{_fmt(roofline.get('c1_output_tokens_per_s'))} tokens/s = {_fmt(roofline.get('c1_percent_of_limit'))} % "
         f"(decode alone, 1000 / ITL p50: {_fmt(roofline.get('c1_decode_tokens_per_s'))} tokens/s = "
-        f"{_fmt(roofline.get('c1_decode_percent_of_limit'))} %, {_fmt(roofline.get('c1_decode_achieved_gbs'), 0)} GB/s)",
+        f"{_fmt(roofline.get('c1_decode_percent_of_limit'))} %, "
+        f"{_fmt(roofline.get('c1_decode_achieved_gbs'), 0)} GB/s)",
         f"- vision encoder: {flops['vision_encoder'] / 1e9:.1f} GFLOP per image ({flops['layers_run']} layers, "
         f"{flops['tokens']} tokens; projector {flops['projector'] / 1e9:.1f} GFLOP more); at "
         f"{_fmt(limits['gpu_peak_tflops'], 0)} TFLOP/s dense bf16: "
@@ -276,12 +280,18 @@ def plot_throughput_vs_ttft(path: Path, series: list[dict[str, Any]], title: str
     use_log = max(xs) / min(xs) > 20
     if use_log:
         xlo, xhi, xticks = log_ticks(min(xs) / 1.3, max(xs) * 1.3)  # room around the end points
-        to_x = lambda v: x0 + (math.log10(v) - math.log10(xlo)) / (math.log10(xhi) - math.log10(xlo)) * (x1 - x0)
+
+        def to_x(v):
+            return x0 + (math.log10(v) - math.log10(xlo)) / (math.log10(xhi) - math.log10(xlo)) * (x1 - x0)
     else:
         xlo, xhi, xticks = linear_ticks(0.0, max(xs) * 1.05)
-        to_x = lambda v: x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)
+
+        def to_x(v):
+            return x0 + (v - xlo) / (xhi - xlo) * (x1 - x0)
     ylo, yhi, yticks = linear_ticks(0.0, max(ys) * 1.08)
-    to_y = lambda v: y0 - (v - ylo) / (yhi - ylo) * (y0 - y1)
+
+    def to_y(v):
+        return y0 - (v - ylo) / (yhi - ylo) * (y0 - y1)
 
     for tick in yticks:  # grid, ticks, labels
         y = to_y(tick)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 import urllib.request
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -21,7 +22,8 @@ PREFIXES = ("nv_inference_", "llava_")
 COUNTERS = ("nv_inference_request_success", "nv_inference_exec_count", "nv_inference_queue_duration_us",
             "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
             "nv_inference_compute_output_duration_us")
-LM_SERIES = tuple(f"{metric.name}_{part}" for metric in (spec.METRIC_TIME_TO_FIRST_TOKEN, spec.METRIC_INTER_TOKEN_LATENCY)
+LM_SERIES = tuple(f"{metric.name}_{part}"
+                  for metric in (spec.METRIC_TIME_TO_FIRST_TOKEN, spec.METRIC_INTER_TOKEN_LATENCY)
                   for part in ("sum", "count"))
 
 
@@ -78,7 +80,7 @@ def breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     for model, end in after["models"].items():
         start = before["models"].get(model, {})
 
-        def delta(name: str) -> float:
+        def delta(name: str, end: dict[str, float] = end, start: dict[str, float] = start) -> float:
             return end.get(name, 0.0) - start.get(name, 0.0)
 
         requests = delta("nv_inference_request_success")

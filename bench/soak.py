@@ -89,7 +89,8 @@ def server_memory(server_pid: int) -> dict[str, Any]:
             continue  # gone, or a zombie
         processes.append({"pid": pid, "name": "tritonserver" if pid == server_pid else stubs.get(pid, "other"),
                           "rss_bytes": status["VmRSS"] * 1024,
-                          **{k.lower() + "_bytes": status.get(k, 0) * 1024 for k in ("RssAnon", "RssFile", "RssShmem")}})
+                          **{k.lower() + "_bytes": status.get(k, 0) * 1024
+                             for k in ("RssAnon", "RssFile", "RssShmem")}})
         if pid in stubs:  # argv: stub <model.py> <shm region name> <size> <growth> <parent pid> ...
             regions.update(cmdline(pid)[2:3])
     shm_bytes = 0
@@ -181,8 +182,8 @@ def valid_cases(checkpoint: Path) -> list[Case]:
 def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
     """The hostile cases of llava_triton/testing/corpus.py (imported here, lazily), else a few bad requests of
     our own."""
-    from llava_triton.client import build_inputs
     from llava_triton import spec
+    from llava_triton.client import build_inputs
     from llava_triton.spec import read_spec
     from llava_triton.testing.reference import hf_generate, make_test_images
 
@@ -521,7 +522,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     lines += [
         f"| wrong answers | {load['wrong_answers']} |",
         f"| unexpected errors | {load['unexpected_errors']} |",
-        f"| answer latency p50 / p99 | {load['answer_latency_s']['p50']:.2f} s / {load['answer_latency_s']['p99']:.2f} s |",
+        f"| answer latency p50 / p99 | {load['answer_latency_s']['p50']:.2f} s / "
+        f"{load['answer_latency_s']['p99']:.2f} s |",
         f"| server memory idle after warm-up / after the load | {memory['baseline_bytes'] / mib:.0f} MiB / "
         f"{memory['final_bytes'] / mib:.0f} MiB ({memory['growth']:+.1%}; peak {memory['peak_bytes'] / mib:.0f} MiB) |",
         f"| its trend during the load | {memory['load_slope_mib_per_min']:+.2f} MiB/min |",
@@ -530,7 +532,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
         f"({memory['rss_sum_growth']:+.1%}) |",
         f"| stub shared memory idle after warm-up / after the load | {memory['baseline_shm_bytes'] / mib:.0f} MiB / "
         f"{memory['final_shm_bytes'] / mib:.0f} MiB |",
-        f"| KV cache after the load | {'empty' if kv['returned'] else 'NOT empty'} after {kv['seconds_to_empty']:.1f} s "
+        f"| KV cache after the load | {'empty' if kv['returned'] else 'NOT empty'} "
+        f"after {kv['seconds_to_empty']:.1f} s "
         f"(running {kv['running']:.0f}, waiting {kv['waiting']:.0f}, usage {kv['kv_cache_usage_ratio']:.2f}) |",
         "",
     ]

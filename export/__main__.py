@@ -114,7 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except ProcessorMismatchError as error:
         raise SystemExit(f"export stopped: {error}") from None
     progress(f"prompt ids equal the checkpoint processor's for {checked} probe prompts")
-    progress("exporting the vision encoder and projector" + ("" if args.no_onnx else " (ONNX, checked with onnxruntime)"))
+    progress("exporting the vision encoder and projector"
+             + ("" if args.no_onnx else " (ONNX, checked with onnxruntime)"))
     report = export_vision(checkpoint, repo, args.work_dir, model, serving, engine, onnx=not args.no_onnx)
     progress(f"vision export: {report}")
     progress("writing the language model's weights (safetensors)")

@@ -20,8 +20,18 @@ from torch import nn
 from export.vision_weights import load_from_checkpoint
 from llava_triton import vision, vision_artifacts
 from llava_triton.dtypes import resolve_dtype
-from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, LANGUAGE_MODEL, LANGUAGE_MODEL_PROJECTOR_DIR, PIXEL_VALUES,
-                               PROJECTOR, VISION_ENCODER, ModelSpec, ServingConfig, wire_dtype)
+from llava_triton.spec import (
+    IMAGE_EMBEDS,
+    IMAGE_FEATURES,
+    LANGUAGE_MODEL,
+    LANGUAGE_MODEL_PROJECTOR_DIR,
+    PIXEL_VALUES,
+    PROJECTOR,
+    VISION_ENCODER,
+    ModelSpec,
+    ServingConfig,
+    wire_dtype,
+)
 
 ONNX_OPSET = 18  # LayerNormalization (>= 17) parses into TensorRT's normalization layer
 # ONNX Runtime (CPU, FP32) against PyTorch (CPU, FP32): the largest absolute difference may be at

@@ -6,8 +6,8 @@ starting point; the server loads the modules from their artifacts (llava_triton.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open

@@ -3,8 +3,8 @@ request's input checked on its own, every accepted one run in one forward pass, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch

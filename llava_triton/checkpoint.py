@@ -31,8 +31,9 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from llava_triton import preset_tokenizers
 from llava_triton.preset_tokenizers import CORPUS_FILE, PRESETS_DIR, write_json, write_tokenizer

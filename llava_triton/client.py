@@ -321,7 +321,7 @@ class LlavaClient:
         for connection in connections:
             connection.close()
 
-    def __enter__(self) -> "LlavaClient":
+    def __enter__(self) -> LlavaClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

@@ -10,7 +10,8 @@ layers as they are; capturing runs the model, so it writes cache positions that 
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -126,8 +127,8 @@ class PrefillGraphs:
         write slot 0's cache, as the compile warm-up does: call before serving."""
         for tokens in reversed(self.buckets):
             embeds = self.embeds[:, :tokens]
-            self.graphs[tokens] = capture(lambda: self.model.prefill_first_chunk(embeds, self.slot, self.last),
-                                          self.pool)
+            self.graphs[tokens] = capture(
+                lambda embeds=embeds: self.model.prefill_first_chunk(embeds, self.slot, self.last), self.pool)
 
     def __call__(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         if len(segments) == 1 and segments[0][1] == 0:
@@ -166,7 +167,7 @@ class GraphedModule:
         with torch.inference_mode():
             for batch in reversed(self.buckets):  # largest first: the smaller ones reuse its pool memory
                 x = self.inputs[:batch]
-                self.graphs[batch] = capture(lambda: self.module(x), self.pool)
+                self.graphs[batch] = capture(lambda x=x: self.module(x), self.pool)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (n, *item_shape) on the device, in the module's dtype -> the module's output (n, ...), a view

@@ -33,7 +33,7 @@ GRPC_INFER_ALLOCATION_POOL_SIZE = 0
 # Layout of the serving image (Dockerfile): NVIDIA's Triton image plus this project.
 IMAGE_BACKEND_DIRECTORY = PurePosixPath("/opt/tritonserver/backends")
 IMAGE_PROJECT_ROOT = PurePosixPath("/opt/llava-triton")  # the project tree, first on PYTHONPATH
-IMAGE_SITE_PACKAGES = IMAGE_PROJECT_ROOT / "site-packages"  # requirements.txt, pip --target
+IMAGE_SITE_PACKAGES = IMAGE_PROJECT_ROOT / "site-packages"  # pyproject's serving and export groups, pip --target
 IMAGE_UID = 1000  # `triton-server`, the non-root user of NVIDIA's image
 
 

@@ -23,7 +23,8 @@ back until it is known not to be, so a streamed answer never shows a stop string
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 _INCOMPLETE = "\ufffd"  # what a tokenizer decodes a partial UTF-8 sequence to
 BYTE_FALLBACK_TOKENS = tuple(f"<0x{value:02X}>" for value in range(256))

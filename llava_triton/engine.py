@@ -16,8 +16,9 @@ import heapq
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Protocol
 
 import torch
 
@@ -26,8 +27,16 @@ from .errors import InvalidRequestError, ServerBusyError
 from .lm_runtime import LanguageModelRuntime
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
-from .spec import (IMAGE_EMBEDS, REFUSED_CANCELLED, REFUSED_INVALID, REFUSED_QUEUE_FULL, REFUSED_QUEUE_TIMEOUT, ModelSpec,
-                   ServingConfig, language_model_image_input)
+from .spec import (
+    IMAGE_EMBEDS,
+    REFUSED_CANCELLED,
+    REFUSED_INVALID,
+    REFUSED_QUEUE_FULL,
+    REFUSED_QUEUE_TIMEOUT,
+    ModelSpec,
+    ServingConfig,
+    language_model_image_input,
+)
 
 log = logging.getLogger(__name__)
 

@@ -85,6 +85,17 @@ class Fp8Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+def concat_linears(*linears: nn.Linear) -> nn.Linear:
+    """Linears of the same input as one (q, k, v or gate, up): weights, and biases if they have them,
+    concatenated along the output features, in order. Shared by llama.py and vision.py."""
+    weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
+    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if fused.bias is not None:
+        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
+    return fused
+
+
 def quantize_linears(module: nn.Module, names: tuple[str, ...]) -> None:
     """Replace module.<name> (nn.Linear) by an Fp8Linear of it, for each name present."""
     for name in names:

@@ -106,7 +106,7 @@ def api_doc(text: str) -> str:
         pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.DOTALL)
         if not pattern.search(text):
             raise ValueError(f"{API_DOC.name} has no {begin} ... {end} pair")
-        text = pattern.sub(lambda _: f"{begin}\n{table()}\n{end}", text, count=1)
+        text = pattern.sub(lambda _, begin=begin, table=table, end=end: f"{begin}\n{table()}\n{end}", text, count=1)
     return text
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decode_attention import decode_attention_op
-from .fp8 import quantize_linears
+from .fp8 import concat_linears, quantize_linears
 
 # Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
 # an H100, builds an execution plan for each new shape: 40-800 ms each there (measured), a stall
@@ -47,7 +47,7 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
 
     @classmethod
-    def from_hf(cls, text_config: dict[str, Any]) -> "LlamaConfig":
+    def from_hf(cls, text_config: dict[str, Any]) -> LlamaConfig:
         c = text_config
         if c.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {c['hidden_act']!r} (Llama uses silu)")
@@ -167,7 +167,7 @@ class Attention(nn.Module):
 
     def fuse(self) -> None:
         """One GEMM for q, k and v instead of three (the same rows, concatenated)."""
-        self.qkv_proj = _concat_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_proj = concat_linears(self.q_proj, self.k_proj, self.v_proj)
         del self.q_proj, self.k_proj, self.v_proj
 
     def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
@@ -253,13 +253,6 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
 
-def _concat_linears(*linears: nn.Linear) -> nn.Linear:
-    weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    return fused
-
-
 class MLP(nn.Module):
     def __init__(self, config: LlamaConfig):
         super().__init__()
@@ -269,7 +262,7 @@ class MLP(nn.Module):
         self.gate_up_proj: nn.Linear | None = None  # gate and up in one matrix, after fuse()
 
     def fuse(self) -> None:
-        self.gate_up_proj = _concat_linears(self.gate_proj, self.up_proj)
+        self.gate_up_proj = concat_linears(self.gate_proj, self.up_proj)
         del self.gate_proj, self.up_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -454,7 +447,7 @@ class LlamaForCausalLM(nn.Module):
     # -- weights ------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "LlamaForCausalLM":
+                        dtype: torch.dtype = torch.float32) -> LlamaForCausalLM:
         """Load `config.json` + `model.safetensors` in Hugging Face Llama naming (safetensors only)."""
         from safetensors.torch import load_file
 

@@ -15,8 +15,9 @@ import io
 import json
 import re
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -222,7 +223,7 @@ class Preprocessor:
         self._wire_pixel_table = pixel_values_to_wire(self._pixel_table, serving)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, spec: ModelSpec, serving: ServingConfig) -> "Preprocessor":
+    def from_pretrained(cls, directory: str | Path, spec: ModelSpec, serving: ServingConfig) -> Preprocessor:
         """Load from a checkpoint directory, or from an exported processor directory (a copy of the
         checkpoint's files), as transformers loads the checkpoint's processor (llava_triton.processor)."""
         processor = load_processor(directory)

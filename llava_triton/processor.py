@@ -31,6 +31,7 @@ def load_processor(directory: str | Path) -> Any:
     PIL image processor (transformers picks the torchvision one when torchvision is installed,
     and its resize differs slightly: the output must not depend on what else is installed)."""
     from transformers import AutoProcessor
+
     # transformers.AutoImageProcessor is a torchvision-only placeholder when torchvision is not
     # installed; the class in its module works and picks the backend asked for.
     from transformers.models.auto.image_processing_auto import AutoImageProcessor

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
@@ -33,7 +33,7 @@ class SamplingParams:
         return self.temperature == 0.0
 
     @classmethod
-    def from_inputs(cls, inputs: Mapping[str, np.ndarray | None], serving: ServingConfig) -> "SamplingParams":
+    def from_inputs(cls, inputs: Mapping[str, np.ndarray | None], serving: ServingConfig) -> SamplingParams:
         """Build from the request's optional tensors (missing ones are None), refusing absurd values."""
         # Left out: None, which resolve_max_tokens turns into default_max_tokens or the room left, whichever
         # is less (an explicit value past the room is refused instead).
@@ -42,7 +42,8 @@ class SamplingParams:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
         temperature = _scalar(inputs, spec.IN_TEMPERATURE, np.floating, _default(spec.IN_TEMPERATURE, serving))
         if not math.isfinite(temperature) or not 0.0 <= temperature <= _MAX_TEMPERATURE:
-            raise InvalidRequestError(f"temperature must be a finite number in [0, {_MAX_TEMPERATURE:g}], got {temperature}")
+            raise InvalidRequestError(
+                f"temperature must be a finite number in [0, {_MAX_TEMPERATURE:g}], got {temperature}")
         top_p = _scalar(inputs, spec.IN_TOP_P, np.floating, _default(spec.IN_TOP_P, serving))
         if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
@@ -68,8 +69,8 @@ class SamplingParams:
         room = context_length - prompt_tokens
         if room < 1:
             raise InvalidRequestError(
-                f"the prompt has {prompt_tokens} tokens, which leaves no room in the context length of {context_length} "
-                "(max_seq_len)")
+                f"the prompt has {prompt_tokens} tokens, which leaves no room in the context length of "
+                f"{context_length} (max_seq_len)")
         if self.max_tokens is None:
             return min(serving.default_max_tokens, room)
         if self.max_tokens > room:
@@ -130,7 +131,8 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return generator
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+def sample(logits: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> torch.Tensor:
     """logits (B, V) float32 → next token ids (B,). Greedy rows take the argmax."""
     tokens = logits.argmax(dim=-1)
     for row, (p, generator) in enumerate(zip(params, generators)):

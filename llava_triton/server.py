@@ -23,9 +23,9 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from llava_triton import deploy
 from llava_triton.install_check import check
@@ -164,7 +164,7 @@ class TritonServer:
                                             stdin=subprocess.DEVNULL, env=server_env(self.install, self.project_root),
                                             start_new_session=True, preexec_fn=_die_with_parent())
 
-    def start(self) -> "TritonServer":
+    def start(self) -> TritonServer:
         if self.process is not None:
             raise RuntimeError("server already started")
         if self.log_path is None:
@@ -318,7 +318,7 @@ class TritonServer:
             self.log_path, self._own_log = None, False
         return code
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         self.start()
         try:
             self.wait_ready()

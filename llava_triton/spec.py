@@ -88,7 +88,7 @@ class Tensor:
         """Whether the tensor holds any number of values (shape [-1]) rather than one."""
         return self.shape == (-1,)
 
-    def default_value(self, serving: "ServingConfig") -> Any:
+    def default_value(self, serving: ServingConfig) -> Any:
         return getattr(serving, self.serving_default) if self.serving_default else self.default
 
 
@@ -193,7 +193,7 @@ class ModelSpec:
         object.__setattr__(self, "num_image_tokens", num_patches + extra)
 
     @classmethod
-    def from_hf_config(cls, config: dict[str, Any]) -> "ModelSpec":
+    def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
         vision, text = config["vision_config"], config["text_config"]
         eos = text.get("eos_token_id", config.get("eos_token_id"))
         eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (int(eos),))
@@ -214,14 +214,14 @@ class ModelSpec:
         )
 
     @classmethod
-    def from_pretrained(cls, checkpoint: str | Path) -> "ModelSpec":
+    def from_pretrained(cls, checkpoint: str | Path) -> ModelSpec:
         return cls.from_hf_config(full_hf_config(checkpoint))
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelSpec":
+    def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         data = dict(data)
         data["eos_token_id"] = tuple(data["eos_token_id"])
         return cls(**data)
@@ -389,7 +389,7 @@ class ServingConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ServingConfig":
+    def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
         data = dict(data)
         for name in ("vision_preferred_batch_sizes", "gpus"):
             if name in data:

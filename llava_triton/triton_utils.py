@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,8 @@ def batched_model(pb_utils, serve):
             responses = []
             for result in self.runner.run_requests(arrays):
                 if isinstance(result, Exception):
-                    responses.append(pb_utils.InferenceResponse(output_tensors=[], error=triton_error(pb_utils, result)))
+                    responses.append(pb_utils.InferenceResponse(output_tensors=[],
+                                                                error=triton_error(pb_utils, result)))
                 else:
                     responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(self.runner.output_name, result)]))
             return responses

@@ -30,7 +30,7 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
-from .fp8 import quantize_linears
+from .fp8 import concat_linears, quantize_linears
 from .spec import ModelSpec
 
 
@@ -78,7 +78,7 @@ class VisionEncoder(nn.Module):
                 "vision_feature_select_strategy": self.vision_feature_select_strategy}
 
     @classmethod
-    def from_module_config(cls, config: dict[str, Any]) -> "VisionEncoder":
+    def from_module_config(cls, config: dict[str, Any]) -> VisionEncoder:
         return cls(CLIPVisionConfig.from_dict(config["vision_config"]), config["vision_feature_layer"],
                    config["vision_feature_select_strategy"])
 
@@ -88,7 +88,7 @@ class VisionEncoder(nn.Module):
         blocking."""
         for layer in self.vision_tower.encoder.layers:
             attention = layer.self_attn
-            attention.qkv_proj = _concat_linears(attention.q_proj, attention.k_proj, attention.v_proj)
+            attention.qkv_proj = concat_linears(attention.q_proj, attention.k_proj, attention.v_proj)
             del attention.q_proj, attention.k_proj, attention.v_proj
 
     def quantize_fp8(self) -> None:
@@ -160,7 +160,7 @@ class Projector(nn.Module):
                 "projector_hidden_act": self.projector_hidden_act, "bias": self.bias}
 
     @classmethod
-    def from_module_config(cls, config: dict[str, Any]) -> "Projector":
+    def from_module_config(cls, config: dict[str, Any]) -> Projector:
         return cls(**config)
 
     def quantize_fp8(self) -> None:
@@ -179,15 +179,6 @@ class Projector(nn.Module):
 
     def _forward(self, image_features: torch.Tensor) -> torch.Tensor:
         return self.linear_2(self.act(self.linear_1(image_features)))
-
-
-def _concat_linears(*linears: nn.Linear) -> nn.Linear:
-    weight = torch.cat([linear.weight.detach() for linear in linears])  # (sum of out_features, in_features)
-    fused = nn.Linear(weight.shape[1], weight.shape[0], bias=linears[0].bias is not None, device="meta")
-    fused.weight = nn.Parameter(weight, requires_grad=False)
-    if fused.bias is not None:
-        fused.bias = nn.Parameter(torch.cat([linear.bias.detach() for linear in linears]), requires_grad=False)
-    return fused
 
 
 def pixel_values_shape(model: ModelSpec) -> tuple[int, int, int]:

@@ -123,7 +123,8 @@ def test_sentencepiece_preset_has_llava_hf_tokenizer_files(sentencepiece):
         "<unk>", "<s>", "</s>", IMAGE_TOKEN, "<pad>"]
     tokenizer_json = json.loads((sentencepiece / "tokenizer.json").read_text())
     model = tokenizer_json["model"]
-    assert (model["type"], model["byte_fallback"], model["fuse_unk"], model["unk_token"]) == ("BPE", True, True, "<unk>")
+    assert ((model["type"], model["byte_fallback"], model["fuse_unk"], model["unk_token"])
+            == ("BPE", True, True, "<unk>"))
     assert [model["vocab"][f"<0x{b:02X}>"] for b in range(256)] == list(range(3, 259))
     assert [n["type"] for n in tokenizer_json["normalizer"]["normalizers"]] == ["Prepend", "Replace"]
     assert tokenizer_json["pre_tokenizer"] is None

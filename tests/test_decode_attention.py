@@ -6,13 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from test_llama import CONFIG
 
 from llava_triton import decode_attention as da
 from llava_triton.llama import LlamaForCausalLM, to_cache_dtype
 from llava_triton.lm_runtime import use_decode_kernel
 from llava_triton.spec import ServingConfig
 from llava_triton.torch_compile import compile_model
-from test_llama import CONFIG
 
 pytestmark = [
     pytest.mark.skipif(not da.available(), reason="the triton package is not installed"),

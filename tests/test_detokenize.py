@@ -15,12 +15,12 @@ from llava_triton.testing.reference import TOKENIZER_PRESETS, hf_processor, pres
 MODEL_VOCAB_SIZE = 1024  # the tiny presets' text_config.vocab_size: ids the model can emit
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_of(preset: str):
     return hf_processor(preset_checkpoint(preset)).tokenizer
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detokenizer_of(preset: str) -> Detokenizer:
     return Detokenizer(tokenizer_of(preset))
 

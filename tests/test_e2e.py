@@ -102,7 +102,8 @@ def test_bad_input_gets_a_clear_error_and_the_server_keeps_serving(llava_client,
     with pytest.raises(LlavaError, match=message):
         llava_client.generate(request.pop("prompt"), request.pop("images"), **request)
     images, prompt = CASES["one png at a tag"]
-    assert llava_client.generate(prompt, images, max_tokens=6).token_ids == hf_generate(tiny_checkpoint, images, prompt, 6)
+    assert (llava_client.generate(prompt, images, max_tokens=6).token_ids
+            == hf_generate(tiny_checkpoint, images, prompt, 6))
 
 
 def test_early_close_does_not_disturb_other_requests(triton_server, tiny_checkpoint):
@@ -111,7 +112,8 @@ def test_early_close_does_not_disturb_other_requests(triton_server, tiny_checkpo
         stream = client.stream(prompt, images, max_tokens=200, ignore_eos=True)
         next(stream)
         stream.close()
-        assert client.generate(prompt, images, max_tokens=8).token_ids == hf_generate(tiny_checkpoint, images, prompt, 8)
+        assert (client.generate(prompt, images, max_tokens=8).token_ids
+                == hf_generate(tiny_checkpoint, images, prompt, 8))
 
 
 def test_perf_analyzer_runs_against_the_ensemble_with_real_images(triton_server, tmp_path):
@@ -146,7 +148,8 @@ def test_bench_vision_measurement_falls_back_to_one_fixed_window_when_windows_di
     assert entry["stable"] is False and entry["images_per_s"] > 0
     first, fixed = entry["attempts"]
     assert vision.STABLE_FAILURE in first["output_tail"]
-    assert "--request-count" in fixed["command"] and "9" == fixed["command"][fixed["command"].index("--request-count") + 1]
+    assert ("--request-count" in fixed["command"]
+            and "9" == fixed["command"][fixed["command"].index("--request-count") + 1])
 
 
 def test_bfloat16_export_streams_an_answer_with_fp16_between_the_steps(tiny_checkpoint, tmp_path):

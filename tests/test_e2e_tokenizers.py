@@ -42,7 +42,7 @@ def served(request):
     return request.param, preset_checkpoint(request.param), server.url_grpc
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tokenizer_of(checkpoint):
     return hf_processor(checkpoint).tokenizer
 

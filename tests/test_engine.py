@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -159,7 +160,8 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
     for token in text_ids:  # both tags expanded
         input_ids += [token] * (n if token == model_spec.image_token_index else 1)
     input_ids = torch.tensor(input_ids)
-    pixel_values = torch.randn(2, 3, model_spec.image_size, model_spec.image_size, generator=torch.Generator().manual_seed(3))
+    pixel_values = torch.randn(2, 3, model_spec.image_size, model_spec.image_size,
+                               generator=torch.Generator().manual_seed(3))
     with torch.inference_mode():
         features = encoder(pixel_values)  # (2, n, vision_hidden_size): the vision_encoder model's output
     assert features.shape == (2, n, model_spec.vision_hidden_size)
@@ -168,7 +170,8 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
     bad = features.clone()
     bad[1, 0, 0] = float("nan")
     engine.submit(input_ids, bad, params(max_tokens=8), nan)
-    with pytest.raises(InvalidRequestError, match=f"image_features must have shape \\[n, {n}, {model_spec.vision_hidden_size}\\]"):
+    with pytest.raises(InvalidRequestError,
+                       match=f"image_features must have shape \\[n, {n}, {model_spec.vision_hidden_size}\\]"):
         engine.submit(input_ids, torch.zeros(2, n, model_spec.text_hidden_size), params(max_tokens=8), wrong)
     with pytest.raises(InvalidRequestError, match="refers to 2 images but 1 images' features were sent"):
         engine.submit(input_ids, features[:1], params(max_tokens=8), wrong)
@@ -239,7 +242,8 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(parts):
     for neighbours in (0, 3):
         engine = make_engine(parts)
         sink = Collect()
-        engine.submit(ids, None, params(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True), sink)
+        engine.submit(ids, None,
+                      params(max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=1234, ignore_eos=True), sink)
         others = [Collect() for _ in range(neighbours)]
         for other in others:
             engine.submit(ids, None, params(max_tokens=16, temperature=1.0, ignore_eos=True), other)
@@ -303,7 +307,8 @@ def test_engine_thread_serves_concurrent_submitters(parts):
     try:
         prompts = [f"Question number {i}?" for i in range(6)]
         sinks = [Collect() for _ in prompts]
-        threads = [threading.Thread(target=engine.submit, args=(prompt_ids(tokenizer, p), None, params(max_tokens=5), s))
+        threads = [threading.Thread(target=engine.submit,
+                                    args=(prompt_ids(tokenizer, p), None, params(max_tokens=5), s))
                    for p, s in zip(prompts, sinks)]
         for t in threads:
             t.start()
@@ -440,6 +445,9 @@ def test_fp8_kv_cache_serves_and_its_first_token_matches_transformers(parts, dec
     interpreter here). Prefill attends to its own fresh keys and values, so the first token is
     transformers'; later ones read rounded keys and values and may differ."""
     pytest.importorskip("triton")
+    if decode_attention == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the kernel with a CPU model needs Triton's interpreter, which conftest turns on only on a machine "
+                    "without a GPU; test_gpu.py runs the kernel on the GPU")
     _, _, tokenizer, hf = parts
     engine = make_engine(parts, max_num_seqs=2, kv_cache_dtype="fp8_e4m3", decode_attention=decode_attention)
     assert engine.model.model.layers[0].self_attn.cache.k.dtype == torch.float8_e4m3fn

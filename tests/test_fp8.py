@@ -5,13 +5,13 @@ weights, and a model served with them. The GEMV kernel runs in Triton's interpre
 import pytest
 import torch
 import torch.nn.functional as F
+from test_llama import CONFIG
 from torch import nn
 
 from llava_triton import fp8
 from llava_triton.llama import LlamaForCausalLM
 from llava_triton.spec import ServingConfig
 from llava_triton.torch_compile import compile_model
-from test_llama import CONFIG
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 needs_triton = pytest.mark.skipif(fp8.triton is None, reason="the triton package is not installed")
@@ -40,7 +40,8 @@ def test_linear_on_the_cpu_multiplies_by_the_dequantised_weights_and_keeps_no_fu
     linear = nn.Linear(96, 40, bias=False)
     layer = fp8.Fp8Linear(linear)
     # Only FP8 weights and their scales: the model-dtype matrix is not kept (that is the memory saved).
-    assert {name: t.dtype for name, t in layer.state_dict().items()} == {"weight": fp8.FP8, "weight_scale": torch.float32}
+    assert ({name: t.dtype for name, t in layer.state_dict().items()}
+            == {"weight": fp8.FP8, "weight_scale": torch.float32})
     assert not list(layer.parameters())
     for shape in ((2, 3, 96), (1, 300, 96)):  # decode-sized and prefill-sized row counts alike
         x = torch.randn(shape)

@@ -83,7 +83,7 @@ OVERRIDES: dict[str, dict] = {
 
 # --- rendering -------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _render(values_json: str) -> dict[str, str]:
     with helm.Chart.load(str(CHART)) as chart:
         return chart.render(json.loads(values_json), name=RELEASE, namespace=NAMESPACE, is_install=True)
@@ -149,7 +149,8 @@ def test_resources_follow_the_values():
     kinds = lambda values: sorted(doc["kind"] for doc in manifests(values))  # noqa: E731
     assert kinds({}) == ["Deployment", "Job", "PersistentVolumeClaim", "Secret", "Service", "ServiceAccount"]
     assert kinds(OVERRIDES["autoscaling"]) == sorted(kinds({}) + ["HorizontalPodAutoscaler", "ServiceMonitor"])
-    assert "Job" not in kinds(OVERRIDES["existing-pvc"]) and "PersistentVolumeClaim" not in kinds(OVERRIDES["existing-pvc"])
+    assert ("Job" not in kinds(OVERRIDES["existing-pvc"])
+            and "PersistentVolumeClaim" not in kinds(OVERRIDES["existing-pvc"]))
     assert kinds(OVERRIDES["everything-optional"]) == sorted(
         ["Deployment", "Job", "NetworkPolicy", "PersistentVolumeClaim", "PodDisruptionBudget", "Service",
          "ServiceAccount", "ServiceMonitor"])
@@ -288,7 +289,7 @@ def test_startup_probe_allows_a_7b_model_to_load():
     assert pod["terminationGracePeriodSeconds"] > deploy.EXIT_TIMEOUT_S + 5  # + the preStop sleep
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tritonserver_flags() -> dict[str, str]:
     """Every flag `tritonserver --help` of the local install documents, with its value type."""
     install = find_triton()
@@ -327,7 +328,8 @@ import triton_python_backend_utils as pb_utils
 
 class TritonPythonModel:
     def execute(self, requests):
-        return [pb_utils.InferenceResponse([pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())])
+        return [pb_utils.InferenceResponse(
+                    [pb_utils.Tensor("OUT", pb_utils.get_input_tensor_by_name(r, "IN").as_numpy())])
                 for r in requests]
 """
 
@@ -550,7 +552,7 @@ def _export_command(job: dict) -> list[str]:
     return shlex.split(line.replace('"$out.partial"', "/models/out.partial"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def export_options() -> set[str]:
     help_text = subprocess.run([sys.executable, "-m", "export", "--help"], cwd=ROOT, capture_output=True,
                                text=True, check=True, timeout=120).stdout
@@ -590,7 +592,8 @@ def test_export_job_runs_the_export_cli(name):
 def test_a_changed_export_setting_is_a_new_repository_and_job():
     def names(values):
         docs = manifests(values)
-        return only(docs, "Job")["metadata"]["name"], str(launcher_command_line(server_container(docs))[0].model_repository)
+        return (only(docs, "Job")["metadata"]["name"],
+                str(launcher_command_line(server_container(docs))[0].model_repository))
 
     default = names({})
     assert names({}) == default
@@ -614,7 +617,8 @@ def test_existing_claim_without_export_is_served_as_is():
 def test_checkpoint_download_is_off_unless_asked_for():
     default_job = only(manifests({}), "Job")["spec"]["template"]["spec"]
     assert "initContainers" not in default_job
-    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "llava-checkpoint" for v in default_job["volumes"])
+    assert any(v.get("persistentVolumeClaim", {}).get("claimName") == "llava-checkpoint"
+               for v in default_job["volumes"])
     job = only(manifests(OVERRIDES["download"]), "Job")["spec"]["template"]["spec"]
     download = job["initContainers"][0]
     env = {e["name"]: e.get("value") for e in download["env"]}

@@ -41,7 +41,7 @@ def test_defaults_are_the_contracts():
 def test_values_are_read():
     p = parse(max_tokens=np.array([7], np.int32), temperature=np.array([0.5], np.float32),
               top_p=np.array([0.9], np.float32), top_k=np.array([5], np.int32), seed=np.array([3], np.int64),
-              stop=np.array([b"###", "x".encode()], dtype=object), stream=np.array([True]),
+              stop=np.array([b"###", b"x"], dtype=object), stream=np.array([True]),
               ignore_eos=np.array([True]))
     assert (p.max_tokens, p.temperature, p.top_k, p.seed, p.stop, p.stream, p.ignore_eos) == (
         7, 0.5, 5, 3, ("###", "x"), True, True)

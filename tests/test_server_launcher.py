@@ -16,10 +16,16 @@ import psutil
 import pytest
 import tritonclient.grpc as grpcclient
 
-from llava_triton import server as server_module
 from llava_triton import perf_analyzer, spec, triton_install
-from llava_triton.processes import (backend_stub_states, backend_stubs, child_pids, cmdline, exited_backend_stubs,
-                                    process_tree)
+from llava_triton import server as server_module
+from llava_triton.processes import (
+    backend_stub_states,
+    backend_stubs,
+    child_pids,
+    cmdline,
+    exited_backend_stubs,
+    process_tree,
+)
 from llava_triton.server import SHM_DIR, TritonServer, TritonServerError, free_port
 from llava_triton.triton_install import PROJECT_ROOT, TritonNotFoundError, find_triton, server_env
 

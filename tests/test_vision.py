@@ -24,11 +24,25 @@ from export.vision_weights import load_from_checkpoint
 from llava_triton import batching, vision, vision_serving
 from llava_triton.dtypes import resolve_dtype
 from llava_triton.errors import InvalidRequestError
-from llava_triton.spec import (IMAGE_EMBEDS, IMAGE_FEATURES, PIXEL_VALUES, PROJECTOR, SPEC_FILE, VISION_ENCODER,
-                               ModelSpec, ServingConfig, write_spec)
+from llava_triton.spec import (
+    IMAGE_EMBEDS,
+    IMAGE_FEATURES,
+    PIXEL_VALUES,
+    PROJECTOR,
+    SPEC_FILE,
+    VISION_ENCODER,
+    ModelSpec,
+    ServingConfig,
+    write_spec,
+)
 from llava_triton.torch_compile import compile_or_eager, maybe_compiled
-from llava_triton.vision_artifacts import (MODULE_CONFIG_FILE, WEIGHTS_FILE, load_encoder, load_projector,
-                                           save_for_serving)
+from llava_triton.vision_artifacts import (
+    MODULE_CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_encoder,
+    load_projector,
+    save_for_serving,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 IMAGE_SIZE, PATCH_SIZE = 32, 8  # 16 patches

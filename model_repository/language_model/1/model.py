@@ -1,4 +1,5 @@
-import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # the stub ignores PYTHONPATH
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+# ^ the stub ignores PYTHONPATH
 # Triton adapter for the language model: decoupled, in-flight batched (llava_triton.engine).
 
 import threading
@@ -153,12 +154,14 @@ class TritonPythonModel:
         for request in requests:
             sink = ResponseSink(request)
             try:
-                input_ids = torch.from_numpy(pb_utils.get_input_tensor_by_name(request, spec.INPUT_IDS).as_numpy().copy())
+                input_ids = torch.from_numpy(
+                    pb_utils.get_input_tensor_by_name(request, spec.INPUT_IDS).as_numpy().copy())
                 embeds = pb_utils.get_input_tensor_by_name(request, self.image_input)
                 # In the wire dtype (FP32, or FP16 for half-precision models: spec.wire_dtype), kept as is
                 # here; the engine checks it is finite and casts it to the model's dtype at prefill.
                 image_embeds = None if embeds is None else torch.from_numpy(embeds.as_numpy().copy())
-                params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
+                params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS),
+                                                    self.serving)
                 self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink)
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
                 sink.fail(triton_error(pb_utils, exc))

@@ -1,11 +1,11 @@
-import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # the stub ignores PYTHONPATH
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+# ^ the stub ignores PYTHONPATH
 # Triton adapter for preprocessing: image bytes + prompt → input_ids + pixel_values (llava_triton.preprocess).
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llava_triton import spec
-from llava_triton.errors import InvalidRequestError
 from llava_triton.preprocess import Preprocessor, check_request_parameters, request_prompt
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import freeze_loaded_objects, load_spec, optional_inputs, triton_error, version_dir

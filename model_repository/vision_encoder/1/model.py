@@ -1,4 +1,5 @@
-import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]  # the stub ignores PYTHONPATH
+import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+# ^ the stub ignores PYTHONPATH
 # Triton Python-backend adapter of the vision encoder: pixel_values -> image_features.
 #
 # Only used when the export chose the PyTorch engine (otherwise the model is a TensorRT plan with the
