@@ -1,5 +1,5 @@
 # The serving image: NVIDIA's Triton Inference Server with llava-triton and its pinned
-# dependencies, for the Helm chart in helm/llava-triton (README: Kubernetes). Not built in CI
+# dependencies, for the Helm chart in helm/llava-triton (docs/kubernetes.md). Not built in CI
 # (no container engine there); tests/test_helm.py lints it with hadolint.
 #
 #   docker build -t registry.example.com/llava-triton:0.1.0 .

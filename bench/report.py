@@ -1,4 +1,4 @@
-"""The benchmark's outputs: results.json, results.md (a table for the README) and
+"""The benchmark's outputs: results.json, results.md (a Markdown table) and
 throughput_vs_ttft.png (drawn with PIL alone: the GPU machine has no matplotlib)."""
 
 from __future__ import annotations

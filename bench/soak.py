@@ -1,7 +1,7 @@
 """Soak: a real tritonserver under steady load for a while, every answer checked.
 
     python -m bench.soak --duration-s 60 --concurrency 64 --out build/soak        # CI's short run
-    python -m bench.soak --duration-s 1800 --concurrency 64 --out build/soak-30m  # the README's figures
+    python -m bench.soak --duration-s 1800 --concurrency 64 --out build/soak-30m  # the figures in docs/operations.md
 
 Steps: build the embedded tiny checkpoint (or take --checkpoint), export it (PyTorch engine),
 compute transformers' greedy answers for a few valid requests, start tritonserver, then keep
@@ -258,7 +258,7 @@ async def send(connection, case: Case, *, abandon: bool, timeout_s: float) -> Ou
         if finished:
             # Read on until the server ends the call (status OK), as a client that is done should: a
             # call cancelled after its last response leaks the server's state for it in Triton 2.51
-            # (the request's protobuf with its input bytes; README, "Soak").
+            # (the request's protobuf with its input bytes; docs/operations.md, "Soak").
             async for result, response_error in responses:
                 trailing = f"a response after the final one: {response_error or result.get_response()}"
     except (InferenceServerException, grpc.RpcError) as raised:

@@ -271,7 +271,7 @@ class LlavaClient:
                     # An error response (no gRPC status: the call itself is fine) ends the request (our
                     # models send an error as its final response): let the server end the call too.
                     # Cancelling it now would leak the call's state, with the request's bytes, in
-                    # Triton 2.51's gRPC frontend (README, "Soak").
+                    # Triton 2.51's gRPC frontend (docs/operations.md, "Soak").
                     finished = error.status() is None
                     raise LlavaError(_error_message(error))
                 finished = _is_final(result)

@@ -71,7 +71,7 @@ def triton_error(pb_utils, exc: BaseException):
 
 
 def batched_model(pb_utils, serve):
-    """A `TritonPythonModel` class for a model served by a `llava_triton.vision.BatchedModule`.
+    """A `TritonPythonModel` class for a model served by a `llava_triton.batching.BatchedModule`.
 
     `serve(version_dir, instance_kind, device_id)` builds the module once per instance; every
     request Triton's dynamic batcher hands over goes through one forward pass, and a request

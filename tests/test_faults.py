@@ -2,8 +2,8 @@
 past the queue limit, shutdown with requests in flight, the language model's backend killed.
 
 The cancellation tests call `language_model` directly with the raw gRPC streaming API: Triton
-2.51 does not pass a client's cancellation to a running step of an ensemble (README, "Known
-limit"), so through `llava` the tests only check that an abandoned stream disturbs no other.
+2.51 does not pass a client's cancellation to a running step of an ensemble (docs/operations.md,
+"Known limits of Triton 2.51"), so through `llava` the tests only check that an abandoned stream disturbs no other.
 The server here serves a small configuration (MAX_NUM_SEQS KV-cache slots, MAX_QUEUE_SIZE
 waiting requests) so that the limits are reached with a handful of requests.
 """
