@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import importlib
 import json
 import math
 import os
@@ -180,40 +179,23 @@ def valid_cases(checkpoint: Path) -> list[Case]:
 
 
 def corpus_cases(checkpoint: Path, repository: Path) -> tuple[list[Case], str]:
-    """The hostile cases of llava_triton/testing/corpus.py (imported here, lazily), else a few bad requests of
-    our own."""
+    """The hostile cases of llava_triton/testing/corpus.py, each with its expected error or answer."""
     from llava_triton import spec
     from llava_triton.client import build_inputs
     from llava_triton.spec import read_spec
-    from llava_triton.testing.reference import hf_generate, make_test_images
+    from llava_triton.testing import corpus
+    from llava_triton.testing.reference import hf_generate
 
     model_spec, serving = read_spec(repository / spec.LANGUAGE_MODEL / "1")
-    try:
-        corpus = importlib.import_module("llava_triton.testing.corpus")
-    except ModuleNotFoundError:
-        corpus = None
-    if corpus is not None:
-        cases = []
-        for hostile in corpus.hostile_cases(model_spec, serving):
-            expected = None
-            if hostile.expect is None:
-                expected = hf_generate(checkpoint, list(hostile.images), hostile.prompt, corpus.MAX_TOKENS)
-            cases.append(Case("corpus", hostile.name, corpus.raw_inputs(hostile, build_inputs),
-                              model=hostile.model, parameters=hostile.parameters, expected_ids=expected,
-                              expect_error=hostile.expect))
-        return cases, "llava_triton/testing/corpus.py"
-    jpeg = make_test_images()["jpeg"]
-    own = [
-        ("truncated jpeg", [jpeg[: len(jpeg) // 2]], "What is it?", {}, r"image 0.*(truncated|corrupt)"),
-        ("not an image", [b"plain text, not an image" * 4], "What is it?", {}, r"image 0.*not .*image"),
-        ("negative temperature", [jpeg], "What is it?", {"temperature": -1.0}, r"temperature must be"),
-        ("top_p above 1", [], "What is it?", {"top_p": 1.5}, r"top_p must be in"),
-        ("more tags than images", [jpeg], "<image> and <image>?", {}, r"2 .*1|1 .*2"),
-        ("max_tokens past the context", [], "What is it?", {"max_tokens": 100_000}, r"max_tokens 100000"),
-    ]
-    return ([Case("corpus", name, build_inputs(prompt, images, **{"max_tokens": 4, **options}), expect_error=expect)
-             for name, images, prompt, options, expect in own],
-            "bench/soak.py (llava_triton/testing/corpus.py not found)")
+    cases = []
+    for hostile in corpus.hostile_cases(model_spec, serving):
+        expected = None
+        if hostile.expect is None:
+            expected = hf_generate(checkpoint, list(hostile.images), hostile.prompt, corpus.MAX_TOKENS)
+        cases.append(Case("corpus", hostile.name, corpus.raw_inputs(hostile, build_inputs),
+                          model=hostile.model, parameters=hostile.parameters, expected_ids=expected,
+                          expect_error=hostile.expect))
+    return cases, "llava_triton/testing/corpus.py"
 
 
 def _error_message(error: BaseException) -> str:
