@@ -30,6 +30,7 @@ import numpy as np
 
 from bench.workload import Workload
 from llava_triton import spec
+from llava_triton.client import first_int, first_str
 
 MODES = ("aio", "threads")
 SERVER_TIME_PARAMETER = "bench_server_time"  # set by bench.fake_server only: its send time (time.monotonic)
@@ -170,17 +171,6 @@ def _inputs(workload: Workload):
                         temperature=workload.temperature, stream=True, ignore_eos=workload.ignore_eos)
 
 
-def _first_int(array: np.ndarray | None) -> int:
-    return 0 if array is None or array.size == 0 else int(array.reshape(-1)[0])
-
-
-def _first_str(array: np.ndarray | None) -> str:
-    if array is None or array.size == 0:
-        return ""
-    value = array.reshape(-1)[0]
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
-
-
 # --- asyncio ---------------------------------------------------------------------------------------
 
 async def _request_aio(connection, workload: Workload, model: str, timeout_s: float) -> RequestRecord:
@@ -206,9 +196,9 @@ async def _request_aio(connection, workload: Workload, model: str, timeout_s: fl
                 continue
             response = result.get_response()
             record.add_response(now, result.as_numpy(spec.OUT_TOKEN_IDS),
-                                _first_int(result.as_numpy(spec.OUT_PROMPT_TOKENS)),
-                                _first_int(result.as_numpy(spec.OUT_COMPLETION_TOKENS)),
-                                _first_str(result.as_numpy(spec.OUT_FINISH_REASON)))
+                                first_int(result.as_numpy(spec.OUT_PROMPT_TOKENS)),
+                                first_int(result.as_numpy(spec.OUT_COMPLETION_TOKENS)),
+                                first_str(result.as_numpy(spec.OUT_FINISH_REASON)))
             sent = response.parameters.get(SERVER_TIME_PARAMETER)
             if sent is not None:
                 record.server_times.append(sent.double_param)

@@ -182,14 +182,16 @@ def request_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
 
 # --- the client --------------------------------------------------------------------------------------
 
-def _first_str(array: np.ndarray | None) -> str:
+def first_str(array: np.ndarray | None) -> str:
+    """The first string of a response's BYTES output ("" when absent)."""
     if array is None or array.size == 0:
         return ""
     value = array.reshape(-1)[0]
     return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else str(value)
 
 
-def _first_int(array: np.ndarray | None) -> int:
+def first_int(array: np.ndarray | None) -> int:
+    """The first value of a response's integer output (0 when absent)."""
     return 0 if array is None or array.size == 0 else int(array.reshape(-1)[0])
 
 
@@ -199,11 +201,11 @@ def _chunk(result: grpcclient.InferResult) -> Chunk | None:
     if text is None:
         return None
     token_ids = result.as_numpy(spec.OUT_TOKEN_IDS)
-    return Chunk(text=_first_str(text),
+    return Chunk(text=first_str(text),
                  token_ids=[] if token_ids is None else [int(t) for t in token_ids.reshape(-1)],
-                 prompt_tokens=_first_int(result.as_numpy(spec.OUT_PROMPT_TOKENS)),
-                 completion_tokens=_first_int(result.as_numpy(spec.OUT_COMPLETION_TOKENS)),
-                 finish_reason=_first_str(result.as_numpy(spec.OUT_FINISH_REASON)))
+                 prompt_tokens=first_int(result.as_numpy(spec.OUT_PROMPT_TOKENS)),
+                 completion_tokens=first_int(result.as_numpy(spec.OUT_COMPLETION_TOKENS)),
+                 finish_reason=first_str(result.as_numpy(spec.OUT_FINISH_REASON)))
 
 
 def _is_final(result: grpcclient.InferResult) -> bool:
