@@ -40,11 +40,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None,
-                        help="Hugging Face LLaVA checkpoint directory (LlavaForConditionalGeneration, safetensors, "
+                        help="Hugging Face LLaVA checkpoint directory (LlavaForConditionalGeneration or "
+                             "LlavaNextForConditionalGeneration, safetensors, "
                              "tokenizer with chat template). Default: build the embedded default checkpoint.")
     parser.add_argument("--preset", default="tiny",
-                        help="preset of the checkpoint built when --model is not given (default: tiny; "
-                             "llava-1.5-7b builds the full architecture with random weights)")
+                        help="preset of the checkpoint built when --model is not given (default: tiny; tiny-next "
+                             "and tiny-next-mistral are LLaVA-NeXT; llava-1.5-7b and llava-v1.6-mistral-7b build the "
+                             "full architectures with random weights)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="where the built checkpoint goes (default: build/<preset>-llava)")
     parser.add_argument("--output", type=Path, default=ROOT / "model_repository",
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
             **_parse_set(args.set)})
     except ValueError as error:  # a value out of range: the message names the field
         raise SystemExit(f"--set: {error}") from None
-    progress(f"checkpoint {checkpoint}: {model.num_image_tokens} image tokens per image, context "
+    tiles = f"LLaVA-NeXT tiles on {len(model.image_grid_pinpoints)} pinpoints, " if model.anyres else ""
+    progress(f"checkpoint {checkpoint}: {tiles}{model.num_image_tokens} image tokens per tile, context "
              f"{model.max_position_embeddings}; engine {engine}, device {device}, dtype {dtype}")
 
     repo = args.output

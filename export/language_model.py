@@ -1,5 +1,6 @@
-"""The language model's weights for the Python-backend decoder: the Llama part of a LLaVA
-checkpoint, renamed to plain `LlamaForCausalLM` names, saved as safetensors with its config."""
+"""The language model's weights for the Python-backend decoder: the Llama (or Mistral) part of a LLaVA
+checkpoint, renamed to plain `LlamaForCausalLM` names, saved as safetensors with its config; for
+LLaVA-NeXT also `image_newline`, which the language model places after each row of an image's tiles."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from llava_triton.spec import full_hf_config
+from llava_triton.spec import IMAGE_NEWLINE_FILE, full_hf_config
 
 # LLaVA checkpoint prefix → Llama prefix. transformers 5 saves the first pair, llava-hf's
 # published checkpoints (transformers 4 layout) the second.
@@ -44,18 +45,33 @@ def rename(key: str) -> str | None:
     return None
 
 
+# LLaVA-NeXT's newline embedding: transformers 5's name, then llava-hf's published one.
+IMAGE_NEWLINE_KEYS = ("model.image_newline", "image_newline")
+
+
 def export_language_model(checkpoint: Path, output_dir: Path) -> Path:
-    """Write `config.json` (the text config) and `model.safetensors` into output_dir."""
+    """Write `config.json` (the text config) and `model.safetensors` into output_dir, and for a
+    LLaVA-NeXT checkpoint `image_newline.safetensors` (spec.IMAGE_NEWLINE_FILE)."""
     config = full_hf_config(checkpoint)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     state = {}
+    newline = None
     for path in checkpoint_files(checkpoint):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 new = rename(key)
                 if new is not None:
                     state[new] = f.get_tensor(key)
+                elif key in IMAGE_NEWLINE_KEYS:
+                    newline = f.get_tensor(key)
+    if config.get("model_type") == "llava_next":
+        if newline is None:
+            raise ValueError(f"{checkpoint} is a LLaVA-NeXT checkpoint without image_newline "
+                             f"({' or '.join(IMAGE_NEWLINE_KEYS)})")
+        save_file({"image_newline": newline.contiguous()}, output_dir / IMAGE_NEWLINE_FILE)
+    elif (output_dir / IMAGE_NEWLINE_FILE).exists():
+        (output_dir / IMAGE_NEWLINE_FILE).unlink()  # an earlier LLaVA-NeXT export's
     if not any(k.startswith("model.layers.") for k in state):
         raise ValueError(f"no language-model weights found in {checkpoint}")
     text_config = dict(config["text_config"])

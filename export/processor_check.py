@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from llava_triton.anyres import tile_layout
 from llava_triton.preprocess import Preprocessor, build_messages
 from llava_triton.processor import load_processor
 from llava_triton.spec import ModelSpec, ServingConfig
@@ -36,10 +37,17 @@ class ProcessorMismatchError(RuntimeError):
     pass
 
 
-def reference_input_ids(processor, prompt: str, num_images: int, image_size: int) -> np.ndarray:
+def probe_image_size(spec: ModelSpec) -> tuple[int, int]:
+    """(height, width) of the probes' images: a tile; for LLaVA-NeXT wider than tall, so that its tiles
+    are unpadded and the newline count differs from the row count of a square grid."""
+    return (spec.image_size, spec.image_size * 3 // 2) if spec.anyres else (spec.image_size, spec.image_size)
+
+
+def reference_input_ids(processor, prompt: str, num_images: int, image_size: tuple[int, int]) -> np.ndarray:
     """The processor's ids: its chat template, its tokenizer and its own `<image>` expansion."""
     text = processor.apply_chat_template(build_messages(prompt, num_images), add_generation_prompt=True)
-    images = [Image.new("RGB", (image_size, image_size))] * num_images or None
+    height, width = image_size
+    images = [Image.new("RGB", (width, height))] * num_images or None
     return np.asarray(processor(images=images, text=text, return_tensors="np")["input_ids"][0], dtype=np.int64)
 
 
@@ -48,9 +56,11 @@ def check_prompt_ids(checkpoint: Path, processor_dir: Path, spec: ModelSpec, ser
     returns the number of prompts checked."""
     served = Preprocessor.from_pretrained(processor_dir, spec, serving)
     reference = load_processor(checkpoint)
+    height, width = probe_image_size(spec)
+    tokens = tile_layout(height, width, spec).num_image_tokens if spec.anyres else spec.num_image_tokens
     for prompt, num_images in PROBE_PROMPTS:
-        ids = served.build_input_ids(prompt, num_images)
-        expected = reference_input_ids(reference, prompt, num_images, spec.image_size)
+        ids = served.build_input_ids(prompt, num_images, [tokens] * num_images)
+        expected = reference_input_ids(reference, prompt, num_images, (height, width))
         if not np.array_equal(ids, expected):
             at = next((i for i, (a, b) in enumerate(zip(ids, expected)) if a != b), min(len(ids), len(expected)))
             tokenizer = reference.tokenizer

@@ -78,12 +78,16 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     embeds_dims = [model.num_image_tokens, model.text_hidden_size]
     # pixel_values, image_features and image_embeds: FP16 for half-precision models, FP32 otherwise.
     wire = config_type(spec.wire_type_name(serving))
+    # LLaVA-NeXT: preprocess tells the language model each image's size, from which it packs the tiles.
+    anyres = model.anyres
+    image_sizes = (spec.IMAGE_SIZES,) if anyres else ()
 
     preprocess = mc.ModelConfig(
         name=spec.PREPROCESS, backend="python", max_batch_size=0,
         input=contract_inputs(),
         output=[_output(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
-                _output(spec.PIXEL_VALUES, wire, [-1, *pixel_dims])],
+                _output(spec.PIXEL_VALUES, wire, [-1, *pixel_dims]),
+                *([_output(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2])] if anyres else [])],
         # Image decoding is CPU work whatever the device: several CPU instances.
         instance_group=_instances(serving.preprocess_instances, serving, cpu_only=True),
     )
@@ -119,6 +123,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         name=spec.LANGUAGE_MODEL, backend="python", max_batch_size=0,
         input=[_input(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                _input(image_input, wire, [-1, *(features_dims if in_language_model else embeds_dims)], optional=True),
+               *([_input(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2], optional=True)] if anyres else []),
                *contract_inputs(spec.SAMPLING_INPUTS)],
         output=contract_outputs(),
         # Decoupled: any number of responses per request (streaming); the model batches in flight.
@@ -139,11 +144,11 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         ensemble_scheduling=mc.ModelEnsembling(step=[
             # Sampling inputs go to preprocess too, so bad values are refused before any image work.
             step(spec.PREPROCESS, same_names(*(t.name for t in spec.INPUTS)),
-                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES)),
+                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES, *image_sizes)),
             step(spec.VISION_ENCODER, same_names(spec.PIXEL_VALUES), same_names(spec.IMAGE_FEATURES)),
             *([] if in_language_model else [
                 step(spec.PROJECTOR, same_names(spec.IMAGE_FEATURES), same_names(spec.IMAGE_EMBEDS))]),
-            step(spec.LANGUAGE_MODEL, same_names(spec.INPUT_IDS, image_input, *spec.SAMPLING_INPUTS),
+            step(spec.LANGUAGE_MODEL, same_names(spec.INPUT_IDS, image_input, *image_sizes, *spec.SAMPLING_INPUTS),
                  same_names(*(t.name for t in spec.OUTPUTS))),
         ]),
     )

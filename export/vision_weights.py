@@ -14,6 +14,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, CLIPVisionConfig
 
 from llava_triton.dtypes import resolve_dtype
+from llava_triton.spec import MODEL_TYPES
 from llava_triton.vision import Projector, VisionEncoder
 
 _CHECKPOINT_INDEX = "model.safetensors.index.json"
@@ -79,8 +80,9 @@ def load_from_checkpoint(checkpoint_dir: str | Path, device: str | torch.device 
     checkpoint_dir = Path(checkpoint_dir)
     dtype = resolve_dtype(dtype)
     config = AutoConfig.from_pretrained(checkpoint_dir, trust_remote_code=False)
-    if config.model_type != "llava":
-        raise ValueError(f"{checkpoint_dir} is not a LLaVA checkpoint (model_type {config.model_type!r})")
+    if config.model_type not in MODEL_TYPES:
+        raise ValueError(f"{checkpoint_dir} is not a LLaVA-1.5 or LLaVA-NeXT checkpoint (model_type "
+                         f"{config.model_type!r})")
     if not isinstance(config.vision_config, CLIPVisionConfig):
         raise ValueError(f"only CLIP vision towers are supported, got {config.vision_config.model_type!r}")
 

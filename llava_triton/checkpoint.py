@@ -1,8 +1,9 @@
-"""Build the embedded checkpoints: LLaVA-1.5 models with seeded random weights.
+"""Build the embedded checkpoints: LLaVA-1.5 and LLaVA-NeXT models with seeded random weights.
 
-The output is a directory in the Hugging Face format of `llava-hf/llava-1.5-7b-hf`, loadable
-with no network by `LlavaForConditionalGeneration.from_pretrained` and
-`LlavaProcessor.from_pretrained` / `AutoProcessor.from_pretrained`:
+The output is a directory in the Hugging Face format of `llava-hf/llava-1.5-7b-hf` (or, for a
+`llava_next` preset, `llava-hf/llava-v1.6-mistral-7b-hf`), loadable with no network by
+`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration.from_pretrained` and
+`AutoProcessor.from_pretrained`:
 
     config.json, generation_config.json, model.safetensors    the model
     tokenizer.json, tokenizer_config.json, ...                trained on presets/corpus.txt in the preset's
@@ -12,8 +13,9 @@ with no network by `LlavaForConditionalGeneration.from_pretrained` and
     llava_triton_build.json                                   stamp: which preset and inputs built this
 
 Presets: `tiny` (the embedded default, a byte-level BPE tokenizer), `tiny-sentencepiece` (the same
-model with the Llama/SentencePiece tokenizer of llava-hf's checkpoints) and `llava-1.5-7b` (the 7B
-architecture, for GPU benchmarks).
+model with the Llama/SentencePiece tokenizer of llava-hf's checkpoints), `tiny-next` (LLaVA-NeXT tiles,
+a Llama decoder), `tiny-next-mistral` (LLaVA-NeXT with a Mistral decoder and chat format), and the 7B
+architectures for GPU benchmarks, `llava-1.5-7b` and `llava-v1.6-mistral-7b`.
 Everything comes from `presets/<name>.json` (the Hugging Face config plus a seed) and
 `presets/corpus.txt`, so a build is reproducible: the same inputs on the same kind of device give a
 byte-identical `model.safetensors`. A build whose stamp matches the current inputs is not redone.
@@ -108,13 +110,25 @@ def is_built(preset: str, output: Path) -> bool:
     return data.get("preset") == preset and data.get("hash") == preset_hash(preset)
 
 
+# Per model_type: the transformers classes of the config, the model and the processor.
+MODEL_CLASSES = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration", "LlavaProcessor"),
+                 "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlavaNextProcessor")}
+
+
+def processor_class(spec: ModelSpec) -> str:
+    return MODEL_CLASSES[spec.model_type][2]
+
+
 def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
-    """preprocessor_config.json of llava-hf/llava-1.5-7b-hf with this checkpoint's image size."""
+    """preprocessor_config.json of llava-hf/llava-1.5-7b-hf (or llava-hf/llava-v1.6-mistral-7b-hf for a
+    llava_next spec: its tiling options added) with this checkpoint's image size."""
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
+    tiling = {"image_processor_type": "LlavaNextImageProcessor", "aspect_ratio_setting": "anyres", "do_pad": True,
+              "image_grid_pinpoints": [list(p) for p in spec.image_grid_pinpoints]} if spec.anyres else {}
     return {
         "image_processor_type": "CLIPImageProcessor",
-        "processor_class": "LlavaProcessor",
+        "processor_class": processor_class(spec),
         "do_convert_rgb": True,
         "do_resize": True,
         "size": {"shortest_edge": spec.image_size},
@@ -126,13 +140,14 @@ def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
         "do_normalize": True,
         "image_mean": list(OPENAI_CLIP_MEAN),
         "image_std": list(OPENAI_CLIP_STD),
+        **tiling,
     }
 
 
 def processor_config(spec: ModelSpec) -> dict[str, Any]:
     """processor_config.json in llava-hf's flat form (the image processor in its own file)."""
     return {
-        "processor_class": "LlavaProcessor",
+        "processor_class": processor_class(spec),
         "image_token": IMAGE_TOKEN,
         "patch_size": spec.patch_size,
         # CLIP's CLS token: LlavaProcessor adds it, then drops one again for the "default" strategy.
@@ -152,9 +167,12 @@ def _apply_umask(directory: Path) -> None:
 
 def _build_model(preset: dict[str, Any], directory: Path, device: str, log: Callable[[str], None]) -> None:
     import torch
-    from transformers import GenerationConfig, LlavaConfig, LlavaForConditionalGeneration
+    import transformers
+    from transformers import GenerationConfig
 
-    config = LlavaConfig(**json.loads(json.dumps(preset["config"])))  # deep copy: LlavaConfig mutates dicts
+    config_name, model_name, _ = MODEL_CLASSES[preset["config"].get("model_type", "llava")]
+    config_class, model_class = getattr(transformers, config_name), getattr(transformers, model_name)
+    config = config_class(**json.loads(json.dumps(preset["config"])))  # deep copy: the config mutates dicts
     dtype = getattr(torch, preset["config"]["dtype"])
     text = preset["config"]["text_config"]
     device = torch.device(device)
@@ -167,7 +185,7 @@ def _build_model(preset: dict[str, Any], directory: Path, device: str, log: Call
         torch.manual_seed(int(preset["seed"]))
         # Built directly on the device in the target dtype (no fp32 copy of a 7B model on the host).
         with device:
-            model = LlavaForConditionalGeneration._from_config(config, dtype=dtype)
+            model = model_class._from_config(config, dtype=dtype)
     model.eval()
     model.generation_config = GenerationConfig(
         bos_token_id=text["bos_token_id"], eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"])
@@ -200,7 +218,7 @@ def build_checkpoint(preset: str, output: Path, *, force: bool = False, device: 
     try:
         log(f"building preset {preset!r} into {output}")
         log(f"training the {data['tokenizer'].get('style', 'byte_level')} tokenizer on {CORPUS_FILE.name}")
-        write_tokenizer(data, staging)
+        write_tokenizer(data, staging, processor_class(spec))
         write_json(staging / "preprocessor_config.json", image_processor_config(spec))
         write_json(staging / "processor_config.json", processor_config(spec))
         _build_model(data, staging, device, log)
@@ -222,8 +240,8 @@ def build_checkpoint(preset: str, output: Path, *, force: bool = False, device: 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m llava_triton.checkpoint",
-        description="Build a LLaVA-1.5 checkpoint with seeded random weights from a preset "
-                    "(Hugging Face format: loads with LlavaForConditionalGeneration / LlavaProcessor).")
+        description="Build a LLaVA-1.5 or LLaVA-NeXT checkpoint with seeded random weights from a preset "
+                    "(Hugging Face format: loads with transformers' classes and AutoProcessor).")
     parser.add_argument("--preset", default=DEFAULT_PRESET, choices=available_presets(),
                         help=f"preset in llava_triton/presets/ (default: {DEFAULT_PRESET})")
     parser.add_argument("--output", type=Path, default=None,

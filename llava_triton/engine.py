@@ -20,8 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import numpy as np
 import torch
 
+from .anyres import pack_index, tile_layout
 from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
 from .lm_runtime import LanguageModelRuntime
@@ -81,7 +83,7 @@ class Metrics:
 @dataclass(eq=False)  # identity: sequences are compared and removed by object, never by value
 class Sequence:
     input_ids: torch.Tensor  # (T,) int64, `<image>` already expanded
-    image_embeds: torch.Tensor | None  # (num_images, num_image_tokens, C) or None
+    image_embeds: torch.Tensor | None  # (num_tiles, num_image_tokens, C) or None
     params: SamplingParams
     max_tokens: int
     sink: Sink
@@ -92,6 +94,8 @@ class Sequence:
     text: TextStream | None = None
     generator: torch.Generator | None = None
     last_event: float = field(default_factory=time.monotonic)  # submission, then each token
+    # LLaVA-NeXT: the row of concat(tiles' embeddings, image_newline) for each image token (anyres.pack_index).
+    image_index: np.ndarray | None = None
 
     @property
     def prompt_tokens(self) -> int:
@@ -133,15 +137,58 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     return num_images
 
 
+def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None,
+                image_sizes: np.ndarray | None, spec: ModelSpec,
+                image_input: str = IMAGE_EMBEDS) -> tuple[int, np.ndarray | None]:
+    """(tiles of image_embeds the prompt uses, the LLaVA-NeXT packing index or None), checked against
+    the inputs: LLaVA-1.5 as `count_images`; LLaVA-NeXT from each image's size (`image_sizes`, N x 2),
+    whose tiles and tokens must be those the prompt and the image tensor hold."""
+    if not spec.anyres:
+        return count_images(input_ids, image_embeds_shape, spec, image_input), None
+    if input_ids.ndim != 1 or input_ids.numel() == 0:
+        raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
+    ids = input_ids.numpy()
+    is_image = ids == spec.image_token_index
+    if bool(((~is_image) & ((ids < 0) | (ids >= spec.vocab_size))).any()):
+        raise InvalidRequestError(f"input_ids holds ids outside the vocabulary [0, {spec.vocab_size})")
+    sizes = np.zeros((0, 2), dtype=np.int64) if image_sizes is None else np.asarray(image_sizes)
+    if sizes.ndim != 2 or sizes.shape[1] != 2 or not np.issubdtype(sizes.dtype, np.integer):
+        raise InvalidRequestError(f"image_sizes must be INT64 [n, 2], got {sizes.dtype} {list(sizes.shape)}")
+    if bool((sizes <= 0).any()) or bool((sizes > 2**20).any()):
+        raise InvalidRequestError("image_sizes holds a height or width outside [1, 1048576]")
+    layouts = [tile_layout(int(height), int(width), spec) for height, width in sizes]
+    image_tokens = int(is_image.sum())
+    expected = sum(layout.num_image_tokens for layout in layouts)
+    if image_tokens != expected:
+        raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, the {len(layouts)} images of "
+                                  f"image_sizes make {expected}")
+    if not layouts:
+        return 0, None
+    num_tiles = sum(layout.num_tiles for layout in layouts)
+    available = 0 if image_embeds_shape is None else image_embeds_shape[0]
+    if num_tiles > available:
+        raise InvalidRequestError(f"the images make {num_tiles} tiles but {image_input} holds {available}")
+    width = spec.text_hidden_size if image_input == IMAGE_EMBEDS else spec.vision_hidden_size
+    if tuple(image_embeds_shape[1:]) != (spec.num_image_tokens, width):
+        raise InvalidRequestError(f"{image_input} must have shape [n, {spec.num_image_tokens}, {width}], "
+                                  f"got {list(image_embeds_shape)}")
+    return num_tiles, pack_index(layouts)
+
+
 class Engine:
     """Admission, prefill chunks, decode steps, sampling, detokenizing and sending, over a prepared model."""
 
     def __init__(self, runtime: LanguageModelRuntime, tokenizer, spec: ModelSpec, serving: ServingConfig,
                  metrics: Metrics | None = None, outbox: Outbox | None = None,
-                 projector: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 image_newline: torch.Tensor | None = None):
         """`runtime`: the language model prepared for `serving` (lm_runtime.prepare_language_model).
         `projector`: LLaVA's projector, on the model's device and in its dtype, for
-        projector_placement "language_model" (requests then carry the vision encoder's features)."""
+        projector_placement "language_model" (requests then carry the vision encoder's features).
+        `image_newline`: LLaVA-NeXT's (text_hidden_size,) embedding after each row of an image's tiles."""
+        if spec.anyres != (image_newline is not None):
+            raise ValueError("a llava_next model needs image_newline" if spec.anyres
+                             else "image_newline is for llava_next models only")
         if (projector is not None) != serving.projector_in_language_model:
             raise ValueError(f"projector_placement {serving.projector_placement!r} "
                              + ("needs the projector" if projector is None else "takes no projector"))
@@ -149,6 +196,7 @@ class Engine:
             raise ValueError(f"the language model was prepared for sequences of {runtime.max_seq_len} tokens, "
                              f"the serving config allows {serving.token_limit(spec)}")
         self.projector = projector
+        self.image_newline = None if image_newline is None else image_newline.to(runtime.device, runtime.dtype)
         self.image_input = language_model_image_input(serving)
         self.metrics = metrics or Metrics()
         self.out = outbox or Outbox()  # responses and errors leave through it (see outbox.py)
@@ -175,20 +223,22 @@ class Engine:
 
     # -- requests in ----------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
-               sink: Sink) -> Sequence:
-        """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError."""
+               sink: Sink, image_sizes: np.ndarray | None = None) -> Sequence:
+        """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError.
+        `image_sizes`: LLaVA-NeXT's (N, 2) heights and widths, which say how the tiles are packed."""
         try:
             # Whether image_embeds is finite is checked at prefill, on the device (_embed_prompt): done
             # here, on the CPU in float16, it was about half of the 15-75 ms a request that Triton's
             # execute thread took under load on the H100 (py-spy and timers).
-            num_images = count_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), self.spec,
-                                      self.image_input)
+            num_images, image_index = plan_images(
+                input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes, self.spec,
+                self.image_input)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
         except InvalidRequestError:
             self.metrics.request_refused(REFUSED_INVALID)
             raise
         seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
-                       params=params, max_tokens=max_tokens, sink=sink)
+                       params=params, max_tokens=max_tokens, sink=sink, image_index=image_index)
         with self._cond:
             # Requests that a free slot will take at the next step are not queued, whatever
             # burst they arrived in: only those beyond the free slots count against the limit.
@@ -297,7 +347,7 @@ class Engine:
         if seq.slot >= 0:
             heapq.heappush(self._free_slots, seq.slot)
             seq.slot = -1
-        seq.inputs_embeds = seq.image_embeds = None
+        seq.inputs_embeds = seq.image_embeds = seq.image_index = None
 
     def _embed_prompt(self, seq: Sequence) -> torch.Tensor:
         """(1, T, C): token embeddings with the image embeddings at the image-token positions."""
@@ -312,8 +362,14 @@ class Engine:
             image_embeds = image_embeds.to(self.dtype)
             if self.projector is not None:  # features in: (n, num_image_tokens, vision_hidden) -> text_hidden
                 image_embeds = self.projector(image_embeds)
+            image_embeds = image_embeds.reshape(-1, embeds.shape[-1])
+            if seq.image_index is not None:
+                # LLaVA-NeXT: each image's base tile, then its grid unpadded with a newline after each
+                # row (anyres.pack_index), as one gather on the device.
+                source = torch.cat([image_embeds, self.image_newline[None]])
+                image_embeds = source[torch.from_numpy(seq.image_index).to(self.device, non_blocking=True)]
             # In order, as transformers' masked_scatter: image i fills the i-th run of image tokens.
-            embeds[is_image] = image_embeds.reshape(-1, embeds.shape[-1])
+            embeds[is_image] = image_embeds
         return embeds[None]
 
     def _prefill_chunk(self) -> None:
@@ -352,7 +408,7 @@ class Engine:
         for i, (seq, _, n) in enumerate(chunks):
             seq.prefilled += n
             if seq.prefilled == seq.prompt_tokens:
-                seq.inputs_embeds = seq.image_embeds = None
+                seq.inputs_embeds = seq.image_embeds = seq.image_index = None
                 self._prefilling.remove(seq)
                 self._running.append(seq)
                 seq.text = TextStream(self._detokenizer, seq.params.stop)

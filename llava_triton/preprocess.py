@@ -1,8 +1,10 @@
-"""Request preprocessing: encoded images and a prompt in, `input_ids` and `pixel_values` out.
+"""Request preprocessing: encoded images and a prompt in, `input_ids` and `pixel_values` (and, for
+LLaVA-NeXT, `image_sizes`) out.
 
 Plain code (no Triton): the `preprocess` model's `model.py` holds one `Preprocessor` and calls it
-per request. Its output equals what transformers' `LlavaProcessor` gives for the same messages
-(`tests/test_preprocess.py` checks that), except that `<image>` is expanded after tokenization.
+per request. Its output equals what transformers' `LlavaProcessor` / `LlavaNextProcessor` gives for
+the same messages (`tests/test_preprocess.py` checks that), except that `<image>` is expanded after
+tokenization and a LLaVA-NeXT request's tiles are sent one after another, not padded per image.
 
 Images are decoded like transformers' `load_image`: EXIF orientation applied, then converted to
 RGB (alpha dropped, as LLaVA's own training code does). One deliberate difference: 16-bit
@@ -22,6 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from llava_triton.anyres import TileLayout, tile_layout
 from llava_triton.errors import InvalidRequestError
 from llava_triton.processor import load_processor
 from llava_triton.spec import IMAGE_TOKEN, IN_IMAGES, IN_PROMPT, SAMPLING_INPUTS, ModelSpec, ServingConfig, wire_dtype
@@ -232,9 +235,16 @@ class Preprocessor:
         _check_image_token_count(processor, spec)
         return cls(processor.tokenizer, processor.image_processor, processor.chat_template, spec, serving)
 
-    def build_input_ids(self, prompt: str | bytes, num_images: int) -> np.ndarray:
-        """Token ids (int64, 1-D) of the chat-formatted prompt, each `<image>` expanded to
-        `spec.num_image_tokens` copies of `image_token_index`."""
+    def build_input_ids(self, prompt: str | bytes, num_images: int,
+                        image_tokens: Sequence[int] | None = None) -> np.ndarray:
+        """Token ids (int64, 1-D) of the chat-formatted prompt, each `<image>` expanded to its image's
+        token count: `image_tokens[i]` for image i (LLaVA-NeXT: `image_layouts`), by default
+        `spec.num_image_tokens` each (LLaVA-1.5)."""
+        return self.expand_images(self.tokenize(prompt, num_images),
+                                  [self.spec.num_image_tokens] * num_images if image_tokens is None else image_tokens)
+
+    def tokenize(self, prompt: str | bytes, num_images: int) -> np.ndarray:
+        """Token ids of the chat-formatted prompt with one `image_token_index` per image (not expanded)."""
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
         self._check_image_count(num_images)
@@ -249,64 +259,118 @@ class Preprocessor:
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and rendered.startswith(bos))
         ids = np.asarray(self.tokenizer(rendered, add_special_tokens=add_special_tokens)["input_ids"], dtype=np.int64)
+        found = int((ids == self.spec.image_token_index).sum())
+        if found != num_images:
+            raise RuntimeError(f"chat template rendered {found} {IMAGE_TOKEN} tokens for {num_images} images")
+        return ids
+
+    def expand_images(self, ids: np.ndarray, image_tokens: Sequence[int]) -> np.ndarray:
+        """`tokenize`'s ids with image i's token repeated `image_tokens[i]` times, within the limits on
+        image tokens (max_image_tokens) and prompt tokens (max_prompt_tokens, the context)."""
         is_image = ids == self.spec.image_token_index
-        if int(is_image.sum()) != num_images:
-            raise RuntimeError(f"chat template rendered {int(is_image.sum())} {IMAGE_TOKEN} tokens for {num_images} "
-                               "images")
+        if int(is_image.sum()) != len(image_tokens):
+            raise ValueError(f"{int(is_image.sum())} image tokens in the ids, {len(image_tokens)} token counts")
+        total_image_tokens = int(sum(image_tokens))
+        if total_image_tokens > self.serving.max_image_tokens:
+            raise InvalidRequestError(
+                f"the images make {total_image_tokens} image tokens ({', '.join(map(str, image_tokens))}), more than "
+                f"the limit of {self.serving.max_image_tokens} per request (max_image_tokens)")
+        limit = self.serving.prompt_token_limit(self.spec)
+        length = len(ids) - len(image_tokens) + total_image_tokens
+        if length > limit:
+            raise InvalidRequestError(
+                f"prompt is {length} tokens ({len(image_tokens)} images, {total_image_tokens} image tokens included), "
+                f"the limit is {limit} ({self._prompt_limit_reason()})")
         # LlavaProcessor repeats "<image>" in the text before tokenizing; repeating the id after
         # tokenizing gives the same ids because <image> is a special token (never merged).
-        input_ids = np.repeat(ids, np.where(is_image, self.spec.num_image_tokens, 1))
-        limit = self.serving.token_limit(self.spec)
-        if len(input_ids) >= limit:
+        repeats = np.ones(len(ids), dtype=np.int64)
+        repeats[is_image] = image_tokens
+        return np.repeat(ids, repeats)
+
+    def _prompt_limit_reason(self) -> str:
+        context = self.serving.token_limit(self.spec)
+        if self.serving.max_prompt_tokens and self.serving.max_prompt_tokens < context:
+            return "max_prompt_tokens"
+        return f"context of {context} tokens, one left for the answer; max_seq_len"
+
+    def image_layouts(self, images: Sequence[Image.Image]) -> list[TileLayout]:
+        """LLaVA-NeXT: each decoded image's tiles and tokens, within max_image_tiles and the vision
+        encoder's largest batch (a request's tiles go to it as one batch)."""
+        layouts = [tile_layout(image.height, image.width, self.spec) for image in images]
+        for index, layout in enumerate(layouts):
+            if layout.num_tiles > self.serving.max_image_tiles:
+                raise InvalidRequestError(
+                    f"image {index}: {layout.width}x{layout.height} makes {layout.num_tiles} tiles ({layout.rows}x"
+                    f"{layout.cols} and the base), more than the limit of {self.serving.max_image_tiles} "
+                    "(max_image_tiles)")
+        total = sum(layout.num_tiles for layout in layouts)
+        if total > self.serving.vision_max_batch_size:
             raise InvalidRequestError(
-                f"prompt is {len(input_ids)} tokens ({num_images} images of {self.spec.num_image_tokens} tokens each "
-                f"included), the limit is {limit - 1} (context of {limit} tokens, one left for the answer; "
-                "max_seq_len)")
-        return input_ids
+                f"the images make {total} tiles, more than the vision encoder's largest batch of "
+                f"{self.serving.vision_max_batch_size} (vision_max_batch_size): send fewer or smaller images")
+        return layouts
 
     def decode_images(self, images: Sequence[bytes]) -> list[Image.Image]:
         self._check_image_count(len(images))
-        shortest_edge = self.image_processor.size.get("shortest_edge", self.spec.image_size)
+        # LLaVA-1.5's resize scales the short side to shortest_edge, whatever the long side becomes;
+        # LLaVA-NeXT's resizes fit inside a pinpoint and a tile, so its pixels are bounded anyway.
+        shortest_edge = None if self.spec.anyres else self.image_processor.size.get("shortest_edge",
+                                                                                   self.spec.image_size)
         return [decode_image(data, self.serving, index, shortest_edge=shortest_edge)
                 for index, data in enumerate(images)]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, 3, image_size, image_size) float32, equal to the checkpoint's image processor's."""
+        """(tiles, 3, image_size, image_size) float32, equal to the checkpoint's image processor's
+        (LLaVA-NeXT: each image's tiles, base first, one image after another)."""
         return self._pixel_values(images, self._pixel_table)
 
     def _pixel_values(self, images: Sequence[Image.Image], table: np.ndarray) -> np.ndarray:
         size = self.spec.image_size
-        shape = (len(images), self.spec.num_channels, size, size)
         if not images:
-            return np.zeros(shape, dtype=table.dtype)
-        # The processor resizes and crops (8-bit, channels first); the tables do the rest.
-        pixels = self.image_processor(list(images), do_rescale=False, do_normalize=False,
-                                      return_tensors="np")["pixel_values"]
+            return np.zeros((0, self.spec.num_channels, size, size), dtype=table.dtype)
+        # The processor resizes, crops and tiles (8-bit, channels first); the tables do the rest.
+        if self.spec.anyres:  # one image at a time: the processor would pad them to one tile count
+            tiles = [self.image_processor([image], do_rescale=False, do_normalize=False, do_pad=False,
+                                          return_tensors="np")["pixel_values"][0] for image in images]
+            pixels = np.concatenate(tiles)
+        else:
+            pixels = self.image_processor(list(images), do_rescale=False, do_normalize=False,
+                                          return_tensors="np")["pixel_values"]
+        shape = (len(pixels), self.spec.num_channels, size, size)
         if pixels.shape != shape or pixels.dtype != np.uint8:
             raise RuntimeError(f"image processor gave {pixels.dtype} pixels of shape {pixels.shape}, expected uint8 "
                                f"{shape}")
         pixel_values = np.empty(shape, dtype=table.dtype)
-        for index in range(len(images)):
+        for index in range(len(pixels)):
             for channel in range(shape[1]):
                 np.take(table[channel], pixels[index, channel], out=pixel_values[index, channel])
         return pixel_values
 
-    def __call__(self, images: Sequence[bytes], prompt: str | bytes) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids int64 [seq_len], pixel_values [max(N, 1), 3, H, W] in `wire_dtype`) for one request.
+    def __call__(self, images: Sequence[bytes], prompt: str | bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids int64 [seq_len], pixel_values [max(tiles, 1), 3, H, W] in `wire_dtype`, image_sizes
+        int64 [N, 2]: each image's (height, width) as decoded) for one request.
 
-        The prompt is checked and tokenized before any image is decoded (cheap checks first).
+        The prompt is checked and tokenized before any image is decoded (cheap checks first), and every
+        limit is checked before the pixel values are made.
         """
         self._check_image_count(len(images))
         self._check_request_bytes(images, prompt)
-        input_ids = self.build_input_ids(prompt, len(images))
-        pixel_values = self._pixel_values(self.decode_images(images), self._wire_pixel_table)
+        ids = self.tokenize(prompt, len(images))
+        decoded = self.decode_images(images)
+        if self.spec.anyres:
+            image_tokens = [layout.num_image_tokens for layout in self.image_layouts(decoded)]
+        else:
+            image_tokens = [self.spec.num_image_tokens] * len(decoded)
+        input_ids = self.expand_images(ids, image_tokens)
+        image_sizes = np.array([(image.height, image.width) for image in decoded], dtype=np.int64).reshape(-1, 2)
+        pixel_values = self._pixel_values(decoded, self._wire_pixel_table)
         if len(images) == 0:
             # Triton cannot send a batch of 0 images to the (batched) vision model, so a request
             # without images carries one all-zero image. It is harmless: the language model takes
             # only as many image embeddings as there are image-token runs in input_ids (none here).
             size = self.spec.image_size
             pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=self._wire_pixel_table.dtype)
-        return input_ids, pixel_values
+        return input_ids, pixel_values, image_sizes
 
     def _check_request_bytes(self, images: Sequence[bytes], prompt: str | bytes) -> None:
         limit = self.serving.max_request_bytes
@@ -360,7 +424,13 @@ def pixel_values_to_wire(pixel_values: np.ndarray, serving: ServingConfig) -> np
 
 
 def _check_image_token_count(processor: Any, spec: ModelSpec) -> None:
-    """The processor's image token count (LlavaProcessor's formula) must equal the spec's."""
+    """The processor's image token count of a tile (LlavaProcessor's formula) must equal the spec's, and
+    a LLaVA-NeXT processor must tile to the model's pinpoints."""
+    if spec.anyres:
+        pinpoints = tuple(tuple(p) for p in getattr(processor.image_processor, "image_grid_pinpoints", None) or ())
+        if pinpoints != spec.image_grid_pinpoints:
+            raise ValueError(f"the image processor tiles to {[list(p) for p in pinpoints]}, the model config's "
+                             f"image_grid_pinpoints are {[list(p) for p in spec.image_grid_pinpoints]}")
     crop = processor.image_processor.crop_size or {}
     if (crop.get("height"), crop.get("width")) != (spec.image_size, spec.image_size):
         raise ValueError(f"image processor crops to {dict(crop)}, the vision tower takes "

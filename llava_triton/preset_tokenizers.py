@@ -54,13 +54,39 @@ CHAT_TEMPLATE = (
 )
 
 
-def write_tokenizer(preset: dict[str, Any], directory: Path) -> None:
+# Mistral's instruction format as llava-hf/llava-v1.6-mistral-7b-hf uses it ("[INST] <image>\nWhat is this? [/INST]"),
+# content items in the order given (as CHAT_TEMPLATE), an answer closed by EOS, a system message before the rest.
+MISTRAL_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'user' -%}{{ '[INST] ' }}{%- elif message['role'] == 'assistant' -%}{{ ' ' }}"
+    "{%- endif -%}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\n' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- if not loop.last -%}{{ ' ' }}{%- endif -%}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- if message['role'] == 'user' -%}{{ ' [/INST]' }}{%- elif message['role'] == 'assistant' -%}{{ '</s>' }}"
+    "{%- else -%}{{ '\n\n' }}{%- endif -%}"
+    "{%- endfor -%}"
+)
+# A preset's `tokenizer.chat_template` picks one.
+CHAT_TEMPLATES = {"llava": CHAT_TEMPLATE, "mistral": MISTRAL_CHAT_TEMPLATE}
+
+
+def chat_template(preset: dict[str, Any]) -> str:
+    name = preset["tokenizer"].get("chat_template", "llava")
+    if name not in CHAT_TEMPLATES:
+        raise ValueError(f"unknown chat_template {name!r}; one of {', '.join(CHAT_TEMPLATES)}")
+    return CHAT_TEMPLATES[name]
+
+
+def write_tokenizer(preset: dict[str, Any], directory: Path, processor_class: str = "LlavaProcessor") -> None:
     """Write the preset's tokenizer files and chat template into `directory`."""
     style = preset["tokenizer"].get("style", "byte_level")
     if style == "byte_level":
         _byte_level(preset).save_pretrained(directory)
     elif style == "sentencepiece":
-        _write_sentencepiece(preset, Path(directory))
+        _write_sentencepiece(preset, Path(directory), processor_class)
     else:
         raise ValueError(f"unknown tokenizer style {style!r}; one of {', '.join(STYLES)}")
 
@@ -120,7 +146,7 @@ def _byte_level(preset: dict[str, Any]):
     return TokenizersBackend(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
         extra_special_tokens={"image_token": IMAGE_TOKEN},
-        model_max_length=int(config["text_config"]["max_position_embeddings"]), chat_template=CHAT_TEMPLATE)
+        model_max_length=int(config["text_config"]["max_position_embeddings"]), chat_template=chat_template(preset))
 
 
 def _vocab_and_merges(trained) -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -136,7 +162,7 @@ def _pad_vocabulary(vocab: dict[str, int], named: dict[int, str], size: int) -> 
         vocab[named.get(token_id, PLACEHOLDER.format(token_id - trained_size))] = token_id
 
 
-def _write_sentencepiece(preset: dict[str, Any], directory: Path) -> None:
+def _write_sentencepiece(preset: dict[str, Any], directory: Path, processor_class: str) -> None:
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     config = preset["config"]
@@ -184,12 +210,12 @@ def _write_sentencepiece(preset: dict[str, Any], directory: Path) -> None:
         "add_bos_token": True, "add_eos_token": False, "add_prefix_space": None, "added_tokens_decoder": added,
         "bos_token": BOS, "clean_up_tokenization_spaces": False, "eos_token": EOS, "legacy": False,
         "model_max_length": int(config["text_config"]["max_position_embeddings"]), "pad_token": PAD,
-        "padding_side": "left", "processor_class": "LlavaProcessor", "sp_model_kwargs": {},
+        "padding_side": "left", "processor_class": processor_class, "sp_model_kwargs": {},
         "tokenizer_class": "LlamaTokenizer", "trust_remote_code": False, "unk_token": UNK,
         "use_default_system_prompt": False})
     write_json(directory / "special_tokens_map.json", {
         "bos_token": entry(BOS), "eos_token": entry(EOS), "pad_token": entry(PAD), "unk_token": entry(UNK)})
-    write_json(directory / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+    write_json(directory / "chat_template.json", {"chat_template": chat_template(preset)})
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

@@ -47,12 +47,19 @@ OUT_COMPLETION_TOKENS = "completion_tokens"
 OUT_FINISH_REASON = "finish_reason"
 
 # Internal tensors between the ensemble steps; the three image tensors travel in `wire_dtype(serving)`.
-INPUT_IDS = "input_ids"  # INT64 [seq_len], `<image>` already expanded to num_image_tokens ids
-PIXEL_VALUES = "pixel_values"  # [num_images, 3, image_size, image_size]
-IMAGE_FEATURES = "image_features"  # [num_images, num_image_tokens, vision_hidden_size]
-IMAGE_EMBEDS = "image_embeds"  # [num_images, num_image_tokens, text_hidden_size]
+INPUT_IDS = "input_ids"  # INT64 [seq_len], each `<image>` already expanded to its image's token count
+# A LLaVA-1.5 image is one tile; a LLaVA-NeXT image is a base tile and its grid's tiles (llava_triton.anyres),
+# every request's tiles one after another, image by image.
+PIXEL_VALUES = "pixel_values"  # [num_tiles, 3, image_size, image_size]
+IMAGE_FEATURES = "image_features"  # [num_tiles, num_image_tokens, vision_hidden_size]
+IMAGE_EMBEDS = "image_embeds"  # [num_tiles, num_image_tokens, text_hidden_size]
+IMAGE_SIZES = "image_sizes"  # LLaVA-NeXT only: INT64 [num_images, 2], each image's (height, width) as decoded
 
 IMAGE_TOKEN = "<image>"
+# The checkpoint architectures served: LLaVA-1.5 (one 336x336 tile an image) and LLaVA-NeXT (anyres tiles).
+MODEL_TYPES = ("llava", "llava_next")
+# LLaVA-NeXT's `image_newline` embedding, saved in the language model's version directory (it packs the tiles).
+IMAGE_NEWLINE_FILE = "image_newline.safetensors"
 SPEC_FILE = "llava_triton_spec.json"  # written by export next to each model's artifacts
 
 
@@ -176,10 +183,27 @@ class ModelSpec:
     max_position_embeddings: int  # the context length
     eos_token_id: tuple[int, ...]
     torch_dtype: str = "float32"
+    model_type: str = "llava"  # one of MODEL_TYPES
+    # LLaVA-NeXT: the (height, width) resolutions an image may be tiled to, multiples of image_size.
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
     num_patches: int = field(init=False)
-    num_image_tokens: int = field(init=False)
+    num_image_tokens: int = field(init=False)  # of one tile (a LLaVA-1.5 image is one tile)
 
     def __post_init__(self) -> None:
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}; served: {one_of(MODEL_TYPES)}")
+        if self.anyres:
+            if not self.image_grid_pinpoints:
+                raise ValueError("a llava_next checkpoint needs image_grid_pinpoints")
+            for height, width in self.image_grid_pinpoints:
+                if height <= 0 or width <= 0 or height % self.image_size or width % self.image_size:
+                    raise ValueError(f"image_grid_pinpoints entry {[height, width]} is not a multiple of the "
+                                     f"vision tower's image_size {self.image_size}")
+            if self.vision_feature_select_strategy != "default":
+                # transformers' LlavaNextModel.pack_image_features cannot reshape a tile's CLS token either.
+                raise ValueError("llava_next needs vision_feature_select_strategy 'default'")
+        elif self.image_grid_pinpoints:
+            raise ValueError("image_grid_pinpoints is for llava_next checkpoints only")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -197,6 +221,12 @@ class ModelSpec:
         vision, text = config["vision_config"], config["text_config"]
         eos = text.get("eos_token_id", config.get("eos_token_id"))
         eos = () if eos is None else (tuple(eos) if isinstance(eos, list) else (int(eos),))
+        context = int(text.get("max_position_embeddings", 4096))
+        if text.get("sliding_window"):
+            # Mistral with a sliding window: up to the window, attention is the full causal attention we
+            # compute; past it transformers' would differ, so the window is the context served.
+            context = min(context, int(text["sliding_window"]))
+        model_type = config.get("model_type", "llava")
         return cls(
             image_size=int(vision["image_size"]),
             patch_size=int(vision["patch_size"]),
@@ -207,15 +237,23 @@ class ModelSpec:
             image_token_index=int(config.get("image_token_index", config.get("image_token_id"))),
             vision_feature_layer=config.get("vision_feature_layer", -2),
             vision_feature_select_strategy=config.get("vision_feature_select_strategy", "default"),
-            max_position_embeddings=int(text.get("max_position_embeddings", 4096)),
+            max_position_embeddings=context,
             eos_token_id=eos,
             torch_dtype=str(text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype")
                             or config.get("dtype") or "float32"),
+            model_type=model_type,
+            image_grid_pinpoints=tuple((int(h), int(w)) for h, w in config.get("image_grid_pinpoints") or ())
+            if model_type == "llava_next" else (),
         )
 
     @classmethod
     def from_pretrained(cls, checkpoint: str | Path) -> ModelSpec:
         return cls.from_hf_config(full_hf_config(checkpoint))
+
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-NeXT: images become a variable number of tiles (llava_triton.anyres)."""
+        return self.model_type == "llava_next"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -224,6 +262,7 @@ class ModelSpec:
     def from_dict(cls, data: dict[str, Any]) -> ModelSpec:
         data = dict(data)
         data["eos_token_id"] = tuple(data["eos_token_id"])
+        data["image_grid_pinpoints"] = tuple(tuple(p) for p in data.get("image_grid_pinpoints", ()))
         return cls(**data)
 
 
@@ -244,7 +283,7 @@ PROCESSOR_DIR = "processor"
 RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for prefill too; export again)"}
 
 # Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
-POSITIVE_OPTIONS = ("max_images_per_request", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
+POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
                     "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
@@ -268,6 +307,13 @@ class ServingConfig:
 
     # Request limits (checked before any expensive work).
     max_images_per_request: int = _option(4, "images per request")
+    # LLaVA-NeXT's default pinpoints make at most 5 (a 2x2 grid, or 1x3, and the base); 10 leaves room for
+    # checkpoints with larger grids (3x3) while refusing what would make a request hundreds of tiles.
+    max_image_tiles: int = _option(10, "vision-encoder tiles of one image (LLaVA-NeXT: its grid's tiles and the "
+                                   "base image; LLaVA-1.5: always 1)")
+    max_image_tokens: int = _option(12288, "image tokens of one request, all its images together")
+    max_prompt_tokens: int = _option(0, "prompt tokens, image tokens included; 0 = the context less one token "
+                                     "for the answer")
     max_image_bytes: int = _option(20 * 1024 * 1024, "bytes of one encoded image")
     max_image_pixels: int = _option(36_000_000, "width x height of one image, read from its header before "
                                     "decoding (and after CLIP's resize)")
@@ -369,6 +415,9 @@ class ServingConfig:
         if self.projector_instances < 0:
             raise ValueError(f"projector_instances must be 0 (as vision_instances) or positive, "
                              f"got {self.projector_instances}")
+        if self.max_prompt_tokens < 0:
+            raise ValueError(f"max_prompt_tokens must be 0 (the context less one) or positive, "
+                             f"got {self.max_prompt_tokens}")
         if self.max_seq_len < 0:
             raise ValueError(f"max_seq_len must be 0 (the context length) or positive, got {self.max_seq_len}")
         if not 0.0 < self.gil_switch_interval_s <= 1.0:
@@ -384,6 +433,11 @@ class ServingConfig:
     def token_limit(self, model: ModelSpec) -> int:
         """Prompt plus output tokens one request may use: the context, or less with max_seq_len."""
         return min(self.max_seq_len or model.max_position_embeddings, model.max_position_embeddings)
+
+    def prompt_token_limit(self, model: ModelSpec) -> int:
+        """The most prompt tokens one request may have: max_prompt_tokens, and room for one token of answer."""
+        room = self.token_limit(model) - 1
+        return min(self.max_prompt_tokens, room) if self.max_prompt_tokens else room
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -455,13 +509,15 @@ def full_hf_config(checkpoint: str | Path) -> dict[str, Any]:
     Published configs omit fields left at their default (llava-1.5-7b-hf's text_config has no
     hidden_size), so read them through transformers' LlavaConfig, never with remote code.
     """
-    from transformers import LlavaConfig
+    from transformers import LlavaConfig, LlavaNextConfig
 
     path = Path(checkpoint)
     raw = json.loads((path / "config.json").read_text())
-    if raw.get("model_type") != "llava":
-        raise ValueError(f"{path / 'config.json'} is not a LLaVA checkpoint (model_type {raw.get('model_type')!r})")
-    return LlavaConfig.from_pretrained(path).to_dict()
+    config_classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig}
+    if raw.get("model_type") not in config_classes:
+        raise ValueError(f"{path / 'config.json'} is not a LLaVA-1.5 or LLaVA-NeXT checkpoint (model_type "
+                         f"{raw.get('model_type')!r}; served: {one_of(MODEL_TYPES)})")
+    return config_classes[raw["model_type"]].from_pretrained(path).to_dict()
 
 
 def write_spec(directory: Path, model: ModelSpec, serving: ServingConfig) -> Path:

@@ -87,7 +87,7 @@ def assert_well_formed(preprocessor: Preprocessor, images: list[bytes], prompt: 
     """Run the preprocessor: a refusal must be InvalidRequestError, a result must be well formed."""
     spec = preprocessor.spec
     try:
-        input_ids, pixel_values = preprocessor(images, prompt)
+        input_ids, pixel_values, _ = preprocessor(images, prompt)
     except InvalidRequestError as error:
         assert str(error), "a refusal must say why"
         _count("refused")

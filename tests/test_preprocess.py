@@ -45,7 +45,7 @@ def with_limits(preprocessor, spec=None, **serving):
 
 
 def assert_matches_hf(checkpoint, preprocessor, images, prompt):
-    input_ids, pixel_values = preprocessor(images, prompt)
+    input_ids, pixel_values, _ = preprocessor(images, prompt)
     hf_ids, hf_pixel_values = hf_inputs(checkpoint, images, prompt)
     assert input_ids.dtype == np.int64 and pixel_values.dtype == np.float32
     np.testing.assert_array_equal(input_ids, hf_ids)
@@ -114,8 +114,8 @@ def test_half_precision_models_get_fp16_pixel_values(checkpoint, preprocessor, d
 
     half = with_limits(preprocessor, dtype=dtype)
     images = [IMAGES["jpeg"], IMAGES["png"]]
-    input_ids, pixel_values = half(images, PROMPT)
-    full_ids, full_pixel_values = preprocessor(images, PROMPT)
+    input_ids, pixel_values, _ = half(images, PROMPT)
+    full_ids, full_pixel_values, _ = preprocessor(images, PROMPT)
     assert pixel_values.dtype == np.float16 and pixel_values.shape == full_pixel_values.shape
     np.testing.assert_array_equal(input_ids, full_ids)
     # The encoder casts FP16 to its dtype: that gives what it gets from the float32 values directly.
@@ -337,5 +337,5 @@ def test_refuses_prompt_past_the_context(preprocessor, spec):
     # At the boundary: a prompt of n tokens needs a context of n + 1 (room for one new token).
     length = len(preprocessor.build_input_ids(PROMPT, 1))  # 576 image tokens + text
     with_limits(preprocessor, dataclasses.replace(spec, max_position_embeddings=length + 1)).build_input_ids(PROMPT, 1)
-    with pytest.raises(InvalidRequestError, match=f"prompt is {length} tokens \\(1 images of 576 tokens each"):
+    with pytest.raises(InvalidRequestError, match=f"prompt is {length} tokens \\(1 images, 576 image tokens included"):
         with_limits(preprocessor, dataclasses.replace(spec, max_position_embeddings=length)).build_input_ids(PROMPT, 1)

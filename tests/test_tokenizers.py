@@ -41,7 +41,7 @@ def test_prompt_ids_equal_the_processors(exported, served, case):
     checkpoint, _ = exported
     prompt, num_images = TOKENIZER_PROMPTS[case]
     images = IMAGES_FOR_PROMPTS[:num_images]
-    input_ids, _ = served(images, prompt)
+    input_ids = served(images, prompt)[0]
     expected, _ = hf_inputs(checkpoint, images, prompt)
     np.testing.assert_array_equal(input_ids, expected)
 

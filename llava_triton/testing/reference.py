@@ -1,9 +1,10 @@
 """Hugging Face reference results for a checkpoint, and test inputs (a helper module, not tests).
 
-The reference path is transformers' own: `LlavaProcessor.apply_chat_template` and
-`LlavaProcessor(images=..., text=...)` with the images given as base64 strings (decoded by
-`transformers.image_utils.load_image`), and `LlavaForConditionalGeneration.generate` in float32
-on CPU. Our serving path must reproduce it.
+The reference path is transformers' own: the checkpoint's processor (`LlavaProcessor` or
+`LlavaNextProcessor`) `apply_chat_template` and `processor(images=..., text=...)` with the images given
+as base64 strings (decoded by `transformers.image_utils.load_image`), and
+`LlavaForConditionalGeneration` / `LlavaNextForConditionalGeneration.generate` in float32 on CPU. Our
+serving path must reproduce it.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import base64
 import functools
 import io
+import json
 import re
 from pathlib import Path
 
@@ -25,6 +27,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 # The tiny model with each tokenizer style real checkpoints ship (llava_triton.preset_tokenizers):
 # byte-level BPE (the embedded default) and Llama/SentencePiece with byte fallback.
 TOKENIZER_PRESETS = ("tiny", "tiny-sentencepiece")
+# LLaVA-NeXT (anyres tiles) with each decoder family: Llama (byte-level BPE, LLaVA-1.5's chat format) and
+# Mistral (grouped-query attention, rope_theta 1e6; SentencePiece tokenizer, Mistral's chat format).
+NEXT_PRESETS = ("tiny-next", "tiny-next-mistral")
 
 
 def preset_checkpoint(preset: str) -> Path:
@@ -36,14 +41,19 @@ def tiny_checkpoint() -> Path:
     return preset_checkpoint("tiny")
 
 
+def _model_type(checkpoint: Path) -> str:
+    return json.loads((Path(checkpoint) / "config.json").read_text())["model_type"]
+
+
 @functools.cache
 def hf_processor(checkpoint: Path):
-    from transformers import LlavaProcessor
+    from transformers import LlavaNextProcessor, LlavaProcessor
 
-    processor = LlavaProcessor.from_pretrained(checkpoint)
+    processor_class = LlavaNextProcessor if _model_type(checkpoint) == "llava_next" else LlavaProcessor
+    processor = processor_class.from_pretrained(checkpoint)
     # With torchvision installed transformers would pick its torchvision image processor, whose
     # resize differs slightly from PIL's; the serving path always uses the PIL one.
-    if type(processor.image_processor).__name__ != "CLIPImageProcessorPil":
+    if not type(processor.image_processor).__name__.endswith("Pil"):
         from transformers.models.auto.image_processing_auto import AutoImageProcessor
 
         processor.image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
@@ -53,9 +63,11 @@ def hf_processor(checkpoint: Path):
 @functools.cache
 def hf_model(checkpoint: Path):
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32)
+    model_class = LlavaNextForConditionalGeneration if _model_type(checkpoint) == "llava_next" \
+        else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(checkpoint, dtype=torch.float32)
     return model.eval()
 
 
@@ -74,13 +86,28 @@ def hf_messages(prompt: str, num_images: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input_ids int64 [seq_len], pixel_values float32 [N, 3, H, W] or None without images)."""
+def hf_processor_outputs(checkpoint: Path, images: list[bytes], prompt: str):
+    """The processor's BatchFeature (numpy) for the prompt and images, as a user of transformers makes it."""
     processor = hf_processor(Path(checkpoint))
     text = processor.apply_chat_template(hf_messages(prompt, len(images)), add_generation_prompt=True)
     encoded_images = [base64.b64encode(data).decode("ascii") for data in images] or None
-    inputs = processor(images=encoded_images, text=text, return_tensors="np")
-    pixel_values = inputs["pixel_values"].astype(np.float32) if images else None
+    return processor(images=encoded_images, text=text, return_tensors="np")
+
+
+def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input_ids int64 [seq_len], pixel_values float32 [tiles, 3, H, W] or None without images). For
+    LLaVA-NeXT the tiles are each image's, without the padding the processor adds to batch them."""
+    inputs = hf_processor_outputs(checkpoint, images, prompt)
+    pixel_values = None
+    if images:
+        pixel_values = inputs["pixel_values"].astype(np.float32)
+        if "image_sizes" in inputs:  # (N, most tiles, 3, H, W) -> each image's own tiles
+            from llava_triton.anyres import tile_layout
+            from llava_triton.spec import ModelSpec
+
+            spec = ModelSpec.from_pretrained(checkpoint)
+            counts = [tile_layout(int(h), int(w), spec).num_tiles for h, w in inputs["image_sizes"]]
+            pixel_values = np.concatenate([tiles[:count] for tiles, count in zip(pixel_values, counts)])
     return inputs["input_ids"][0].astype(np.int64), pixel_values
 
 
@@ -89,9 +116,14 @@ def hf_generate(checkpoint: Path, images: list[bytes], prompt: str, max_new_toke
     import torch
 
     checkpoint = Path(checkpoint)
-    input_ids, pixel_values = hf_inputs(checkpoint, images, prompt)
+    inputs = hf_processor_outputs(checkpoint, images, prompt)
+    input_ids = inputs["input_ids"][0].astype(np.int64)
     model = hf_model(checkpoint)
-    kwargs = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
+    kwargs = {}
+    if images:
+        kwargs["pixel_values"] = torch.from_numpy(inputs["pixel_values"].astype(np.float32))
+        if "image_sizes" in inputs:
+            kwargs["image_sizes"] = torch.from_numpy(np.asarray(inputs["image_sizes"], dtype=np.int64))
     input_tensor = torch.from_numpy(input_ids)[None]
     with torch.no_grad():
         output = model.generate(input_ids=input_tensor, attention_mask=torch.ones_like(input_tensor),

@@ -11,6 +11,7 @@ import triton_python_backend_utils as pb_utils
 from llava_triton import spec
 from llava_triton.dtypes import resolve_dtype
 from llava_triton.engine import Engine, Metrics, Output
+from llava_triton.anyres import load_image_newline
 from llava_triton.llama import LlamaForCausalLM
 from llava_triton.lm_runtime import prepare_language_model
 from llava_triton.outbox import ThreadedOutbox
@@ -138,12 +139,13 @@ class TritonPythonModel:
         projector = None
         if self.serving.projector_in_language_model:
             projector = load_serving_projector(directory / spec.LANGUAGE_MODEL_PROJECTOR_DIR, device, self.serving)
+        image_newline = load_image_newline(directory) if self.model_spec.anyres else None
         # Responses, metric updates and cancellation checks leave from the outbox's thread.
         self.outbox = ThreadedOutbox()
         # Fused, quantised, KV cache allocated, compiled and captured before the engine gets it.
         runtime = prepare_language_model(model, self.model_spec, self.serving)
         self.engine = Engine(runtime, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox,
-                             projector)
+                             projector, image_newline)
         freeze_loaded_objects()  # after compiling and capturing: the engine thread starts next
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
@@ -162,7 +164,9 @@ class TritonPythonModel:
                 image_embeds = None if embeds is None else torch.from_numpy(embeds.as_numpy().copy())
                 params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS),
                                                     self.serving)
-                self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink)
+                sizes = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_SIZES) if self.model_spec.anyres else None
+                self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink,
+                                   None if sizes is None else sizes.as_numpy())
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
                 sink.fail(triton_error(pb_utils, exc))
         return None

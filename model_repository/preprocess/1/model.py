@@ -34,9 +34,12 @@ class TritonPythonModel:
         images = [] if inputs[spec.IN_IMAGES] is None else list(inputs[spec.IN_IMAGES].reshape(-1))
         # Sampling values are checked here too, so a bad request is refused before any image work.
         params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
-        input_ids, pixel_values = self.preprocessor(images, prompt)
+        input_ids, pixel_values, image_sizes = self.preprocessor(images, prompt)
         params.resolve_max_tokens(len(input_ids), self.serving.token_limit(self.model_spec), self.serving)
-        return pb_utils.InferenceResponse(output_tensors=[
+        outputs = [
             pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
             pb_utils.Tensor(spec.PIXEL_VALUES, pixel_values),  # already in spec.wire_dtype(self.serving)
-        ])
+        ]
+        if self.model_spec.anyres:  # the language model packs each image's tiles by its size
+            outputs.append(pb_utils.Tensor(spec.IMAGE_SIZES, image_sizes))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
