@@ -283,7 +283,8 @@ PROCESSOR_DIR = "processor"
 RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for prefill too; export again)"}
 
 # Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
-POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes", "max_image_pixels", "max_prompt_bytes",
+POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes",
+                    "max_image_pixels", "max_prompt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
                     "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
