@@ -1,6 +1,7 @@
-"""Benchmark the served model on workload W1 and compare it with transformers.
+"""Benchmark the served model on workload W1 (LLaVA-1.5) or W2 (LLaVA-NeXT) and compare it with transformers.
 
     python -m bench                                                    # the tiny preset (a few minutes on CPU)
+    python -m bench --workload W2                                      # W2 on the tiny-next preset
     python -m bench --checkpoint build/llava-1.5-7b-llava --time-budget-s 300   # a GPU run (see --help)
 
 Steps: build or take the checkpoint, export it (PyTorch engine) unless --no-export, start
@@ -36,7 +37,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="Hugging Face LLaVA checkpoint; default: build --preset into build/<preset>-llava")
-    parser.add_argument("--preset", default="tiny", help="preset built when --checkpoint is not given")
+    parser.add_argument("--preset", default=None,
+                        help="preset built when --checkpoint is not given (default: tiny for W1, tiny-next for W2)")
+    parser.add_argument("--workload", choices=("W1", "W2"), default="W1",
+                        help="W1: a 336x336 JPEG (LLaVA-1.5); W2: a 1024x768 JPEG (LLaVA-NeXT tiles)")
     parser.add_argument("--repository", type=Path, default=ROOT / "build" / "bench" / "model_repository",
                         help="model repository to serve (exported there unless --no-export)")
     parser.add_argument("--no-export", action="store_true", help="serve --repository as it is (it must exist)")
@@ -90,6 +94,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--requests must be positive")
     if args.output_tokens < 1:
         parser.error("--output-tokens must be positive")
+    if args.preset is None:
+        args.preset = "tiny" if args.workload == "W1" else "tiny-next"
     return args
 
 
@@ -192,12 +198,12 @@ def repository_engine(repository: Path) -> str:
 
 
 def run_baseline(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: int, out: Path,
-                 clock: Clock) -> dict[str, Any]:
+                 clock: Clock, workload: str = "W1") -> dict[str, Any]:
     json_path, log_path = out / "baseline.json", out / "baseline.log"
     json_path.unlink(missing_ok=True)
     command = [sys.executable, "-m", "bench.baseline", "--checkpoint", str(checkpoint), "--batch-sizes",
                *map(str, batch_sizes), "--output-tokens", str(output_tokens), "--repeats", str(repeats),
-               "--json", str(json_path)]
+               "--workload", workload, "--json", str(json_path)]
     clock.log(f"baseline: {shlex.join(command)}")
     with open(log_path, "w") as log:
         process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -262,12 +268,12 @@ def checks(levels: list[dict], workload, baseline: dict[str, Any] | None) -> dic
         "completion_tokens_equal_requests_x_output_tokens": all(
             level["completion_tokens"] == level["requests"] * workload.max_tokens
             and level["reported_completion_tokens"] == level["completion_tokens"] for level in levels),
-        "server_prompt_tokens_equal_w1": all(level["prompt_tokens"] == [workload.prompt_tokens]
-                                             for level in levels if level["completed"]),
+        "server_prompt_tokens_equal_workload": all(level["prompt_tokens"] == [workload.prompt_tokens]
+                                                   for level in levels if level["completed"]),
     }
     if baseline and baseline.get("runs"):
-        result["baseline_prompt_tokens_equal_w1"] = all(run["prompt_tokens"] == workload.prompt_tokens
-                                                        for run in baseline["runs"])
+        result["baseline_prompt_tokens_equal_workload"] = all(run["prompt_tokens"] == workload.prompt_tokens
+                                                              for run in baseline["runs"])
     return result
 
 
@@ -284,7 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     from bench import limits as bench_limits
     from bench import report, server_stats, vision
     from bench.loadgen import run_level, summarize
-    from bench.workload import IMAGE_SIZE, w1, w1_pixel_values
+    from bench.workload import w1_pixel_values
+    from bench.workload import workload as make_workload
     from llava_triton import spec
     from llava_triton.server import TritonServer
     from llava_triton.spec import ModelSpec, full_hf_config, read_spec
@@ -313,8 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{repository} was exported from another checkpoint than {checkpoint} (sizes differ)")
     hf_config = full_hf_config(checkpoint)
 
-    workload = w1(checkpoint, args.output_tokens)
-    (out / "w1.jpg").write_bytes(workload.images[0])
+    workload = make_workload(args.workload, checkpoint, args.output_tokens)
+    image_file = f"{args.workload.lower()}.jpg"
+    (out / image_file).write_bytes(workload.images[0])
     clock.log(workload.describe())
     device_name = gpu_name()
     levels_to_run = list(dict.fromkeys(args.concurrency))
@@ -360,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_vision:
             # The tensors' dtype is the served vision encoder's wire dtype (FP16 for half-precision models).
             encoder_spec, encoder_serving = read_spec(repository / spec.VISION_ENCODER / "1")
-            pixel_values = w1_pixel_values(checkpoint)
+            pixel_values = w1_pixel_values(checkpoint, workload.images[0])
             inputs = {spec.VISION_ENCODER: vision.write_input_data(out / "vision_input.json", pixel_values,
                                                                    encoder_serving)}
             # No projector model with projector_placement "language_model": the language model projects.
@@ -390,7 +398,8 @@ def main(argv: list[str] | None = None) -> int:
         if not batch_sizes:
             notes.append("no baseline batch size (no concurrency level up to 32; see --baseline-batch-sizes)")
         else:
-            baseline = run_baseline(checkpoint, batch_sizes, args.output_tokens, args.baseline_repeats, out, clock)
+            baseline = run_baseline(checkpoint, batch_sizes, args.output_tokens, args.baseline_repeats, out, clock,
+                                    args.workload)
             if "error" in baseline:
                 clock.log(f"baseline failed: {baseline['error']}")
     if device_name is None and baseline and baseline.get("device_name"):
@@ -399,12 +408,15 @@ def main(argv: list[str] | None = None) -> int:
     context_tokens = workload.prompt_tokens + args.output_tokens // 2  # mean context over the decode
     limits = bench_limits.limits(hf_config, serving.dtype, serving.device, device_name, context_tokens,
                                  args.gpu_bandwidth_gbs, args.gpu_peak_tflops, serving.lm_weight_dtype,
-                                 serving.kv_cache_dtype)
+                                 serving.kv_cache_dtype, gemm_tflops=(baseline or {}).get("gemm_tflops"),
+                                 prompt_tokens=workload.prompt_tokens, output_tokens=args.output_tokens,
+                                 tiles_per_request=workload.tiles_per_request,
+                                 concurrency=tuple(level["concurrency"] for level in levels))
     if baseline and baseline.get("language_model_params") not in (None, limits["language_model_params"]):
         notes.append(f"parameter count from the config ({limits['language_model_params']}) differs from the loaded "
                      f"model's ({baseline['language_model_params']})")
     results: dict[str, Any] = {
-        "benchmark": "llava-triton W1",
+        "benchmark": f"llava-triton {workload.name}",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": shlex.join(["python", "-m", "bench", *argv]),
         "machine": {"gpu": device_name, "cpu": cpu_model(), "cpu_count": os.cpu_count(),
@@ -415,7 +427,9 @@ def main(argv: list[str] | None = None) -> int:
         "repository": {"path": str(repository), "engine": repository_engine(repository), "serving": serving.to_dict()},
         "workload": {"name": workload.name, "description": workload.describe(), "question": workload.prompt,
                      "question_tokens": workload.question_tokens, "prompt_tokens": workload.prompt_tokens,
-                     "image": f"{IMAGE_SIZE}x{IMAGE_SIZE} JPEG, {len(workload.images[0])} bytes (w1.jpg)",
+                     "image": f"{workload.image_size[0]}x{workload.image_size[1]} JPEG, {len(workload.images[0])} "
+                              f"bytes ({image_file})",
+                     "tiles_per_request": workload.tiles_per_request,
                      "max_tokens": workload.max_tokens, "ignore_eos": workload.ignore_eos,
                      "temperature": workload.temperature, "stream": True},
         "settings": {"concurrency": levels_to_run, "requests": args.requests, "warmup": args.warmup,
@@ -447,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
                        "points": [(run["ttft_ms"], run["output_tokens_per_s"], f"b={run['batch_size']}")
                                   for run in baseline["runs"]]})
     report.plot_throughput_vs_ttft(out / "throughput_vs_ttft.png", series,
-                                   f"W1 on {device_name or 'CPU'}: output tokens/s vs TTFT p50")
+                                   f"{workload.name} on {device_name or 'CPU'}: output tokens/s vs TTFT p50")
     clock.log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'throughput_vs_ttft.png'}")
     print()
     print(table)

@@ -1,4 +1,5 @@
-"""Baseline: W1 through transformers' `LlavaForConditionalGeneration.generate`, batched.
+"""Baseline: W1 (or W2) through transformers' `LlavaForConditionalGeneration` (or
+`LlavaNextForConditionalGeneration`) `.generate`, batched; and the GPU's measured bf16 GEMM rate.
 
 Run by `python -m bench` in a subprocess after the Triton server has stopped, so the two never
 share the GPU and all of the baseline's GPU memory is returned when it exits. bf16 with SDPA on
@@ -27,15 +28,33 @@ DEFAULT_BATCH_SIZES = (1, 8, 32)
 
 
 def _processor(checkpoint: Path):
-    from transformers import LlavaProcessor
+    from llava_triton.testing.reference import hf_processor
 
-    processor = LlavaProcessor.from_pretrained(checkpoint)
-    if type(processor.image_processor).__name__ != "CLIPImageProcessorPil":  # as llava_triton/testing/reference.py
-        from transformers.models.auto.image_processing_auto import AutoImageProcessor
-
-        processor.image_processor = AutoImageProcessor.from_pretrained(checkpoint, backend="pil")
+    processor = hf_processor(checkpoint)  # the checkpoint's processor with the PIL image processor
     processor.tokenizer.padding_side = "left"
     return processor
+
+
+def measure_gemm_tflops(device, dtype, size: int = 8192, seconds: float = 1.0) -> float | None:
+    """The rate of a large square matmul in `dtype` on `device` (TFLOP/s): what prefill and vision GEMMs
+    can reach on this GPU, measured rather than taken from the datasheet. None on the CPU."""
+    import torch
+
+    if device.type != "cuda":
+        return None
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            a @ b
+        count += 10
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    del a, b
+    return round(2 * size**3 * count / elapsed / 1e12, 1)
 
 
 def batch_inputs(processor, image: bytes, question: str, batch_size: int) -> dict[str, Any]:
@@ -63,13 +82,14 @@ class _StepTimes:
 
 
 def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: int = 1,
-        warmup_tokens: int = 8, log=print) -> dict[str, Any]:
+        warmup_tokens: int = 8, log=print, workload: str = "W1") -> dict[str, Any]:
     import torch
     import transformers
-    from transformers import LlavaForConditionalGeneration, StoppingCriteriaList
+    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, StoppingCriteriaList
     from transformers.utils import logging as transformers_logging
 
-    from bench.workload import QUESTION, w1_image
+    from bench.workload import QUESTION, W2_IMAGE_SIZE, w1_image
+    from llava_triton.spec import ModelSpec
 
     transformers_logging.disable_progress_bar()
     cuda = torch.cuda.is_available()
@@ -82,8 +102,9 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
     started = time.perf_counter()
     # Straight onto the GPU where accelerate is installed (no host copy of a 7B model), else via the host.
     placement = {"device_map": str(device)} if importlib.util.find_spec("accelerate") else {}
-    model = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa",
-                                                          **placement)
+    model_class = LlavaNextForConditionalGeneration if ModelSpec.from_pretrained(checkpoint).anyres \
+        else LlavaForConditionalGeneration
+    model = model_class.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa", **placement)
     model = model.to(device).eval()
     synchronize()
     load_s = time.perf_counter() - started
@@ -91,7 +112,7 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
                              + (0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()))
     log(f"[baseline] loaded {checkpoint} on {device} ({str(dtype).removeprefix('torch.')}) in {load_s:.1f} s")
     processor = _processor(checkpoint)
-    image = w1_image()
+    image = w1_image() if workload == "W1" else w1_image(*W2_IMAGE_SIZE)
     pad_token_id = processor.tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = processor.tokenizer.eos_token_id
@@ -138,8 +159,15 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
         log(f"[baseline] batch {batch_size}: {entry['latency_s']:.2f} s, {entry['output_tokens_per_s']:.1f} "
             f"tokens/s, first token after {entry['ttft_ms']:.0f} ms")
         del inputs
+    del model
+    gc.collect()
+    gemm_tflops = measure_gemm_tflops(device, dtype)
+    if gemm_tflops:
+        log(f"[baseline] {str(dtype).removeprefix('torch.')} GEMM 8192^3: {gemm_tflops} TFLOP/s")
     result = {
         "device": str(device),
+        "workload": workload,
+        "gemm_tflops": gemm_tflops,
         "device_name": torch.cuda.get_device_name(device) if cuda else None,
         "dtype": str(dtype).removeprefix("torch."),
         "attn_implementation": "sdpa",
@@ -151,8 +179,6 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "runs": runs,
     }
-    del model
-    gc.collect()
     if cuda:
         torch.cuda.empty_cache()
     return result
@@ -164,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed generate() calls per batch size (median)")
+    parser.add_argument("--workload", choices=("W1", "W2"), default="W1")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     args = parser.parse_args(argv)
     result = run(args.checkpoint, args.batch_sizes, args.output_tokens, args.repeats,
-                 log=lambda message: print(message, flush=True))
+                 log=lambda message: print(message, flush=True), workload=args.workload)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

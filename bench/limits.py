@@ -7,6 +7,10 @@
       tokens/s <= memory bandwidth / (weight bytes read per step + KV bytes at the context).
 * Vision FLOPs per image from `vision_config` (formula in `vision_flops`), against the GPU's
   dense bf16/fp16 peak.
+* A GPU-time ceiling for each concurrency c (`throughput_ceiling`): c requests need c times their
+  vision tiles and prefill (FLOPs at the GEMM rate measured on the same GPU) plus the decode steps
+  they share (bytes at the memory bandwidth), so
+      tokens/s <= c * out / (c * (vision + prefill FLOPs) / GEMM rate + out * step bytes(c) / bandwidth).
 
 GPU figures are datasheet values keyed by the name torch / nvidia-smi report; an unknown GPU (or
 the CPU) gets None, shown as "n/a", unless given on the command line.
@@ -117,10 +121,49 @@ def vision_flops(config: dict[str, Any]) -> dict[str, int]:
             "layers_run": layers, "tokens": tokens}
 
 
+def prefill_flops(text_config: dict[str, Any], tokens: int) -> int:
+    """FLOPs to prefill one prompt of `tokens`: every projection for every token, causal attention
+    (QK^T and its product with V over the half of the T x T scores a causal mask keeps), and lm_head for
+    the last token only (what serving computes)."""
+    params = language_model_params(text_config)
+    heads = int(text_config["num_attention_heads"])
+    head_dim = int(text_config.get("head_dim") or int(text_config["hidden_size"]) // heads)
+    layers = int(text_config["num_hidden_layers"])
+    attention = 2 * layers * heads * head_dim * tokens * tokens  # 2 matmuls x 2 FLOPs x T^2/2 x heads x head_dim
+    lm_head = 2 * int(text_config["hidden_size"]) * int(text_config["vocab_size"])
+    return 2 * tokens * params["projections"] + attention + lm_head
+
+
+def throughput_ceiling(config: dict[str, Any], serving_dtype: str, concurrency: int, prompt_tokens: int,
+                       output_tokens: int, tiles_per_request: int, gemm_tflops: float | None,
+                       bandwidth_gbs: float | None, lm_weight_dtype: str = "auto",
+                       kv_cache_dtype: str = "auto") -> dict[str, Any] | None:
+    """Output tokens/s that `concurrency` streams of this request cannot exceed on this GPU, from its
+    GPU work alone (module docstring); None where the GEMM rate or the bandwidth is unknown."""
+    if not gemm_tflops or not bandwidth_gbs:
+        return None
+    text = config["text_config"]
+    compute_flops = tiles_per_request * vision_flops(config)["total"] + prefill_flops(text, prompt_tokens)
+    compute_s = compute_flops / (gemm_tflops * 1e12)
+    # A decode step at batch c reads the weights once and each sequence's KV cache at its mean length.
+    one = decode_bytes_per_step(text, serving_dtype, prompt_tokens + output_tokens // 2, lm_weight_dtype,
+                                kv_cache_dtype)
+    step_s = (one["weights"] + concurrency * one["kv_cache"]) / (bandwidth_gbs * 1e9)
+    total_s = concurrency * compute_s + output_tokens * step_s
+    return {"concurrency": concurrency, "tokens_per_s": round(concurrency * output_tokens / total_s, 1),
+            "prefill_and_vision_ms_per_request": round(compute_s * 1e3, 3),
+            "decode_step_ms": round(step_s * 1e3, 3),
+            "ttft_ms_at_least": round((compute_s + step_s) * 1e3, 3)}
+
+
 def limits(config: dict[str, Any], serving_dtype: str, device: str, device_name: str | None, context_tokens: int,
            bandwidth_gbs: float | None = None, peak_tflops: float | None = None,
-           lm_weight_dtype: str = "auto", kv_cache_dtype: str = "auto") -> dict[str, Any]:
-    """The limits of this model on this device (GPU figures None where unknown or on CPU)."""
+           lm_weight_dtype: str = "auto", kv_cache_dtype: str = "auto", *, gemm_tflops: float | None = None,
+           prompt_tokens: int | None = None, output_tokens: int | None = None, tiles_per_request: int = 1,
+           concurrency: tuple[int, ...] = ()) -> dict[str, Any]:
+    """The limits of this model on this device (GPU figures None where unknown or on CPU).
+    `gemm_tflops`: the bf16 GEMM rate measured on the device (bench.baseline), for the prefill and
+    the ceilings per concurrency."""
     params = language_model_params(config["text_config"])
     step = decode_bytes_per_step(config["text_config"], serving_dtype, context_tokens, lm_weight_dtype,
                                  kv_cache_dtype)
@@ -148,6 +191,13 @@ def limits(config: dict[str, Any], serving_dtype: str, device: str, device_name:
         "gpu_peak_tflops": peak_tflops,
         "vision_encoder_limit_images_per_s": (round(peak_tflops * 1e12 / flops["vision_encoder"], 1)
                                               if peak_tflops else None),
+        "measured_gemm_tflops": gemm_tflops,
+        "tiles_per_request": tiles_per_request,
+        "prefill_flops_per_request": prefill_flops(config["text_config"], prompt_tokens) if prompt_tokens else None,
+        "vision_flops_per_request": tiles_per_request * flops["total"],
+        "ceilings": [ceiling for c in concurrency if (ceiling := throughput_ceiling(
+            config, serving_dtype, c, prompt_tokens or 0, output_tokens or 0, tiles_per_request, gemm_tflops,
+            bandwidth_gbs, lm_weight_dtype, kv_cache_dtype)) is not None] if prompt_tokens and output_tokens else [],
     }
 
 

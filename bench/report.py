@@ -99,7 +99,7 @@ def markdown(results: dict[str, Any]) -> str:
                        if results['repository']['serving'].get('projector_placement') == "language_model"
                        else "as its own step")
     lines = [
-        f"### W1 on {device}",
+        f"### {workload.get('name', 'W1')} on {device}",
         "",
         f"`{results['command']}`  ",
         f"checkpoint `{results['checkpoint']['path']}` ({results['checkpoint'].get('description')}); "
@@ -116,24 +116,30 @@ def markdown(results: dict[str, Any]) -> str:
         f"{workload['description']}. Closed loop: c streams, each sends its next request when the last one "
         f"ends; {results['settings']['warmup']} warm-up request(s) excluded.",
         "",
-        "| concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | output tokens/s | requests/s |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| concurrency | requests | TTFT p50 (ms) | TTFT p99 (ms) | ITL p50 (ms) | output tokens/s | requests/s "
+        "| GPU-time ceiling (tokens/s) | % of ceiling |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    ceilings = {c["concurrency"]: c for c in limits.get("ceilings") or []}
     for level in results["levels"]:
         errors = f" ({level['errors']} failed)" if level["errors"] else ""
+        ceiling = ceilings.get(level["concurrency"], {}).get("tokens_per_s")
+        share = 100.0 * level["output_tokens_per_s"] / ceiling if ceiling else None
         lines.append(f"| {level['concurrency']} | {level['requests']}{errors} | {_fmt(level['ttft_ms']['p50'])} | "
                      f"{_fmt(level['ttft_ms']['p99'])} | {_fmt(level['itl_ms']['p50'], 2)} | "
-                     f"{_fmt(level['output_tokens_per_s'])} | {_fmt(level['requests_per_s'], 2)} |")
+                     f"{_fmt(level['output_tokens_per_s'])} | {_fmt(level['requests_per_s'], 2)} | "
+                     f"{_fmt(ceiling)} | {_fmt(share)} |")
     for skipped in results.get("skipped_levels", []):
         lines.append(f"| {skipped} | not run: time budget of {results['settings']['time_budget_s']} s spent "
-                     f"| | | | | |")
+                     f"| | | | | | | |")
 
     lines += server_table(results["levels"])
 
     baseline = results.get("baseline")
     if baseline and baseline.get("runs"):
         by_concurrency = {level["concurrency"]: level for level in results["levels"]}
-        lines += ["", f"transformers `generate` on the same W1 ({baseline['dtype']}, SDPA, {baseline['device']}; "
+        lines += ["", f"transformers `generate` on the same {workload.get('name', 'W1')} ({baseline['dtype']}, SDPA, "
+                      f"{baseline['device']}; "
                       "a batch of B identical requests, left padding, greedy, exactly the same number of new tokens):",
                   "", "| batch | latency (s) | TTFT (ms) | ITL (ms) | output tokens/s | Triton at c = batch |",
                   "|---:|---:|---:|---:|---:|---:|"]
@@ -151,7 +157,7 @@ def markdown(results: dict[str, Any]) -> str:
         memory = sorted({v.get("shared_memory", NA) for v in vision if "error" not in v})
         concurrency = sorted({str(v.get("concurrency", NA)) for v in vision})
         lines += ["", f"`vision_encoder` alone (perf_analyzer, gRPC, {', '.join(memory) or NA} shared memory, "
-                      f"concurrency {', '.join(concurrency)}, the W1 image's pixel values):",
+                      f"concurrency {', '.join(concurrency)}, a tile of the workload's image: images/s are tiles/s):",
                   "", "| batch | images/s | latency p50 (ms) | model execute (ms) | % of peak |",
                   "|---:|---:|---:|---:|---:|"]
         lines += perf_rows(vision, with_peak=True)
@@ -185,6 +191,12 @@ def markdown(results: dict[str, Any]) -> str:
         f"(decode alone, 1000 / ITL p50: {_fmt(roofline.get('c1_decode_tokens_per_s'))} tokens/s = "
         f"{_fmt(roofline.get('c1_decode_percent_of_limit'))} %, "
         f"{_fmt(roofline.get('c1_decode_achieved_gbs'), 0)} GB/s)",
+        f"- prefill and vision per request: {_fmt((limits.get('prefill_flops_per_request') or 0) / 1e12, 2)} TFLOP "
+        f"of prefill ({workload.get('prompt_tokens')} tokens) and "
+        f"{_fmt((limits.get('vision_flops_per_request') or 0) / 1e12, 2)} TFLOP of vision "
+        f"({limits.get('tiles_per_request', 1)} tile(s)), at the measured bf16 GEMM rate of "
+        f"{_fmt(limits.get('measured_gemm_tflops'))} TFLOP/s (8192^3 matmuls on the same GPU); the GPU-time ceiling "
+        "of each concurrency above adds the decode steps the streams share, bytes at the memory bandwidth",
         f"- vision encoder: {flops['vision_encoder'] / 1e9:.1f} GFLOP per image ({flops['layers_run']} layers, "
         f"{flops['tokens']} tokens; projector {flops['projector'] / 1e9:.1f} GFLOP more); at "
         f"{_fmt(limits['gpu_peak_tflops'], 0)} TFLOP/s dense bf16: "

@@ -179,9 +179,11 @@ def write_configs(repository: Path, model: ModelSpec, serving: ServingConfig, en
         version_dir.mkdir(parents=True, exist_ok=True)
         source_adapter = SOURCE_REPOSITORY / name / "1" / "model.py"
         uses_adapter = config.backend == "python"
-        if uses_adapter and not (version_dir / "model.py").exists():
-            shutil.copy2(source_adapter, version_dir / "model.py")
         in_source = model_dir.resolve() == (SOURCE_REPOSITORY / name).resolve()
+        if uses_adapter and not in_source:
+            # Always this checkout's adapter: one left by an export from an older version would serve
+            # the new artifacts with old code.
+            shutil.copy2(source_adapter, version_dir / "model.py")
         if not uses_adapter and (version_dir / "model.py").exists() and not in_source:
             (version_dir / "model.py").unlink()  # a TensorRT model must not also look like a Python one
         spec.write_spec(version_dir, model, serving)
