@@ -10,6 +10,7 @@ A mismatch stops the export with the first differing prompt and position.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -54,7 +55,11 @@ def reference_input_ids(processor, prompt: str, num_images: int, image_size: tup
 def check_prompt_ids(checkpoint: Path, processor_dir: Path, spec: ModelSpec, serving: ServingConfig) -> int:
     """Raise ProcessorMismatchError unless every probe prompt gives the same ids both ways;
     returns the number of prompts checked."""
-    served = Preprocessor.from_pretrained(processor_dir, spec, serving)
+    # The probes check tokenization, not the request limits: an export for short contexts (max_seq_len)
+    # or few image tokens must still be able to check a two-image prompt.
+    unlimited = dataclasses.replace(serving, max_seq_len=0, max_prompt_tokens=0,
+                                    max_image_tokens=len(PROBE_PROMPTS) * spec.max_position_embeddings)
+    served = Preprocessor.from_pretrained(processor_dir, spec, unlimited)
     reference = load_processor(checkpoint)
     height, width = probe_image_size(spec)
     tokens = tile_layout(height, width, spec).num_image_tokens if spec.anyres else spec.num_image_tokens

@@ -65,6 +65,14 @@ def test_export_check_passes_for_each_style(exported):
         PROBE_PROMPTS)
 
 
+def test_export_check_ignores_the_request_limits(exported):
+    """An export for short prompts (here shorter than the two-image probe) still checks every probe."""
+    checkpoint, processor_dir = exported
+    short = ServingConfig(max_seq_len=700, max_image_tokens=600, max_prompt_tokens=650)
+    assert check_prompt_ids(checkpoint, processor_dir, ModelSpec.from_pretrained(checkpoint), short) == len(
+        PROBE_PROMPTS)
+
+
 def drop_the_leading_space(processor_dir) -> None:
     """Make the copied tokenizer lose its normalizer's `▁` before each piece of text."""
     tokenizer_json = json.loads((processor_dir / "tokenizer.json").read_text())
