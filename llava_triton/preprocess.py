@@ -223,6 +223,7 @@ class Preprocessor:
         # replace the processor's float64 arithmetic over every pixel (its pixel values of a 336x336
         # image took 3.0 ms on the CI machine, 0.9 ms with the tables).
         self._pixel_table = pixel_table(image_processor, spec.num_channels)
+        self._tiles_are_final = spec.anyres and _tiles_are_final(image_processor, spec.image_size)
         self._wire_pixel_table = pixel_values_to_wire(self._pixel_table, serving)
 
     @classmethod
@@ -330,8 +331,11 @@ class Preprocessor:
             return np.zeros((0, self.spec.num_channels, size, size), dtype=table.dtype)
         # The processor resizes, crops and tiles (8-bit, channels first); the tables do the rest.
         if self.spec.anyres:  # one image at a time: the processor would pad them to one tile count
+            # Its tiles are already tile-sized: resizing each to the tile size again is an identity (PIL
+            # returns a copy for a resize to the same size) that costs a numpy-PIL round trip per tile.
             tiles = [self.image_processor([image], do_rescale=False, do_normalize=False, do_pad=False,
-                                          return_tensors="np")["pixel_values"][0] for image in images]
+                                          do_resize=not self._tiles_are_final, return_tensors="np")["pixel_values"][0]
+                     for image in images]
             pixels = np.concatenate(tiles)
         else:
             pixels = self.image_processor(list(images), do_rescale=False, do_normalize=False,
@@ -421,6 +425,14 @@ def pixel_values_to_wire(pixel_values: np.ndarray, serving: ServingConfig) -> np
         rounded &= 0xFFFF0000  # bfloat16 is float32's upper 16 bits
         return rounded.view(np.float32).astype(dtype)
     return pixel_values.astype(dtype, copy=False)
+
+
+def _tiles_are_final(image_processor: Any, tile: int) -> bool:
+    """Whether a LLaVA-NeXT image processor's per-tile resize maps a tile x tile tile to itself: its size
+    is the tile (as a shortest edge or as both sides) and it crops to the tile."""
+    size, crop = dict(image_processor.size or {}), dict(image_processor.crop_size or {})
+    sized = size.get("shortest_edge") == tile or (size.get("height"), size.get("width")) == (tile, tile)
+    return sized and (crop.get("height"), crop.get("width")) == (tile, tile)
 
 
 def _check_image_token_count(processor: Any, spec: ModelSpec) -> None:
