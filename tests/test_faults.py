@@ -317,7 +317,8 @@ class _Discard:
 
 def test_requests_that_will_get_a_free_slot_do_not_fill_the_queue(tiny_checkpoint, fault_repository):
     """The engine's side of the burst, without a server and without the race: requests submitted
-    between two steps while slots are free get those slots at the next step; only the rest wait.
+    between two steps while sequences of max_num_seqs are free (and blocks for them) are admitted at
+    the next step; only the rest wait.
     So max_num_seqs + max_queue_size are accepted, and the next one is refused."""
     import torch
 
@@ -340,7 +341,7 @@ def test_requests_that_will_get_a_free_slot_do_not_fill_the_queue(tiny_checkpoin
         try:
             engine.submit(ids, None, params, _Discard())
         except ServerBusyError as error:
-            pytest.fail(f"request {accepted + 1} refused with {engine.free_slots} KV-cache slots free: {error}")
+            pytest.fail(f"request {accepted + 1} refused with {engine.free_rows} of max_num_seqs free: {error}")
     with pytest.raises(ServerBusyError, match="queue is full"):
         engine.submit(ids, None, params, _Discard())
 
