@@ -4,7 +4,8 @@ The language model's decode steps (`DecodeGraphs`) and lone first prefill chunks
 and the vision encoder's and projector's forward passes (`GraphedModule`), with the batch buckets
 and the capture they share. Each runner takes a model that is ready to run (weights in their final
 form, caches allocated, layers compiled: see llava_triton.torch_compile) and leaves its weights and
-layers as they are; capturing runs the model, so it writes cache positions that serving writes again.
+layers as they are; capturing runs the model, which writes the null KV-cache block only (the block
+tables are all null blocks until the engine admits a request).
 """
 
 from __future__ import annotations
@@ -54,9 +55,12 @@ class DecodeGraphs:
 
     A decode step of a 7B model is a few hundred small kernels; launching them from Python
     costs about as much as running them. Captured once, a step is one graph launch. Shapes are
-    static inside a graph, so the batch is padded to a bucket (padding rows are dummy tokens at
-    the last cache position, harmless as in the eager path) and attention spans a length bucket
-    (keys past a row's position are masked, so the result does not depend on the bucket).
+    static inside a graph, so the batch is padded to a bucket and attention spans a length bucket
+    (keys past a row's position are masked, so the result does not depend on the bucket). The
+    inputs are fixed tensors updated in place before each replay: the tokens, their positions and
+    each row's block-table row (the tables themselves are the model's `block_tables`, written at
+    admission). Padding rows are token 0 at position 0 of `padding_row`, whose table is all null
+    blocks: their keys and values land in the null block, and they read one position.
     """
 
     def __init__(self, model: LlamaForCausalLM, max_batch: int, length_step: int = 256):
@@ -65,9 +69,9 @@ class DecodeGraphs:
         self.batch_buckets = batch_buckets(max_batch)
         self.length_buckets = sorted({min(length_step * i, model.max_seq_len)
                                       for i in range(1, -(-model.max_seq_len // length_step) + 1)})
-        self.dummy_position = model.max_seq_len - 1
         self.input_ids = torch.zeros(max_batch, dtype=torch.long, device=device)
-        self.positions = torch.full((max_batch,), self.dummy_position, dtype=torch.long, device=device)
+        self.positions = torch.zeros(max_batch, dtype=torch.long, device=device)
+        self.rows = torch.full((max_batch,), model.padding_row, dtype=torch.long, device=device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[tuple[int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
@@ -77,17 +81,20 @@ class DecodeGraphs:
                 self._capture(batch, length)
 
     def _capture(self, batch: int, length: int) -> None:
-        ids, positions = self.input_ids[:batch], self.positions[:batch]
-        self.graphs[(batch, length)] = capture(lambda: self.model.decode(ids, positions, length), self.pool)
+        ids, positions, rows = self.input_ids[:batch], self.positions[:batch], self.rows[:batch]
+        self.graphs[(batch, length)] = capture(lambda: self.model.decode(ids, positions, rows, length), self.pool)
 
-    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor,
+                 length: int) -> torch.Tensor:
         n = input_ids.shape[0]
         batch = bucket(n, self.batch_buckets)
         key = (batch, bucket(length, self.length_buckets))
         self.input_ids[:n].copy_(input_ids)
         self.input_ids[n:batch].zero_()
         self.positions[:n].copy_(positions)
-        self.positions[n:batch].fill_(self.dummy_position)
+        self.positions[n:batch].zero_()
+        self.rows[:n].copy_(rows)
+        self.rows[n:batch].fill_(self.model.padding_row)
         if key not in self.graphs:
             self._capture(*key)
         graph, logits = self.graphs[key]
@@ -117,27 +124,28 @@ class PrefillGraphs:
         largest = min(max_tokens, model.max_seq_len, self.MAX_TOKENS)
         self.buckets = sorted({min(step * i, largest) for i in range(1, -(-largest // step) + 1)})
         self.embeds = torch.zeros(1, largest, model.config.hidden_size, device=weight.device, dtype=weight.dtype)
-        self.slot = torch.zeros(1, dtype=torch.long, device=weight.device)
+        self.row = torch.zeros(1, dtype=torch.long, device=weight.device)  # the sequence's block-table row
         self.last = torch.zeros(1, dtype=torch.long, device=weight.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     def capture_all(self) -> None:
         """Largest first, so the smaller graphs reuse its memory in the shared pool. The captures
-        write slot 0's cache, as the compile warm-up does: call before serving."""
+        write through block-table row 0, all null blocks before serving (as the compile warm-up):
+        call before serving."""
         for tokens in reversed(self.buckets):
             embeds = self.embeds[:, :tokens]
             self.graphs[tokens] = capture(
-                lambda embeds=embeds: self.model.prefill_first_chunk(embeds, self.slot, self.last), self.pool)
+                lambda embeds=embeds: self.model.prefill_first_chunk(embeds, self.row, self.last), self.pool)
 
     def __call__(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         if len(segments) == 1 and segments[0][1] == 0:
-            slot, _, n = segments[0]
+            row, _, n = segments[0]
             tokens = bucket(n, self.buckets)
             if tokens is not None and n == inputs_embeds.shape[1]:
                 self.embeds[:, :n].copy_(inputs_embeds)
                 self.embeds[:, n:tokens].zero_()
-                self.slot.fill_(slot)
+                self.row.fill_(row)
                 self.last.fill_(n - 1)
                 graph, logits = self.graphs[tokens]
                 graph.replay()

@@ -1,12 +1,18 @@
-"""Decode attention as a Triton kernel: one query token per sequence against its slot's cache,
-reading each row's keys and values only up to its own length, from a bfloat16/float16 or an
-FP8 (e4m3) cache.
+"""Decode attention as a Triton kernel: one query token per sequence against its keys and values
+in the block-pooled KV cache, read through the sequence's block table only up to its own length,
+from a bfloat16/float16 or an FP8 (e4m3) cache.
 
 Why not PyTorch's SDPA: at decode, attention is a read of the KV cache (at batch 128 on an H100,
-73 % of a step). SDPA takes a dense (B, nkv, L, hs) cache and a mask, so every row reads the
-whole length bucket, and it cannot read an FP8 cache without first writing a bfloat16 copy
-(more bytes moved, not fewer). This kernel reads a row's `length` positions, in whatever dtype
-the cache holds, converting to float32 in registers.
+73 % of a step). SDPA takes a dense (B, nkv, L, hs) tensor and a mask: from a block pool that is
+a gathered copy of every row's whole length bucket (the batch's KV read, written and read again),
+and from an FP8 cache a bfloat16 one. This kernel reads a row's `length` positions where they are,
+in whatever dtype the cache holds, converting to float32 in registers.
+
+Block tables: a program walks its positions BLOCK_N at a time (the tile the H100 sweep below
+chose); each position's block id comes from the row's table (int32, a few hundred bytes a row,
+read from cache) and its keys from offset position % block_size of that block. A tile spans
+BLOCK_N / block_size blocks, each a contiguous run of block_size * head_dim values (4 KiB in
+bfloat16 at block 16, head_dim 128): the loads stay as coalesced as over a contiguous slot.
 
 Split-K ("flash-decoding"): with few rows there are too few (row, head) programs to fill the
 GPU, so each row's positions are cut into `num_splits` ranges, each giving a partial output and
@@ -53,14 +59,15 @@ def num_splits(batch: int, num_heads: int, max_length: int, num_sms: int) -> int
 if triton is not None:
 
     @triton.jit
-    def _partial_kernel(q_ptr, k_ptr, v_ptr, lengths_ptr, out_ptr, part_ptr, lse_ptr,
+    def _partial_kernel(q_ptr, k_ptr, v_ptr, tables_ptr, lengths_ptr, out_ptr, part_ptr, lse_ptr,
                         stride_qb, stride_qh,
                         stride_kb, stride_kh, stride_ks,
                         stride_vb, stride_vh, stride_vs,
+                        stride_tb,
                         stride_ob, stride_oh,
                         split_len, sm_scale_log2,
                         NUM_SPLITS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK: tl.constexpr):
+                        BLOCK: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -70,8 +77,9 @@ if triton is not None:
         end = tl.minimum(start + split_len, length)
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + row * stride_qb + head * stride_qh + dims).to(tl.float32)
-        k_row = k_ptr + row * stride_kb + kv_head * stride_kh
-        v_row = v_ptr + row * stride_vb + kv_head * stride_vh
+        table = tables_ptr + row * stride_tb
+        k_head = k_ptr + kv_head * stride_kh
+        v_head = v_ptr + kv_head * stride_vh
         # Running max (log2 domain), running sum of exp2 and the weighted sum of values.
         m = tl.full((), float("-inf"), tl.float32)
         total = tl.full((), 0.0, tl.float32)
@@ -79,13 +87,17 @@ if triton is not None:
         for block_start in range(start, end, BLOCK):
             positions = block_start + tl.arange(0, BLOCK)
             valid = positions < end
-            k = tl.load(k_row + positions[:, None] * stride_ks + dims[None, :], mask=valid[:, None], other=0.0)
+            # Each position's block (int64: a layer's pool may pass 2**31 elements) and offset in it.
+            kv_blocks = tl.load(table + positions // KV_BLOCK_SIZE, mask=valid, other=0).to(tl.int64)
+            k_at = kv_blocks[:, None] * stride_kb + (positions % KV_BLOCK_SIZE)[:, None] * stride_ks + dims[None, :]
+            v_at = kv_blocks[:, None] * stride_vb + (positions % KV_BLOCK_SIZE)[:, None] * stride_vs + dims[None, :]
+            k = tl.load(k_head + k_at, mask=valid[:, None], other=0.0)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * sm_scale_log2  # (BLOCK,)
             scores = tl.where(valid, scores, float("-inf"))
             m_new = tl.maximum(m, tl.max(scores, axis=0))
             alpha = tl.exp2(m - m_new)
             p = tl.exp2(scores - m_new)
-            v = tl.load(v_row + positions[:, None] * stride_vs + dims[None, :], mask=valid[:, None], other=0.0)
+            v = tl.load(v_head + v_at, mask=valid[:, None], other=0.0)
             acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
             total = total * alpha + tl.sum(p, axis=0)
             m = m_new
@@ -115,16 +127,22 @@ if triton is not None:
         tl.store(out_ptr + row * stride_ob + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                     splits: int, block: int = BLOCK_N, num_warps: int = NUM_WARPS,
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     lengths: torch.Tensor, splits: int, block: int = BLOCK_N, num_warps: int = NUM_WARPS,
                      num_stages: int = NUM_STAGES) -> torch.Tensor:
-    """q (B, nh, hs): one query per row; k_cache, v_cache (slots >= B, nkv, S, hs): row b's
-    sequence is in slot b; lengths (B,) int: row b attends to positions 0..lengths[b]-1 (each >= 1)
-    → (B, nh, hs) in q's dtype. Softmax scale 1/sqrt(hs), as Llama's."""
+    """q (B, nh, hs): one query per row; k_cache, v_cache (num_blocks, nkv, block_size, hs): the
+    block pool; block_tables (B, nb) int32: row b's position p is in block block_tables[b, p //
+    block_size] at offset p % block_size; lengths (B,) int: row b attends to positions
+    0..lengths[b]-1 (each >= 1, at most nb * block_size) → (B, nh, hs) in q's dtype. Softmax
+    scale 1/sqrt(hs), as Llama's."""
     B, num_heads, head_dim = q.shape
-    num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
+    max_len = block_tables.shape[1] * block_size
     if num_heads % num_kv_heads or head_dim & (head_dim - 1) or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError(f"unsupported shapes: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}")
+    if block_tables.dtype != torch.int32 or block_tables.shape[0] != B or block_tables.stride(-1) != 1:
+        raise ValueError(f"block_tables must be int32 ({B}, nb) with unit stride, got {block_tables.dtype} "
+                         f"{tuple(block_tables.shape)}")
     q = q.contiguous()
     out = torch.empty_like(q)
     split_len = math.ceil(math.ceil(max_len / splits) / block) * block
@@ -135,14 +153,15 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         part = lse = out  # not written
     sm_scale_log2 = 1.0 / math.sqrt(head_dim) * math.log2(math.e)
     _partial_kernel[(B, num_heads, splits)](
-        q, k_cache, v_cache, lengths, out, part, lse,
+        q, k_cache, v_cache, block_tables, lengths, out, part, lse,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
         out.stride(0), out.stride(1),
         split_len, sm_scale_log2,
         NUM_SPLITS=splits, KV_GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK=block,
-        num_warps=num_warps, num_stages=num_stages)
+        KV_BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages)
     if splits > 1:
         _merge_kernel[(B, num_heads)](part, lse, out, out.stride(0), out.stride(1),
                                       NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
@@ -156,14 +175,14 @@ def _num_sms(device: torch.device) -> int:
 
 
 @torch.library.custom_op("llava_triton::decode_attention", mutates_args=())
-def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, lengths: torch.Tensor,
-                        max_length: int) -> torch.Tensor:
+def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                        lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     """`decode_attention` as one opaque op for torch.compile; the number of splits comes from the
     batch and `max_length` (the longest length this call may see: a CUDA graph's length bucket)."""
     splits = num_splits(q.shape[0], q.shape[1], max_length, _num_sms(q.device))
-    return decode_attention(q, k_cache, v_cache, lengths, splits)
+    return decode_attention(q, k_cache, v_cache, block_tables, lengths, splits)
 
 
 @decode_attention_op.register_fake
-def _(q, k_cache, v_cache, lengths, max_length):
+def _(q, k_cache, v_cache, block_tables, lengths, max_length):
     return q.new_empty(q.shape)

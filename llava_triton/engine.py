@@ -3,7 +3,13 @@
 Requests join between decode steps and leave as soon as they finish: each `step()` first
 spends a budget of prompt tokens on prefill (long prompts in chunks, so running streams are
 not stalled for a whole prompt), then decodes one token for every running sequence in a
-single batched forward pass. A sequence owns one KV-cache slot from admission to the end.
+single batched forward pass.
+
+The KV cache is a pool of fixed-size blocks (llava_triton.kv_blocks). A request is admitted, oldest
+first, when a block-table row (one of max_num_seqs) and the blocks for its prompt plus its
+max_tokens are free; it holds them to the end, so a running sequence never runs out of cache and
+nothing is ever preempted. A short request takes a few blocks, a long one more: admission follows
+what requests use, not a worst-case slot each.
 
 The engine only schedules: it receives the language model already prepared (fused, quantised,
 its KV cache allocated, compiled and captured) as a `LanguageModelRuntime` (llava_triton.lm_runtime).
@@ -26,6 +32,7 @@ import torch
 from .anyres import pack_index, tile_layout
 from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
+from .kv_blocks import BlockAllocator
 from .lm_runtime import LanguageModelRuntime
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
@@ -77,7 +84,8 @@ class Metrics:
     def generated_tokens(self, first_token_s: list[float], inter_token_s: list[float]) -> None:
         """The tokens of one step: seconds from submission to each first token, and from the
         previous token to each later one (one call a step: each metric update may be an IPC)."""
-    def occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None: ...
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
+        """Requests admitted and waiting, the fraction of KV-cache blocks in use and the free ones."""
 
 
 @dataclass(eq=False)  # identity: sequences are compared and removed by object, never by value
@@ -87,7 +95,8 @@ class Sequence:
     params: SamplingParams
     max_tokens: int
     sink: Sink
-    slot: int = -1
+    row: int = -1  # the sequence's block-table row while admitted (LlamaForCausalLM.set_block_table)
+    blocks: list[int] = field(default_factory=list)  # its KV-cache blocks, reserved at admission
     prefilled: int = 0  # prompt tokens already in the KV cache
     inputs_embeds: torch.Tensor | None = None  # (1, T, C) while prefilling
     output_ids: list[int] = field(default_factory=list)
@@ -105,6 +114,12 @@ class Sequence:
     def position(self) -> int:
         """Position of the next token to feed: the last generated one."""
         return self.prompt_tokens + len(self.output_ids) - 1
+
+    @property
+    def kv_tokens(self) -> int:
+        """Cache positions the sequence can write: its prompt and every generated token but the
+        last, which is never fed back."""
+        return self.prompt_tokens + self.max_tokens - 1
 
 
 def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None, spec: ModelSpec,
@@ -207,14 +222,14 @@ class Engine:
         self.device = runtime.device
         self.dtype = runtime.dtype
         self.max_seq_len = runtime.max_seq_len
-        self.num_slots = runtime.num_slots
+        self.max_seqs = runtime.max_seqs
+        self.blocks = BlockAllocator(runtime.num_blocks, runtime.block_size)
         self.decode_step = runtime.decode_step
         self.prefill_step = runtime.prefill_step
         self.eos = frozenset(spec.eos_token_id)
         self._detokenizer = Detokenizer(tokenizer)
-        # A min-heap: the lowest free slot is taken first, so running sequences stay packed at
-        # the start of the cache and decode can attend over a slice instead of a gather.
-        self._free_slots = list(range(self.num_slots))
+        # Block-table rows, a min-heap (the lowest free first); what holds keys and values is the blocks.
+        self._free_rows = list(range(self.max_seqs))
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._prefilling: list[Sequence] = []
         self._running: list[Sequence] = []
@@ -234,15 +249,17 @@ class Engine:
                 input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes, self.spec,
                 self.image_input)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
+            self._check_fits_cache(int(input_ids.shape[0]), max_tokens)
         except InvalidRequestError:
             self.metrics.request_refused(REFUSED_INVALID)
             raise
         seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
                        params=params, max_tokens=max_tokens, sink=sink, image_index=image_index)
         with self._cond:
-            # Requests that a free slot will take at the next step are not queued, whatever
-            # burst they arrived in: only those beyond the free slots count against the limit.
-            if len(self._waiting) - len(self._free_slots) >= self.serving.max_queue_size:
+            # Requests that a free block-table row will take at the next step are not queued, whatever
+            # burst they arrived in: only those beyond the free rows count against the limit (blocks
+            # permitting: where they run short, up to max_num_seqs more may wait).
+            if len(self._waiting) - len(self._free_rows) >= self.serving.max_queue_size:
                 self.metrics.request_refused(REFUSED_QUEUE_FULL)
                 raise ServerBusyError(f"the language model's queue is full ({self.serving.max_queue_size} "
                                       "requests waiting); retry later")
@@ -260,8 +277,13 @@ class Engine:
         return len(self._waiting)
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
+    def free_rows(self) -> int:
+        """Block-table rows free: how many more sequences max_num_seqs lets in."""
+        return len(self._free_rows)
+
+    @property
+    def free_blocks(self) -> int:
+        return self.blocks.num_free
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
@@ -291,7 +313,7 @@ class Engine:
         self._report_occupancy()
 
     def _report_occupancy(self) -> None:
-        self.metrics.occupancy(self.num_running, self.num_waiting, 1.0 - self.free_slots / self.num_slots)
+        self.metrics.occupancy(self.num_running, self.num_waiting, self.blocks.usage, self.blocks.num_free)
 
     def abort_all(self, message: str) -> None:
         with self._cond:
@@ -325,28 +347,51 @@ class Engine:
             for seq in [s for s in self._waiting if s.last_event < deadline]:
                 self._waiting.remove(seq)
                 self.metrics.request_refused(REFUSED_QUEUE_TIMEOUT)
-                self.out.error(seq.sink, f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for a "
-                               "KV-cache slot (queue_timeout_us); retry later")
+                self.out.error(seq.sink, f"waited more than {self.serving.queue_timeout_us / 1e6:g} s for "
+                               "KV-cache blocks (queue_timeout_us); retry later")
         for seq in [s for s in self._prefilling + self._running if id(s.sink) in cancelled]:
             self._release(seq)
             self.metrics.request_refused(REFUSED_CANCELLED)
             self.out.error(seq.sink, "request cancelled")
 
+    def _check_fits_cache(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a request that needs more KV-cache blocks than the whole pool has: it would wait forever."""
+        needed = self.blocks.blocks_for(prompt_tokens + max_tokens - 1)
+        if needed > self.blocks.capacity:
+            raise InvalidRequestError(
+                f"the prompt's {prompt_tokens} tokens and max_tokens {max_tokens} need {needed} KV-cache blocks of "
+                f"{self.blocks.block_size} tokens, more than the whole KV cache's {self.blocks.capacity} "
+                "(kv_cache_memory_fraction); lower max_tokens")
+
     def _admit(self) -> None:
+        """Oldest first, while a block-table row and the blocks of the oldest waiting request are free.
+        A request that does not fit yet holds up the younger ones, so a long prompt is not starved by
+        a stream of short ones."""
+        admitted = []
         with self._cond:
-            while self._waiting and self._free_slots:
+            while self._waiting and self._free_rows:
+                needed = self.blocks.blocks_for(self._waiting[0].kv_tokens)
+                if needed > self.blocks.num_free:
+                    break
                 seq = self._waiting.popleft()
-                seq.slot = heapq.heappop(self._free_slots)
-                self._prefilling.append(seq)
+                seq.blocks = self.blocks.allocate(needed)
+                seq.row = heapq.heappop(self._free_rows)
+                admitted.append(seq)
+        for seq in admitted:
+            self.model.set_block_table(seq.row, seq.blocks)
+            self._prefilling.append(seq)
 
     def _release(self, seq: Sequence) -> None:
         if seq in self._running:
             self._running.remove(seq)
         if seq in self._prefilling:
             self._prefilling.remove(seq)
-        if seq.slot >= 0:
-            heapq.heappush(self._free_slots, seq.slot)
-            seq.slot = -1
+        if seq.row >= 0:
+            # The row's table keeps naming these blocks until the row is given out again; nothing
+            # reads a row that no sequence holds.
+            self.blocks.free(seq.blocks)
+            heapq.heappush(self._free_rows, seq.row)
+            seq.row, seq.blocks = -1, []
         seq.inputs_embeds = seq.image_embeds = seq.image_index = None
 
     def _embed_prompt(self, seq: Sequence) -> torch.Tensor:
@@ -396,7 +441,7 @@ class Engine:
         try:
             with torch.inference_mode():
                 packed = torch.cat([seq.inputs_embeds[:, start: start + n] for seq, start, n in chunks], dim=1)
-                logits = self.prefill_step(packed, [(seq.slot, start, n) for seq, start, n in chunks])  # (S, V)
+                logits = self.prefill_step(packed, [(seq.row, start, n) for seq, start, n in chunks])  # (S, V)
         except Exception as exc:  # noqa: BLE001
             if len(chunks) == 1:
                 self._fail_prefill(chunks[0][0], exc)
@@ -428,19 +473,12 @@ class Engine:
         self.out.error(seq.sink, f"prefill failed: {exc}")
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        # Decode slots 0..n-1 as one batch (a slice of the cache, no copy). Slots in that range
-        # that are free or still prefilling ride along on a dummy token written at the last
-        # cache position: no sequence reads a position before writing it, so it is harmless.
-        n = max(s.slot for s in seqs) + 1
-        input_ids = [0] * n
-        positions = [self.max_seq_len - 1] * n
-        for s in seqs:
-            input_ids[s.slot], positions[s.slot] = s.output_ids[-1], s.position
+        # One row per running sequence, each reading its own blocks through its block-table row.
+        batch = torch.tensor([[s.output_ids[-1] for s in seqs], [s.position for s in seqs], [s.row for s in seqs]])
+        input_ids, positions, rows = batch.to(self.device)  # (3, B): one copy to the device
         length = max(s.position for s in seqs) + 1
-        logits = self.decode_step(torch.tensor(input_ids, device=self.device),
-                                  torch.tensor(positions, device=self.device), length)
-        rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        self._append_tokens(seqs, sample(logits[rows], [s.params for s in seqs], [s.generator for s in seqs]))
+        logits = self.decode_step(input_ids, positions, rows, length)
+        self._append_tokens(seqs, sample(logits, [s.params for s in seqs], [s.generator for s in seqs]))
 
     def _append_tokens(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
         now = time.monotonic()

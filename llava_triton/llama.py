@@ -1,5 +1,6 @@
-"""A Llama decoder for serving: the Hugging Face weights, a preallocated slot KV cache, and
-separate prefill (one sequence, many tokens) and decode (many sequences, one token each).
+"""A Llama decoder for serving: the Hugging Face weights, a KV cache in fixed-size blocks read and
+written through per-sequence block tables, and separate prefill (prompt chunks of several
+sequences packed together) and decode (many sequences, one token each).
 
 Numerically it follows transformers' `LlamaForCausalLM` (same RMSNorm, RoPE tables and
 attention), so greedy generation matches `generate()` token for token on the same weights.
@@ -20,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decode_attention import decode_attention_op
 from .fp8 import concat_linears, quantize_linears
+from .kv_blocks import NULL_BLOCK, blocks_needed
 
 # Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
 # an H100, builds an execution plan for each new shape: 40-800 ms each there (measured), a stall
@@ -122,19 +124,38 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + rotate_half(x) * sin
 
 
-class KVCache(nn.Module):
-    """One layer's keys and values for `max_slots` sequences of up to `max_seq_len` tokens.
+class KVBlockPool(nn.Module):
+    """One layer's keys and values in `num_blocks` blocks of `block_size` token positions each.
 
-    Preallocated once: a sequence owns a slot from admission to completion, so neither
-    prefill nor decode allocates cache memory.
+    Preallocated once; a sequence's positions live in the blocks its block table lists (position p
+    in block table[p // block_size] at offset p % block_size; llava_triton.kv_blocks hands them
+    out), so neither prefill nor decode allocates cache memory. Layout (block, kv head, offset,
+    head dim): a block's positions of one head are one contiguous run of block_size * head_dim
+    values, which the decode kernel reads as it read a slot's, and a sequence's keys gathered
+    block by block are SDPA's (kv head, position, head dim) after one transpose.
     """
 
-    def __init__(self, max_slots: int, num_kv_heads: int, max_seq_len: int, head_dim: int,
+    def __init__(self, num_blocks: int, num_kv_heads: int, block_size: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str):
         super().__init__()
-        shape = (max_slots, num_kv_heads, max_seq_len, head_dim)
+        shape = (num_blocks, num_kv_heads, block_size, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def write(self, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v (N, nkv, hs) in the cache's dtype go to positions `offsets` (N,) of `blocks` (N,)."""
+        for pool, new in ((self.k, k), (self.v, v)):
+            if pool.element_size() == 1:  # FP8: copy the same bytes as uint8, which every index kernel has
+                pool, new = pool.view(torch.uint8), new.view(torch.uint8)
+            pool[blocks, :, offsets] = new
+
+
+def gather_blocks(pool: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """pool (num_blocks, nkv, bs, hs), tables (B, nb) block ids → (B, nkv, nb * bs, hs): each row's
+    positions 0..nb*bs-1 in order (a copy, for SDPA; the decode kernel reads through the tables)."""
+    B, nb = tables.shape
+    blocks = pool[tables]  # (B, nb, nkv, bs, hs)
+    return blocks.transpose(1, 2).reshape(B, pool.shape[1], nb * pool.shape[2], pool.shape[3])
 
 
 def to_cache_dtype(x: torch.Tensor, cache: torch.Tensor) -> torch.Tensor:
@@ -161,7 +182,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
         # Only ask SDPA for grouped-query attention when there is some: it narrows the kernels.
         self.gqa = self.num_kv_heads != self.num_heads
-        self.cache: KVCache | None = None
+        self.cache: KVBlockPool | None = None
         self.decode_kernel = False  # decode attention by llava_triton.decode_attention instead of SDPA
         self.qkv_proj: nn.Linear | None = None  # q, k and v in one matrix, after fuse()
 
@@ -183,35 +204,36 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cached: torch.Tensor,
-               v_cached: torch.Tensor, segments: list[tuple[int, int, int]],
-               masks: list[torch.Tensor | None]) -> torch.Tensor:
+               v_cached: torch.Tensor, writes: tuple[torch.Tensor, torch.Tensor], lengths: list[int],
+               prefixes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
         """Prefill attention over prompt chunks of several sequences packed one after another:
         q (1, nh, N, hs), k and v (1, nkv, N, hs), k_cached and v_cached: k and v in the cache's
-        dtype (see prefill_qkv); segment i is tokens start..start+length-1 of the sequence in
-        `slot` (segments[i] = (slot, start, length)) → (1, N, nh * hs), contiguous.
+        dtype (see prefill_qkv); segment i is the next lengths[i] tokens → (1, N, nh * hs), contiguous.
 
-        Each chunk's keys and values go to its slot's cache, and attention runs per segment, so no
-        token sees another sequence's. masks[i] is None for a first chunk (plain causal attention),
-        else (length, end): the chunk attends to its cached prefix and causally to itself.
+        Every token's key and value go to the cache at writes = (blocks (N,), offsets (N,)), its
+        position in its sequence's blocks; attention runs per segment, so no token sees another
+        sequence's. prefixes[i] is None for a first chunk (plain causal attention on its own keys),
+        else (table (nb,), mask (length, end)): the chunk attends to its sequence's positions
+        0..end-1, read through its block table, with the mask (its cached prefix, causally itself).
         """
+        self.cache.write(*writes, k_cached[0].transpose(0, 1), v_cached[0].transpose(0, 1))  # (N, nkv, hs)
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
-            return self._attend(q, k, v, k_cached, v_cached, segments, masks)
+            return self._attend(q, k, v, lengths, prefixes)
 
-    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cached: torch.Tensor,
-                v_cached: torch.Tensor, segments: list[tuple[int, int, int]],
-                masks: list[torch.Tensor | None]) -> torch.Tensor:
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int],
+                prefixes: list[tuple[torch.Tensor, torch.Tensor] | None]) -> torch.Tensor:
         ys, offset = [], 0
-        for (slot, start, length), mask in zip(segments, masks):
+        for length, prefix in zip(lengths, prefixes):
             rows = slice(offset, offset + length)
-            end = start + length
-            self.cache.k[slot, :, start:end] = k_cached[0, :, rows]
-            self.cache.v[slot, :, start:end] = v_cached[0, :, rows]
-            if mask is None:
+            if prefix is None:
                 y = F.scaled_dot_product_attention(q[:, :, rows], k[:, :, rows], v[:, :, rows], is_causal=True,
                                                    enable_gqa=self.gqa)
             else:
-                keys = self.cache.k[slot: slot + 1, :, :end].to(q.dtype)  # a no-op unless the cache is FP8
-                values = self.cache.v[slot: slot + 1, :, :end].to(q.dtype)
+                table, mask = prefix
+                end = mask.shape[-1]
+                # (1, nkv, end, hs); .to is a no-op unless the cache is FP8
+                keys = gather_blocks(self.cache.k, table[None])[:, :, :end].to(q.dtype)
+                values = gather_blocks(self.cache.v, table[None])[:, :, :end].to(q.dtype)
                 y = F.scaled_dot_product_attention(q[:, :, rows], keys, values, attn_mask=mask, enable_gqa=self.gqa)
             ys.append(y.transpose(1, 2))  # (1, length, nh, hs)
             offset += length
@@ -221,34 +243,37 @@ class Attention(nn.Module):
         return y.reshape(1, y.shape[1], -1).contiguous()
 
     def attend_first_chunk(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cached: torch.Tensor,
-                           v_cached: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+                           v_cached: torch.Tensor, writes: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """`attend` for the first chunk of one sequence, with no host values (so it can be captured
-        in a CUDA graph): q (1, nh, T, hs), k and v (1, nkv, T, hs) and their cache-dtype copies go
-        to cache positions 0..T-1 of the slot in `slot` (1,), a device tensor → (1, T, nh * hs)."""
+        in a CUDA graph): q (1, nh, T, hs), k and v (1, nkv, T, hs); their cache-dtype copies go to
+        writes = (blocks (T,), offsets (T,)), device tensors → (1, T, nh * hs)."""
         T = q.shape[2]
-        for cache, new in ((self.cache.k, k_cached), (self.cache.v, v_cached)):
-            if cache.element_size() == 1:  # index_copy_ has no FP8 kernels: copy the same bytes as uint8
-                cache, new = cache.view(torch.uint8), new.view(torch.uint8)
-            cache.narrow(2, 0, T).index_copy_(0, slot, new)
+        self.cache.write(*writes, k_cached[0].transpose(0, 1), v_cached[0].transpose(0, 1))  # (T, nkv, hs)
         with sdpa_kernel(PREFILL_SDPA_BACKENDS):
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.gqa)
         return y.transpose(1, 2).reshape(1, T, -1).contiguous()
 
     def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, positions: torch.Tensor,
-               mask: torch.Tensor) -> torch.Tensor:
-        """x (B, 1, C): one new token for each of the sequences in slots 0..B-1, at `positions` (B,);
-        mask (B, 1, 1, L): which of cache positions 0..L-1 each row attends to (row b: 0..positions[b])."""
+               tables: torch.Tensor, writes: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """x (B, 1, C): one new token for each of B sequences, at `positions` (B,), its key and value
+        going to writes = (blocks (B,), offsets (B,)); tables (B, nb): each row's block table, read up
+        to position L - 1 (L = nb * block_size); mask (B, 1, 1, L): which of those positions each row
+        attends to (row b: 0..positions[b])."""
         B, L = x.shape[0], mask.shape[-1]
         q, k, v = self._qkv(x, cos, sin)
-        rows = torch.arange(B, device=x.device)
-        self.cache.k[rows, :, positions] = to_cache_dtype(k[:, :, 0], self.cache.k)  # (B, nkv, hs)
-        self.cache.v[rows, :, positions] = to_cache_dtype(v[:, :, 0], self.cache.v)
+        blocks, offsets = writes
+        # Plain index_put (not KVBlockPool.write's uint8 view): what the compiled decode layer has
+        # always done, FP8 included.
+        self.cache.k[blocks, :, offsets] = to_cache_dtype(k[:, :, 0], self.cache.k)  # (B, nkv, hs)
+        self.cache.v[blocks, :, offsets] = to_cache_dtype(v[:, :, 0], self.cache.v)
         if self.decode_kernel:
-            # Each row reads its own positions + 1 cached tokens (not all L), in the cache's dtype.
-            y = decode_attention_op(q[:, :, 0], self.cache.k, self.cache.v, positions + 1, L)  # (B, nh, hs)
+            # Each row reads its own positions + 1 cached tokens (not all L) through its block
+            # table, in the cache's dtype.
+            y = decode_attention_op(q[:, :, 0], self.cache.k, self.cache.v, tables, positions + 1, L)  # (B, nh, hs)
             return self.o_proj(y.reshape(B, 1, -1))
-        keys = self.cache.k[:B, :, :L].to(q.dtype)  # (B, nkv, L, hs), a view unless the cache is FP8
-        values = self.cache.v[:B, :, :L].to(q.dtype)
+        # (B, nkv, L, hs): a gathered copy (in q's dtype: converted from FP8 on the way).
+        keys = gather_blocks(self.cache.k, tables).to(q.dtype)
+        values = gather_blocks(self.cache.v, tables).to(q.dtype)
         y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=self.gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, 1, -1))
 
@@ -286,9 +311,10 @@ class DecoderLayer(nn.Module):
 # serves every layer: only the weights differ.
 
 def decode_layer(layer: DecoderLayer, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                 positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """One layer of a decode step, h (B, 1, C)."""
-    h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, positions, mask)
+                 positions: torch.Tensor, tables: torch.Tensor, writes: tuple[torch.Tensor, torch.Tensor],
+                 mask: torch.Tensor) -> torch.Tensor:
+    """One layer of a decode step, h (B, 1, C) (Attention.decode says what the rest are)."""
+    h = h + layer.self_attn.decode(layer.input_layernorm(h), cos, sin, positions, tables, writes, mask)
     return h + layer.mlp(layer.post_attention_layernorm(h))
 
 
@@ -328,28 +354,53 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.max_slots = 0
+        self.num_blocks = 0
+        self.block_size = 0
+        self.max_seqs = 0
         self.max_seq_len = 0
+        self.padding_row = 0
         self.uncompile_layers()
 
     # -- set-up -------------------------------------------------------------------------
-    def setup_caches(self, max_slots: int, max_seq_len: int, kv_cache_dtype: torch.dtype | None = None,
-                     decode_kernel: bool = False) -> None:
-        """Allocate the KV cache (in the weights' dtype unless `kv_cache_dtype`) and the RoPE
-        tables once, on the weights' device; `decode_kernel`: decode attention by the Triton kernel."""
+    def setup_caches(self, num_blocks: int, block_size: int, max_seqs: int, max_seq_len: int,
+                     kv_cache_dtype: torch.dtype | None = None, decode_kernel: bool = False) -> None:
+        """Allocate once, on the weights' device: each layer's pool of `num_blocks` KV-cache blocks of
+        `block_size` positions (block 0 the null block, kv_blocks.NULL_BLOCK; in the weights' dtype
+        unless `kv_cache_dtype`), the block tables of `max_seqs` sequences of up to `max_seq_len`
+        tokens, and the RoPE tables. `decode_kernel`: decode attention by the Triton kernel.
+
+        Block-table row r (0 <= r < max_seqs) is the table of the sequence the caller put there
+        (set_block_table); row max_seqs, `padding_row`, stays all null blocks, for the padding rows
+        of a CUDA graph's batch bucket."""
         c = self.config
         weight = self.lm_head.weight
         for layer in self.model.layers:
-            layer.self_attn.cache = KVCache(max_slots, c.num_key_value_heads, max_seq_len, c.head_dim,
-                                            kv_cache_dtype or weight.dtype, weight.device)
+            layer.self_attn.cache = KVBlockPool(num_blocks, c.num_key_value_heads, block_size, c.head_dim,
+                                                kv_cache_dtype or weight.dtype, weight.device)
             layer.self_attn.decode_kernel = decode_kernel
+        # int32: what the decode kernel loads; every entry no sequence owns is the null block.
+        tables = torch.full((max_seqs + 1, blocks_needed(max_seq_len, block_size)), NULL_BLOCK, dtype=torch.int32)
+        self.register_buffer("block_tables", tables.to(weight.device), persistent=False)
         # Tables in float32 then cast, as transformers' LlamaRotaryEmbedding does per call.
         positions = torch.arange(max_seq_len, dtype=torch.float32)
         freqs = torch.outer(positions, rope_inv_freq(c))  # (S, hs/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (S, hs)
         self.register_buffer("rope_cos", emb.cos().to(weight.device, weight.dtype), persistent=False)
         self.register_buffer("rope_sin", emb.sin().to(weight.device, weight.dtype), persistent=False)
-        self.max_slots, self.max_seq_len = max_slots, max_seq_len
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.max_seqs, self.max_seq_len, self.padding_row = max_seqs, max_seq_len, max_seqs
+
+    def set_block_table(self, row: int, blocks: list[int]) -> None:
+        """Make `blocks` the block table in row `row` (positions 0..len(blocks) * block_size - 1), the
+        rest of the row the null block."""
+        if not 0 <= row < self.max_seqs:
+            raise ValueError(f"block-table row {row} is not one of 0..{self.max_seqs - 1}")
+        width = self.block_tables.shape[1]
+        if len(blocks) > width:
+            raise ValueError(f"{len(blocks)} blocks exceed a block table's {width} ({self.max_seq_len} tokens)")
+        table = torch.full((width,), NULL_BLOCK, dtype=torch.int32)
+        table[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        self.block_tables[row].copy_(table)
 
     def fuse(self) -> None:
         """Concatenate q/k/v and gate/up weights: 4 GEMMs a layer instead of 7. The same
@@ -386,19 +437,27 @@ class LlamaForCausalLM(nn.Module):
     @torch.inference_mode()
     def prefill(self, inputs_embeds: torch.Tensor, segments: list[tuple[int, int, int]]) -> torch.Tensor:
         """inputs_embeds (1, N, C): prompt chunks of several sequences packed one after another,
-        segments [(slot, start, length)] with lengths summing to N → logits of each segment's
-        last token (S, V), float32."""
+        segments [(row, start, length)] with lengths summing to N: positions start..start+length-1
+        of the sequence whose block table is in row `row` → logits of each segment's last token
+        (S, V), float32."""
         device = inputs_embeds.device
         if sum(length for _, _, length in segments) != inputs_embeds.shape[1]:
             raise ValueError(f"segments of {[n for _, _, n in segments]} tokens do not pack {inputs_embeds.shape[1]}")
-        masks = []
-        for _, start, length in segments:
+        prefixes = []
+        for row, start, length in segments:
             if start + length > self.max_seq_len:
                 raise ValueError(f"sequence of {start + length} tokens exceeds the cache's {self.max_seq_len}")
+            end = start + length
             # A later chunk: row i (position start+i) attends to cache positions 0..start+i.
-            masks.append(None if start == 0 else torch.arange(start + length, device=device)[None, :]
-                         <= torch.arange(start, start + length, device=device)[:, None])
-        positions = torch.cat([torch.arange(start, start + length) for _, start, length in segments]).to(device)
+            prefixes.append(None if start == 0 else (
+                self.block_tables[row, : blocks_needed(end, self.block_size)],
+                torch.arange(end, device=device)[None, :] <= torch.arange(start, end, device=device)[:, None]))
+        lengths = [length for _, _, length in segments]
+        positions = torch.cat([torch.arange(start, start + length) for _, start, length in segments])
+        rows = torch.repeat_interleave(torch.tensor([row for row, _, _ in segments]), torch.tensor(lengths))
+        positions, rows = torch.stack([positions, rows]).to(device)  # one copy to the device
+        # Where each token's key and value go: its position's block and offset in its sequence's table.
+        writes = self.block_tables[rows, positions // self.block_size], positions % self.block_size
         cos = self.rope_cos[positions][None, None]  # (1, 1, N, hs)
         sin = self.rope_sin[positions][None, None]
         # An inference tensor like every later layer's input: the compiled layers would compile
@@ -406,42 +465,52 @@ class LlamaForCausalLM(nn.Module):
         h = inputs_embeds.clone()
         for layer in self.model.layers:
             qkv = self.prefill_qkv(layer, h, cos, sin)  # q, k, v, and k, v in the cache's dtype
-            h = self.prefill_out(layer, h, layer.self_attn.attend(*qkv, segments, masks))
+            h = self.prefill_out(layer, h, layer.self_attn.attend(*qkv, writes, lengths, prefixes))
         last = torch.tensor([length for _, _, length in segments]).cumsum(0).to(device) - 1
         # The norm is per token: normalising only the last tokens gives the same logits.
         return self.lm_head(self.model.norm(h[0, last])).float()
 
     @torch.inference_mode()
-    def prefill_first_chunk(self, inputs_embeds: torch.Tensor, slot: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    def prefill_first_chunk(self, inputs_embeds: torch.Tensor, row: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
         """`prefill` of one sequence's first chunk with no host values, for cuda_graphs.PrefillGraphs:
-        inputs_embeds (1, T, C) at positions 0..T-1 of the slot in `slot` (1,) → logits (1, V),
-        float32, of the token at index `last` (1,). Tokens after `last` may be padding: attention
-        is causal, so they change nothing before them, and the cache positions they write are
-        written again (prefill or decode) before any query reads them."""
+        inputs_embeds (1, T, C) at positions 0..T-1 of the sequence whose block table is in row
+        `row` (1,) → logits (1, V), float32, of the token at index `last` (1,). Tokens after `last`
+        may be padding: attention is causal, so they change nothing before them, and the cache
+        positions they write are the null block's (past the sequence's blocks) or written again
+        (prefill or decode) before any query reads them."""
         T = inputs_embeds.shape[1]
         if T > self.max_seq_len:
             raise ValueError(f"chunk of {T} tokens exceeds the cache's {self.max_seq_len}")
+        positions = torch.arange(T, device=inputs_embeds.device)
+        table = self.block_tables.index_select(0, row)[0]  # (width,), no host value read
+        writes = table[positions // self.block_size], positions % self.block_size
         cos = self.rope_cos[:T][None, None]  # (1, 1, T, hs)
         sin = self.rope_sin[:T][None, None]
         h = inputs_embeds.clone()  # an inference tensor (see prefill)
         for layer in self.model.layers:
             q, k, v, k_cached, v_cached = self.prefill_qkv(layer, h, cos, sin)
-            h = self.prefill_out(layer, h, layer.self_attn.attend_first_chunk(q, k, v, k_cached, v_cached, slot))
+            h = self.prefill_out(layer, h, layer.self_attn.attend_first_chunk(q, k, v, k_cached, v_cached, writes))
         return self.lm_head(self.model.norm(h[0].index_select(0, last))).float()
 
     @torch.inference_mode()
-    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, length: int) -> torch.Tensor:
-        """input_ids (B,), positions (B,) for the sequences in slots 0..B-1 → logits (B, V), float32.
+    def decode(self, input_ids: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, length: int) -> torch.Tensor:
+        """input_ids (B,) at positions (B,) of the sequences whose block tables are in rows (B,)
+        → logits (B, V), float32.
 
-        Attention reads cache positions 0..length-1 (a row attends to those up to its position).
+        Attention reads cache positions 0..length-1 at most, rounded up to whole blocks (a row
+        attends to those up to its position): every position must be below `length`.
         """
         positions = positions.clone()  # an inference tensor, whatever the caller's (see prefill)
+        num_blocks = blocks_needed(length, self.block_size)
+        tables = self.block_tables[rows, :num_blocks]  # (B, nb)
+        writes = self.block_tables[rows, positions // self.block_size], positions % self.block_size
         cos = self.rope_cos[positions][:, None, None]  # (B, 1, 1, hs)
         sin = self.rope_sin[positions][:, None, None]
-        mask = (torch.arange(length, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
+        span = num_blocks * self.block_size
+        mask = (torch.arange(span, device=positions.device)[None, :] <= positions[:, None])[:, None, None, :]
         h = self.embed(input_ids)[:, None]  # (B, 1, C)
         for layer in self.model.layers:
-            h = self.decode_layer(layer, h, cos, sin, positions, mask)  # mask (B, 1, 1, L)
+            h = self.decode_layer(layer, h, cos, sin, positions, tables, writes, mask)  # mask (B, 1, 1, L)
         return self.lm_head(self.model.norm(h[:, 0])).float()
 
     # -- weights ------------------------------------------------------------------------

@@ -157,14 +157,17 @@ METRIC_INTER_TOKEN_LATENCY = Metric("llava_inter_token_latency_seconds", "histog
                                     "Time between consecutive tokens of a request")
 METRIC_PROMPT_TOKENS = Metric("llava_prompt_tokens_total", "counter", "Prompt tokens received (image tokens included)")
 METRIC_GENERATION_TOKENS = Metric("llava_generation_tokens_total", "counter", "Tokens generated")
-METRIC_REQUESTS_RUNNING = Metric("llava_requests_running", "gauge", "Requests holding a KV-cache slot")
-METRIC_REQUESTS_WAITING = Metric("llava_requests_waiting", "gauge", "Requests waiting for a KV-cache slot")
-METRIC_KV_CACHE_USAGE = Metric("llava_kv_cache_usage_ratio", "gauge", "Fraction of KV-cache slots in use")
+METRIC_REQUESTS_RUNNING = Metric("llava_requests_running", "gauge", "Requests holding KV-cache blocks")
+METRIC_REQUESTS_WAITING = Metric("llava_requests_waiting", "gauge", "Requests waiting for KV-cache blocks")
+METRIC_KV_CACHE_USAGE = Metric("llava_kv_cache_usage_ratio", "gauge",
+                               "Fraction of KV-cache blocks in use (reserved by admitted requests)")
+METRIC_KV_CACHE_FREE_BLOCKS = Metric("llava_kv_cache_free_blocks", "gauge", "KV-cache blocks free")
 METRIC_REQUESTS_REFUSED = Metric("llava_requests_refused_total", "counter",
                                  "Requests the language model refused or dropped, by reason", label="reason",
                                  label_values=REFUSAL_REASONS)
 METRICS = (METRIC_TIME_TO_FIRST_TOKEN, METRIC_INTER_TOKEN_LATENCY, METRIC_PROMPT_TOKENS, METRIC_GENERATION_TOKENS,
-           METRIC_REQUESTS_RUNNING, METRIC_REQUESTS_WAITING, METRIC_KV_CACHE_USAGE, METRIC_REQUESTS_REFUSED)
+           METRIC_REQUESTS_RUNNING, METRIC_REQUESTS_WAITING, METRIC_KV_CACHE_USAGE, METRIC_KV_CACHE_FREE_BLOCKS,
+           METRIC_REQUESTS_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -286,7 +289,7 @@ RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for pref
 POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes",
                     "max_image_pixels", "max_prompt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
-                    "max_queue_size", "max_request_bytes", "queue_timeout_us",
+                    "kv_block_size", "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
 
 
@@ -339,14 +342,21 @@ class ServingConfig:
     # TTFT at c=1 (two steps' queues, 0.66 and 0.63 ms against 0.11 and 0.10) and gave no larger
     # batches at c=128 (3.56 against 3.41).
     vision_max_queue_delay_us: int = _option(0, "how long (µs) a lone image waits for others to batch with")
-    max_num_seqs: int = _option(32, "sequences decoded together; more wait in the language model's queue")
+    max_num_seqs: int = _option(32, "sequences admitted together (prefilling or decoding; the decode batch); more "
+                                "wait in the language model's queue")
     # 1024: a LLaVA-1.5 prompt (576 image tokens and the text) is one chunk, which PrefillGraphs
     # replays from a CUDA graph; a step of 1024 tokens takes ~25 ms of a 7B's bf16 GEMMs on the H100.
     prefill_chunk_tokens: int = _option(1024, "prompt tokens prefilled per step, so that a long prompt does not "
                                         "stall running decodes")
-    max_seq_len: int = _option(0, "tokens per KV-cache slot (prompt and output); 0 = the model's context length")
+    max_seq_len: int = _option(0, "tokens one request may use (prompt and output); 0 = the model's context length")
+    # 16: a request wastes at most 15 positions of its last block (a 50-token prompt's 4 blocks hold
+    # 64), and llava_triton.decode_attention reads 64 positions a tile anyway, gathering 4 blocks of
+    # 16 positions each a contiguous 4 KiB per head (bfloat16, head_dim 128): larger blocks would
+    # save a few int32 block-id loads per tile and waste more. The size vLLM and FlashInfer default to.
+    kv_block_size: int = _option(16, "token positions per KV-cache block; a request reserves the blocks of its "
+                                 "prompt and max_tokens when it is admitted")
     kv_cache_memory_fraction: float = _option(0.8, "share of the GPU memory free after the weights that the "
-                                              "KV cache takes")
+                                              "KV cache takes (at most max_num_seqs x max_seq_len tokens)")
     # FP8 (e4m3, unscaled, saturating) is half the bytes of bfloat16, so twice the tokens fit and decode
     # attention reads half as much. Not bit-exact with transformers: keys and values keep 3 mantissa bits.
     kv_cache_dtype: str = _option("auto", "KV-cache element type: auto = the model's dtype; fp8_e4m3 = FP8, "
@@ -362,12 +372,11 @@ class ServingConfig:
     vision_weight_dtype: str = _option("auto", "the vision encoder's layer projections and the projector's "
                                        "linears: auto = the model's dtype; fp8_e4m3 = FP8 (not bit-exact)",
                                        STORAGE_DTYPES)
-    # "triton" = llava_triton.decode_attention (each sequence reads only its own length; reads an FP8
-    # cache), "sdpa" = PyTorch's scaled_dot_product_attention over the length bucket. With a bfloat16
-    # cache triton measured no faster than SDPA.
-    decode_attention: str = _option("auto", "decode attention: triton, sdpa, or auto = triton for an FP8 cache "
-                                    "on a GPU where the triton package is importable, else sdpa",
-                                    ("auto", "triton", "sdpa"))
+    # "triton" = llava_triton.decode_attention (each sequence reads only its own length, through its
+    # block table, in the cache's dtype), "sdpa" = PyTorch's scaled_dot_product_attention over a
+    # gathered copy of the length bucket (lm_runtime.use_decode_kernel says why auto picks triton).
+    decode_attention: str = _option("auto", "decode attention: triton, sdpa, or auto = triton on a GPU where the "
+                                    "triton package is importable, else sdpa", ("auto", "triton", "sdpa"))
     cuda_graphs: bool = _option(True, "on a GPU, replay decode steps and the vision models from CUDA graphs "
                                 "(captured at load)")
     # At load, before capturing the graphs; eager layers if it cannot compile (no C compiler).

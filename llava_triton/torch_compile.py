@@ -41,14 +41,17 @@ def compile_model(model: LlamaForCausalLM) -> bool:
     device = model.lm_head.weight.device
 
     def warm_up() -> None:
-        # Dummy tokens at cache positions that every request writes before it reads them. Odd
-        # sizes: a size equal to one of the model's (head_dim...) would be compiled as a constant.
+        # Dummy tokens through block-table rows that no request holds yet: all null blocks, so the
+        # keys and values land in the null block. Odd sizes: a size equal to one of the model's
+        # (head_dim...) would be compiled as a constant.
         embeds = torch.zeros(1, 13, model.config.hidden_size, device=device, dtype=model.lm_head.weight.dtype)
-        model.prefill(embeds, [(0, 0, 6), (min(1, model.max_slots - 1), 0, 7)])
+        model.prefill(embeds, [(0, 0, 6), (min(1, model.max_seqs - 1), 0, 7)])
         # Batch 1 is compiled apart from the dynamic-shape version the other batches share.
-        for batch in sorted({1, min(2, model.max_slots)}):
-            positions = torch.full((batch,), model.max_seq_len - 1, device=device)
-            model.decode(torch.zeros_like(positions), positions, max(model.max_seq_len // 2, 1))
+        length = max(model.max_seq_len // 2, 1)
+        for batch in sorted({1, min(2, model.max_seqs)}):
+            positions = torch.full((batch,), length - 1, device=device)
+            rows = torch.full((batch,), model.padding_row, device=device)
+            model.decode(torch.zeros_like(positions), positions, rows, length)
 
     return compile_or_eager(model, "the language model", warm_up)
 

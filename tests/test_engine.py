@@ -12,7 +12,8 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 from export.language_model import export_language_model
 from export.vision_weights import load_from_checkpoint
-from llava_triton.engine import Engine, Output, count_images
+from llava_triton import lm_runtime
+from llava_triton.engine import Engine, Metrics, Output, count_images
 from llava_triton.errors import InvalidRequestError, ServerBusyError
 from llava_triton.llama import LlamaForCausalLM
 from llava_triton.lm_runtime import prepare_language_model
@@ -87,6 +88,12 @@ def make_engine(parts, **serving) -> Engine:
     return Engine(prepared(parts, serving), tokenizer, model_spec, serving)
 
 
+def assert_all_free(engine: Engine) -> None:
+    """Every block-table row and KV-cache block back, nothing running or waiting."""
+    assert engine.free_rows == engine.max_seqs and engine.free_blocks == engine.blocks.capacity
+    assert not engine.has_work()
+
+
 def run_until_done(engine: Engine, sinks: list[Collect], max_steps: int = 1000) -> None:
     for _ in range(max_steps):
         if all(s.done for s in sinks):
@@ -108,7 +115,7 @@ def hf_greedy(hf, input_ids: torch.Tensor, max_new_tokens: int, pixel_values=Non
 
 def test_greedy_batch_matches_transformers_with_chunked_prefill_and_queueing(parts):
     _, model_spec, tokenizer, hf = parts
-    # Two slots for four requests: two wait and join between decode steps. Chunks of 5 tokens
+    # Two sequences at a time for four requests: two wait and join between decode steps. Chunks of 5 tokens
     # make every prompt take several prefill steps while others decode.
     engine = make_engine(parts, max_num_seqs=2, prefill_chunk_tokens=5)
     prompts = ["What is in the picture?", "Describe a cat.", "One", "Tell me a long story about the sea and sky."]
@@ -123,7 +130,7 @@ def test_greedy_batch_matches_transformers_with_chunked_prefill_and_queueing(par
         assert sink.token_ids == expected[: len(sink.token_ids)]
         # Shorter only when EOS came first.
         assert len(sink.token_ids) == len(expected) or sink.token_ids[-1] in model_spec.eos_token_id
-    assert engine.free_slots == 2 and engine.num_running == 0
+    assert_all_free(engine)
 
 
 def test_image_embeddings_are_merged_like_transformers(parts):
@@ -189,8 +196,8 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
 
 def test_the_model_is_prepared_before_the_engine_gets_it(parts):
     """prepare_language_model does the preparing (here on the CPU: fused projections, a KV cache of
-    max_num_seqs slots of the serving token limit, the model's own steps; compiled layers and CUDA
-    graphs only on a GPU, see tests/test_gpu.py); the engine takes the result as it is."""
+    blocks for max_num_seqs sequences of the serving token limit, the model's own steps; compiled
+    layers and CUDA graphs only on a GPU, see tests/test_gpu.py); the engine takes the result as it is."""
     _, model_spec, tokenizer, _ = parts
     serving = ServingConfig(max_num_seqs=3, max_seq_len=48)
     runtime = prepared(parts, serving)
@@ -198,13 +205,16 @@ def test_the_model_is_prepared_before_the_engine_gets_it(parts):
     attention = model.model.layers[0].self_attn
     qkv_proj = attention.qkv_proj
     assert qkv_proj is not None and not hasattr(attention, "q_proj")
-    assert (runtime.num_slots, runtime.max_seq_len) == (model.max_slots, model.max_seq_len) == (3, 48)
-    assert attention.cache.k.shape[0] == 3 and attention.cache.k.shape[2] == 48
+    # 3 sequences of 48 tokens in blocks of 16 (the default kv_block_size), and the null block.
+    assert (runtime.num_blocks, runtime.block_size, runtime.max_seqs, runtime.max_seq_len) == (10, 16, 3, 48)
+    assert (model.num_blocks, model.block_size, model.max_seqs, model.max_seq_len) == (10, 16, 3, 48)
+    assert attention.cache.k.shape[0] == 10 and attention.cache.k.shape[2] == 16
+    assert model.block_tables.shape == (4, 3)  # a row per sequence and the padding row
     assert attention.cache.k.dtype == runtime.dtype == torch.float32 and runtime.device == torch.device("cpu")
     assert runtime.decode_step == model.decode and runtime.prefill_step == model.prefill
     engine = Engine(runtime, tokenizer, model_spec, serving)
     assert engine.model is model and attention.qkv_proj is qkv_proj  # not prepared again
-    assert (engine.num_slots, engine.max_seq_len, engine.free_slots) == (3, 48, 3)
+    assert (engine.max_seqs, engine.max_seq_len, engine.free_rows, engine.free_blocks) == (3, 48, 3, 9)
     assert engine.decode_step == model.decode and engine.prefill_step == model.prefill
     with pytest.raises(ValueError, match="prepared for sequences of 48 tokens, the serving config allows 64"):
         Engine(runtime, tokenizer, model_spec, ServingConfig(max_num_seqs=3, max_seq_len=64))
@@ -257,7 +267,7 @@ def test_seeded_sampling_is_reproducible_whatever_runs_beside_it(parts):
     assert other_seed.token_ids != runs[0]
 
 
-def test_cancelled_request_frees_its_slot_and_others_continue(parts):
+def test_cancelled_request_frees_its_blocks_and_others_continue(parts):
     _, _, tokenizer, hf = parts
     engine = make_engine(parts, max_num_seqs=2)
     ids = prompt_ids(tokenizer, "Count to ten.")
@@ -266,20 +276,24 @@ def test_cancelled_request_frees_its_slot_and_others_continue(parts):
     engine.submit(ids, None, params(max_tokens=10), survivor)
     engine.step()
     engine.step()
-    assert engine.free_slots == 0
+    survivor_blocks = engine.blocks.blocks_for(len(ids) + 10 - 1)
+    assert engine.free_rows == 0
+    assert engine.free_blocks == engine.blocks.capacity - survivor_blocks - engine.blocks.blocks_for(len(ids) + 50 - 1)
     victim.cancel = True
     engine._last_cancel_check = 0.0  # the next step checks cancellation now
     engine.step()
-    assert victim.errors == ["request cancelled"] and engine.free_slots == 1
+    assert victim.errors == ["request cancelled"] and engine.free_rows == 1
+    assert engine.free_blocks == engine.blocks.capacity - survivor_blocks
     run_until_done(engine, [survivor])
     assert survivor.token_ids == hf_greedy(hf, ids, 10)[: len(survivor.token_ids)]
+    assert_all_free(engine)
 
 
 def test_full_queue_refuses_at_once(parts):
     _, _, tokenizer, _ = parts
     engine = make_engine(parts, max_queue_size=2, max_num_seqs=1)
     ids = prompt_ids(tokenizer, "Hi")
-    for _ in range(3):  # one for the free slot, two queued
+    for _ in range(3):  # one for the free row, two queued
         engine.submit(ids, None, params(), Collect())
     with pytest.raises(ServerBusyError, match="queue is full"):
         engine.submit(ids, None, params(), Collect())
@@ -295,7 +309,7 @@ def test_abort_all_fails_every_request(parts):
     engine.step()
     engine.abort_all("the server is shutting down")
     assert [s.errors for s in sinks] == [["the server is shutting down"]] * 2
-    assert engine.free_slots == SERVING.max_num_seqs and not engine.has_work()
+    assert_all_free(engine)
 
 
 def test_engine_thread_serves_concurrent_submitters(parts):
@@ -358,13 +372,14 @@ def test_a_request_finishing_while_another_prefills_releases_only_itself(parts):
     run_until_done(engine, [short, long_prompt])
     assert short.errors == long_prompt.errors == []
     assert len(short.token_ids) == 2 and len(long_prompt.token_ids) == 3
-    assert engine.free_slots == SERVING.max_num_seqs
+    assert_all_free(engine)
 
 
 def test_max_seq_len_bounds_each_request(parts):
     _, _, tokenizer, _ = parts
     engine = make_engine(parts, max_seq_len=40)
-    assert engine.max_seq_len == 40 and engine.num_slots == SERVING.max_num_seqs  # CPU: no memory sizing
+    # CPU: no memory sizing, blocks for max_num_seqs sequences of max_seq_len
+    assert engine.max_seq_len == 40 and engine.blocks.capacity == SERVING.max_num_seqs * 3
     ids = prompt_ids(tokenizer, "Hi")
     with pytest.raises(InvalidRequestError, match="context length of 40"):
         engine.submit(ids, None, params(max_tokens=40), Collect())
@@ -407,7 +422,7 @@ def test_non_finite_image_embeddings_are_refused_at_prefill_and_the_others_go_on
     assert broken.errors == ["image_embeds holds NaN or infinite values"] and not broken.outputs
     assert refused == ["invalid"]
     assert good.errors == [] and len(good.token_ids) == 3
-    assert engine.free_slots == engine.num_slots
+    assert_all_free(engine)
 
 
 def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, monkeypatch):
@@ -416,13 +431,13 @@ def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, mon
     calls = []
     prefill = engine.prefill_step  # the model's prefill, or PrefillGraphs on a GPU
 
-    def failing_for_slot_1(embeds, segments):
-        calls.append([slot for slot, _, _ in segments])
-        if any(slot == 1 for slot, _, _ in segments):
+    def failing_for_row_1(embeds, segments):
+        calls.append([row for row, _, _ in segments])
+        if any(row == 1 for row, _, _ in segments):
             raise RuntimeError("injected fault")
         return prefill(embeds, segments)
 
-    monkeypatch.setattr(engine, "prefill_step", failing_for_slot_1)
+    monkeypatch.setattr(engine, "prefill_step", failing_for_row_1)
     prompts = ["What is in the picture?", "Describe a cat.", "Tell me a long story about the sea and sky."]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     sinks = [Collect() for _ in prompts]
@@ -435,7 +450,7 @@ def test_prompts_are_prefilled_together_and_a_failing_one_fails_alone(parts, mon
     for i in (0, 2):
         assert sinks[i].errors == []
         assert sinks[i].token_ids == hf_greedy(hf, ids[i], 5)[: len(sinks[i].token_ids)]
-    assert engine.free_slots == SERVING.max_num_seqs
+    assert_all_free(engine)
 
 
 @pytest.mark.parametrize("decode_attention", ["sdpa", "triton"])
@@ -460,7 +475,7 @@ def test_fp8_kv_cache_serves_and_its_first_token_matches_transformers(parts, dec
     for x, sink in zip(ids, sinks):
         assert sink.errors == [] and len(sink.token_ids) == 8
         assert sink.token_ids[0] == hf_greedy(hf, x, 1)[0]
-    assert engine.free_slots == 2
+    assert_all_free(engine)
 
 
 def test_fp8_weights_serve(parts):
@@ -476,3 +491,70 @@ def test_fp8_weights_serve(parts):
         engine.submit(prompt_ids(tokenizer, text), None, params(max_tokens=6, ignore_eos=True), sink)
     run_until_done(engine, sinks)
     assert [len(s.token_ids) for s in sinks] == [6, 6] and not any(s.errors for s in sinks)
+
+
+class Occupancy(Metrics):
+    def __init__(self):
+        self.seen: list[tuple[int, int, float, int]] = []
+
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
+        self.seen.append((running, waiting, kv_cache_usage, free_blocks))
+
+
+def test_admission_follows_the_blocks_requests_use(parts, monkeypatch):
+    """A pool smaller than max_num_seqs sequences of max_seq_len (as on a GPU short of memory): a
+    request is admitted when the blocks of its prompt and max_tokens are free, not a worst-case slot,
+    and waits for blocks otherwise; every answer still equals transformers'; a request larger than
+    the whole pool is refused by name; the metrics show the blocks; every block comes back."""
+    _, model_spec, tokenizer, hf = parts
+    monkeypatch.setattr(lm_runtime, "kv_cache_blocks", lambda model, serving, max_seq_len: 1 + 10)
+    serving = ServingConfig(max_num_seqs=8, max_seq_len=48, kv_block_size=4)
+    metrics = Occupancy()
+    engine = Engine(prepared(parts, serving), tokenizer, model_spec, serving, metrics=metrics)
+    assert (engine.blocks.capacity, engine.blocks.block_size) == (10, 4)
+    prompts = ["Describe a cat.", "One", "What is in the picture?"]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    # Each takes 4 blocks (16 positions) with its max_tokens, a fifth of a max_seq_len sequence's 12.
+    max_tokens = [4 * 4 - len(x) + 1 for x in ids]
+    assert all(0 < n for n in max_tokens) and all(engine.blocks.blocks_for(len(x) + n - 1) == 4
+                                                 for x, n in zip(ids, max_tokens))
+    sinks = [Collect() for _ in prompts]
+    for x, n, sink in zip(ids, max_tokens, sinks):
+        engine.submit(x, None, params(max_tokens=n, ignore_eos=True), sink)
+    engine.step()
+    # Two fit in 10 blocks; the third waits for blocks although 6 of the 8 rows are free.
+    assert (engine.num_running, engine.num_waiting, engine.free_blocks, engine.free_rows) == (2, 1, 2, 6)
+    assert metrics.seen[-1] == (2, 1, 0.8, 2)
+    run_until_done(engine, sinks)
+    for x, n, sink in zip(ids, max_tokens, sinks):
+        assert sink.errors == [] and sink.token_ids == hf_greedy(hf, x, n)
+    assert metrics.seen[-1] == (0, 0, 0.0, 10)
+    assert_all_free(engine)
+    refused = []
+    engine.metrics.request_refused = refused.append
+    with pytest.raises(InvalidRequestError, match=f"the prompt's {len(ids[1])} tokens and max_tokens "
+                       f"{48 - len(ids[1])} need 12 KV-cache blocks of 4 tokens, more than the whole KV cache's 10"):
+        engine.submit(ids[1], None, params(max_tokens=48 - len(ids[1])), Collect())
+    assert refused == ["invalid"] and not engine.has_work()
+
+
+def test_oldest_waiting_request_is_admitted_first(parts, monkeypatch):
+    """A request that does not fit yet is not overtaken by younger ones that would: a stream of
+    short requests cannot starve a long one."""
+    _, model_spec, tokenizer, _ = parts
+    monkeypatch.setattr(lm_runtime, "kv_cache_blocks", lambda model, serving, max_seq_len: 1 + 10)
+    serving = ServingConfig(max_num_seqs=8, max_seq_len=48, kv_block_size=4)
+    engine = Engine(prepared(parts, serving), tokenizer, model_spec, serving)
+    ids = prompt_ids(tokenizer, "One")
+    first, long_request, short = Collect(), Collect(), Collect()
+    engine.submit(ids, None, params(max_tokens=20 - len(ids) + 1, ignore_eos=True), first)  # 5 blocks
+    engine.submit(ids, None, params(max_tokens=28 - len(ids) + 1, ignore_eos=True), long_request)  # 7 blocks
+    engine.submit(ids, None, params(max_tokens=2, ignore_eos=True), short)  # would fit now
+    assert engine.blocks.blocks_for(len(ids) + 1) <= 3  # the short one fits beside the long one
+    engine.step()
+    assert (engine.num_running, engine.num_waiting) == (1, 2)
+    run_until_done(engine, [first])
+    engine.step()
+    assert engine.num_waiting == 0  # both admitted once the first was done
+    run_until_done(engine, [long_request, short])
+    assert_all_free(engine)

@@ -4,7 +4,7 @@ past the queue limit, shutdown with requests in flight, the language model's bac
 The cancellation tests call `language_model` directly with the raw gRPC streaming API: Triton
 2.51 does not pass a client's cancellation to a running step of an ensemble (docs/operations.md,
 "Known limits of Triton 2.51"), so through `llava` the tests only check that an abandoned stream disturbs no other.
-The server here serves a small configuration (MAX_NUM_SEQS KV-cache slots, MAX_QUEUE_SIZE
+The server here serves a small configuration (MAX_NUM_SEQS sequences at once, MAX_QUEUE_SIZE
 waiting requests) so that the limits are reached with a handful of requests.
 """
 
@@ -45,7 +45,7 @@ IMAGE_PROMPT = "What is in the picture?"
 TEXT_PROMPTS = ("Tell me a long story about the sea.", "Describe a busy market.", "Count to one hundred.",
                 "Write a poem about the moon.")
 LONG = 4000  # tokens: longer than any test waits for (the prompts leave room for it in the 4096 context)
-CANCEL_FREE_S = 1.0  # a cancelled stream's slot is back within this (the engine looks every 20 ms)
+CANCEL_FREE_S = 1.0  # a cancelled stream's blocks are back within this (the engine looks every 20 ms)
 DISCONNECT_FREE_S = 2.0  # a vanished client's: gRPC first has to notice the closed connection
 REFUSAL_S = 3.0  # a refused request hears so within this; an accepted one runs for many seconds
 # Not ready, restart, ready again: the language model's stub or the whole server, on 2 CPUs.
@@ -160,7 +160,21 @@ def prompt_ids(tiny_checkpoint) -> dict[str, np.ndarray]:
 
 # --- a client cancels or disconnects ------------------------------------------------------------
 
-def test_cancelled_stream_frees_its_kv_slot_at_once_and_the_others_go_on(fault_server, tiny_checkpoint, prompt_ids):
+def block_usage(fault_repository: Path, *requests: tuple[int, int]) -> float:
+    """kv_cache_usage_ratio while requests of (prompt tokens, max_tokens) hold their KV-cache blocks:
+    the blocks of their prompt and max_tokens over the pool's, on the CPU max_num_seqs sequences of
+    the context."""
+    from llava_triton.kv_blocks import blocks_needed
+    from llava_triton.spec import read_spec
+
+    model_spec, serving = read_spec(fault_repository / spec.LANGUAGE_MODEL / "1")
+    block = serving.kv_block_size
+    capacity = serving.max_num_seqs * blocks_needed(serving.token_limit(model_spec), block)
+    return sum(blocks_needed(prompt + max_tokens - 1, block) for prompt, max_tokens in requests) / capacity
+
+
+def test_cancelled_stream_frees_its_kv_blocks_at_once_and_the_others_go_on(fault_server, fault_repository,
+                                                                           tiny_checkpoint, prompt_ids):
     assert_idle(fault_server)
     survivor_prompts, tokens = TEXT_PROMPTS[1:3], 300
     expected = {prompt: hf_generate(tiny_checkpoint, [], prompt, tokens) for prompt in survivor_prompts}
@@ -171,16 +185,19 @@ def test_cancelled_stream_frees_its_kv_slot_at_once_and_the_others_go_on(fault_s
         assert all(s.first_token.wait(60) for s in (victim, *survivors)), "the streams did not start"
         # The gauges are set at the end of each engine step: give them that step.
         assert wait_for(lambda: kv_cache_state(fault_server.url_metrics)["running"] == 3, 5) is not None
-        assert kv_cache_state(fault_server.url_metrics)["kv_cache_usage_ratio"] == 3 / MAX_NUM_SEQS
+        survivor_blocks = [(len(prompt_ids[p]), tokens) for p in survivor_prompts]
+        usage = block_usage(fault_repository, (len(prompt_ids[TEXT_PROMPTS[0]]), LONG), *survivor_blocks)
+        assert kv_cache_state(fault_server.url_metrics)["kv_cache_usage_ratio"] == pytest.approx(usage)
         assert not any(s.done.is_set() for s in survivors), "the survivors ended before the cancellation"
 
         steps_before = len(survivors[0].token_ids)
         victim.cancel()
         freed_after = wait_for(lambda: kv_cache_state(fault_server.url_metrics)["running"] == 2, 10)
         steps = len(survivors[0].token_ids) - steps_before
-        assert freed_after is not None, "the cancelled stream still holds its KV-cache slot after 10 s"
-        assert freed_after < CANCEL_FREE_S, f"slot freed {freed_after:.2f} s ({steps} decode steps) after the cancel"
-        assert kv_cache_state(fault_server.url_metrics)["kv_cache_usage_ratio"] == 2 / MAX_NUM_SEQS
+        assert freed_after is not None, "the cancelled stream still holds its KV-cache blocks after 10 s"
+        assert freed_after < CANCEL_FREE_S, f"blocks freed {freed_after:.2f} s ({steps} decode steps) after the cancel"
+        assert kv_cache_state(fault_server.url_metrics)["kv_cache_usage_ratio"] == pytest.approx(
+            block_usage(fault_repository, *survivor_blocks))
         assert refused_count(fault_server.url_metrics, "cancelled") == before + 1
 
         assert all(s.done.wait(120) for s in survivors), "a survivor did not finish"
@@ -218,7 +235,7 @@ DISCONNECTING_CLIENT = textwrap.dedent("""
 """)
 
 
-def test_disconnected_client_frees_its_kv_slot_and_the_others_go_on(fault_server, tiny_checkpoint, prompt_ids):
+def test_disconnected_client_frees_its_kv_blocks_and_the_others_go_on(fault_server, tiny_checkpoint, prompt_ids):
     assert_idle(fault_server)
     survivor_prompt, tokens = TEXT_PROMPTS[3], 300
     expected = hf_generate(tiny_checkpoint, [], survivor_prompt, tokens)
@@ -236,8 +253,8 @@ def test_disconnected_client_frees_its_kv_slot_and_the_others_go_on(fault_server
         client.wait()
         freed_after = wait_for(lambda: kv_cache_state(fault_server.url_metrics)["running"] == 1, 10)
         steps = len(survivor.token_ids) - steps_before
-        assert freed_after is not None, "the vanished client's request still holds its KV-cache slot after 10 s"
-        assert freed_after < DISCONNECT_FREE_S, f"slot freed {freed_after:.2f} s ({steps} decode steps) after the kill"
+        assert freed_after is not None, "the vanished client's request still holds its KV-cache blocks after 10 s"
+        assert freed_after < DISCONNECT_FREE_S, f"freed {freed_after:.2f} s ({steps} decode steps) after the kill"
         assert survivor.done.wait(120) and survivor.error is None, survivor.error
         assert survivor.token_ids == expected
     finally:
@@ -250,9 +267,9 @@ def test_disconnected_client_frees_its_kv_slot_and_the_others_go_on(fault_server
 
 
 def test_abandoned_ensemble_stream_disturbs_no_other(fault_server, tiny_checkpoint):
-    """Through `llava` the abandoned stream keeps its slot to max_tokens (Triton 2.51, see the
-    module docstring); the streams around it must still get exactly their answers, and its slot
-    must come back when it ends."""
+    """Through `llava` the abandoned stream keeps its KV-cache blocks to max_tokens (Triton 2.51, see
+    the module docstring); the streams around it must still get exactly their answers, and its
+    blocks must come back when it ends."""
     assert_idle(fault_server)
     cases = [([IMAGES["png"]], "Look: <image>\nDescribe the colours."), ([IMAGES["webp"]], IMAGE_PROMPT),
              ([], TEXT_PROMPTS[1])]
@@ -271,13 +288,13 @@ def test_abandoned_ensemble_stream_disturbs_no_other(fault_server, tiny_checkpoi
             answers = list(answers)
     assert answers == expected
     returned, state, seconds = wait_kv_cache_empty(fault_server.url_metrics, 60)
-    assert returned, f"the abandoned ensemble stream's slot never came back: {state}"
+    assert returned, f"the abandoned ensemble stream's blocks never came back: {state}"
 
 
 # --- a burst past the queue limit ---------------------------------------------------------------
 
 def test_burst_past_the_queue_limit_is_refused_at_once(fault_server, prompt_ids):
-    """MAX_NUM_SEQS requests run, MAX_QUEUE_SIZE wait for a slot, every one past that is refused
+    """MAX_NUM_SEQS requests run, MAX_QUEUE_SIZE wait, every one past that is refused
     at once with UNAVAILABLE's message (the language model's queue is full), not left to time out."""
     assert_idle(fault_server)
     capacity, burst = MAX_NUM_SEQS + MAX_QUEUE_SIZE, 2 * (MAX_NUM_SEQS + MAX_QUEUE_SIZE)
@@ -315,9 +332,10 @@ class _Discard:
         return False
 
 
-def test_requests_that_will_get_a_free_slot_do_not_fill_the_queue(tiny_checkpoint, fault_repository):
+def test_requests_that_will_be_admitted_do_not_fill_the_queue(tiny_checkpoint, fault_repository):
     """The engine's side of the burst, without a server and without the race: requests submitted
-    between two steps while slots are free get those slots at the next step; only the rest wait.
+    between two steps while sequences of max_num_seqs are free (and blocks for them) are admitted at
+    the next step; only the rest wait.
     So max_num_seqs + max_queue_size are accepted, and the next one is refused."""
     import torch
 
@@ -340,7 +358,7 @@ def test_requests_that_will_get_a_free_slot_do_not_fill_the_queue(tiny_checkpoin
         try:
             engine.submit(ids, None, params, _Discard())
         except ServerBusyError as error:
-            pytest.fail(f"request {accepted + 1} refused with {engine.free_slots} KV-cache slots free: {error}")
+            pytest.fail(f"request {accepted + 1} refused with {engine.free_rows} of max_num_seqs free: {error}")
     with pytest.raises(ServerBusyError, match="queue is full"):
         engine.submit(ids, None, params, _Discard())
 

@@ -5,7 +5,7 @@ weights, and a model served with them. The GEMV kernel runs in Triton's interpre
 import pytest
 import torch
 import torch.nn.functional as F
-from test_llama import CONFIG
+from test_llama import CONFIG, setup_blocks
 from torch import nn
 
 from llava_triton import fp8
@@ -103,7 +103,7 @@ def test_quantized_model_stays_close_to_the_full_one(compiled):
     quantized = LlamaForCausalLM(CONFIG).eval().to(DEVICE)
     results = []
     for model, quantize in ((full, False), (quantized, True)):
-        model.setup_caches(4, 64)
+        setup_blocks(model)
         model.fuse()
         if quantize:
             model.quantize_fp8()
@@ -118,8 +118,9 @@ def test_quantized_model_stays_close_to_the_full_one(compiled):
         logits = [model.prefill(x, [(0, 0, 5), (1, 0, 6)])]
         for step in range(3):
             ids = torch.tensor([3, 9], device=DEVICE) + step
-            logits.append(model.decode(ids, torch.tensor([5, 6], device=DEVICE) + step, 16))
-            logits.append(model.decode(ids[:1], torch.tensor([5], device=DEVICE) + step, 16))  # batch 1
+            rows = torch.tensor([0, 1], device=DEVICE)
+            logits.append(model.decode(ids, torch.tensor([5, 6], device=DEVICE) + step, rows, 16))
+            logits.append(model.decode(ids[:1], torch.tensor([5], device=DEVICE) + step, rows[:1], 16))  # batch 1
         results.append(logits)
     for got, expected in zip(results[1], results[0]):
         assert not torch.equal(got, expected)

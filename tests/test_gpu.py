@@ -6,6 +6,7 @@ the language model's decode and prefill steps; and the language model prepared a
 import numpy as np
 import pytest
 import torch
+from test_llama import row_positions, setup_blocks
 from transformers import CLIPVisionConfig
 
 from llava_triton import vision
@@ -123,16 +124,22 @@ def test_decode_graphs_match_eager_decode():
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
     model = LlamaForCausalLM(config).cuda().eval()
-    model.setup_caches(max_slots=4, max_seq_len=64)
+    setup_blocks(model, rows=4, seq_len=64, block_size=4)  # each row's blocks scattered over the pool
     graphs = DecodeGraphs(model, max_batch=4, length_step=16)
     assert graphs.batch_buckets == [1, 2, 4] and graphs.length_buckets == [16, 32, 48, 64]
     with torch.inference_mode():
-        for slot in range(3):  # three prompts of different lengths, prefilled eagerly
-            model.prefill(torch.randn(1, 5 + slot, 64, device="cuda"), [(slot, 0, 5 + slot)])
+        for row in range(3):  # three prompts of different lengths, prefilled eagerly
+            model.prefill(torch.randn(1, 5 + row, 64, device="cuda"), [(row, 0, 5 + row)])
         ids = torch.tensor([3, 7, 11], device="cuda")
         positions = torch.tensor([5, 6, 7], device="cuda")
-        eager = model.decode(ids, positions, 8).clone()
-        replayed = graphs(ids, positions, 8).clone()  # batch 3 padded to 4, length 8 to 16
+        rows = torch.tensor([2, 0, 1], device="cuda")
+        eager = model.decode(ids, positions[rows], rows, 8).clone()
+        before = [layer.self_attn.cache.k.clone() for layer in model.model.layers]
+        replayed = graphs(ids, positions[rows], rows, 8).clone()  # batch 3 padded to 4, length 8 to 16
+        # The padding row wrote the null block only: row 3's blocks (not in the batch) are as they were.
+        row_3 = model.block_tables[3].long()
+        for layer, k in zip(model.model.layers, before):
+            assert torch.equal(layer.self_attn.cache.k[row_3], k[row_3])
     # Batch 3 runs as a padded batch of 4: another GEMM kernel may round differently.
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
 
@@ -151,7 +158,8 @@ def test_prefill_graphs_match_eager_prefill(weights):
     model.fuse()
     if weights == "fp8_e4m3":  # with an FP8 KV cache too
         model.quantize_fp8()
-    model.setup_caches(max_slots=4, max_seq_len=64, kv_cache_dtype=torch.float8_e4m3fn if weights != "auto" else None)
+    setup_blocks(model, rows=4, seq_len=64, block_size=16,
+                 kv_cache_dtype=torch.float8_e4m3fn if weights != "auto" else None)
     with torch.inference_mode():
         assert compile_model(model)
         graphs = PrefillGraphs(model, max_tokens=40, step=16)
@@ -162,13 +170,14 @@ def test_prefill_graphs_match_eager_prefill(weights):
         model.prefill = lambda *args: calls.append(args[1]) or eager_prefill(*args)
         x = torch.randn(1, 23, 64, device="cuda", dtype=torch.bfloat16)
         got = graphs(x, [(2, 0, 23)])  # padded to 32
-        cache = [layer.self_attn.cache.k[2, :, :23].clone() for layer in model.model.layers]
+        cache = [row_positions(model, layer.self_attn.cache.k, 2)[:, :23].clone() for layer in model.model.layers]
         assert calls == []
         expected = eager_prefill(x, [(2, 0, 23)])
         # Another GEMM size (32 rows, not 23) may round differently in bf16.
         torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)
         for layer, k in zip(model.model.layers, cache):
-            torch.testing.assert_close(k.float(), layer.self_attn.cache.k[2, :, :23].float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(k.float(), row_positions(model, layer.self_attn.cache.k, 2)[:, :23].float(),
+                                       rtol=2e-2, atol=2e-2)
         for segments, tokens in (([(0, 0, 5), (1, 0, 6)], 11), ([(2, 23, 4)], 4), ([(3, 0, 41)], 41)):
             graphs(torch.randn(1, tokens, 64, device="cuda", dtype=torch.bfloat16), segments)
         assert calls == [[(0, 0, 5), (1, 0, 6)], [(2, 23, 4)], [(3, 0, 41)]]
@@ -186,24 +195,25 @@ def test_compiled_fused_decode_graphs_match_eager_decode(decode_kernel):
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
     model = LlamaForCausalLM(config).cuda().eval()
-    model.setup_caches(max_slots=4, max_seq_len=64)
+    setup_blocks(model, rows=4, seq_len=64, block_size=16)
     ids = torch.tensor([3, 7, 11], device="cuda")
     positions = torch.tensor([5, 6, 7], device="cuda")
+    rows = torch.tensor([0, 1, 2], device="cuda")
     prompts = torch.randn(1, 18, 64, device="cuda")
     segments = [(0, 0, 5), (1, 0, 6), (2, 0, 7)]  # three prompts of different lengths, packed
     with torch.inference_mode():
         model.prefill(prompts, segments)
-        eager = model.decode(ids, positions, 8).clone()
+        eager = model.decode(ids, positions, rows, 8).clone()
         model.fuse()
-        fused = model.decode(ids, positions, 8).clone()
+        fused = model.decode(ids, positions, rows, 8).clone()
         for layer in model.model.layers:
             layer.self_attn.decode_kernel = decode_kernel
         counters.clear()
-        assert compile_model(model)  # its warm-up writes dummy tokens into slots 0 and 1, as at load
+        assert compile_model(model)  # its warm-up writes dummy tokens (into rows 0 and 1's blocks here)
         model.prefill(prompts, segments)  # again, through the compiled prefill parts
         graphs = DecodeGraphs(model, max_batch=4, length_step=16)
         graphs.capture_all()
-        replayed = graphs(ids, positions, 8).clone()
+        replayed = graphs(ids, positions, rows, 8).clone()
     torch.testing.assert_close(fused, eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(replayed, eager, rtol=1e-4, atol=1e-4)
     # As in tests/test_llama.py: prefill 2, decode 4, whatever the layers and buckets.
@@ -228,7 +238,11 @@ def test_prepared_language_model_replays_graphs_that_match_eager():
     model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
     runtime = prepare_language_model(model, spec, ServingConfig(max_num_seqs=4, prefill_chunk_tokens=64))
     assert isinstance(runtime.decode_step, DecodeGraphs) and isinstance(runtime.prefill_step, PrefillGraphs)
-    assert (runtime.num_slots, runtime.max_seq_len) == (4, 64) and model.model.layers[0].self_attn.qkv_proj is not None
+    assert (runtime.max_seqs, runtime.max_seq_len, runtime.block_size) == (4, 64, 16)
+    assert model.model.layers[0].self_attn.qkv_proj is not None
+    # A block-table row per sequence, as the engine sets it at admission.
+    model.set_block_table(0, [1, 2, 3, 4])
+    model.set_block_table(1, [8, 7, 6, 5])
     assert runtime.decode_step.graphs and runtime.prefill_step.graphs  # captured before any request
     with torch.inference_mode():
         x = torch.randn(1, 9, 64, device="cuda", dtype=torch.bfloat16)
@@ -237,6 +251,7 @@ def test_prepared_language_model_replays_graphs_that_match_eager():
         expected = model.prefill(x, [(0, 0, 4), (1, 0, 5)])
         torch.testing.assert_close(got, expected[:1], rtol=2e-2, atol=2e-2)
         ids, positions = torch.tensor([3, 7], device="cuda"), torch.tensor([4, 5], device="cuda")
-        replayed = runtime.decode_step(ids, positions, 6).clone()  # batch 2, length 6 -> 64
-        eager = model.decode(ids, positions, 6)
+        rows = torch.tensor([0, 1], device="cuda")
+        replayed = runtime.decode_step(ids, positions, rows, 6).clone()  # batch 2, length 6 -> 64
+        eager = model.decode(ids, positions, rows, 6)
     torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)

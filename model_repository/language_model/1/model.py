@@ -85,6 +85,7 @@ class TritonMetrics(Metrics):
         self._running = metric(spec.METRIC_REQUESTS_RUNNING)
         self._waiting = metric(spec.METRIC_REQUESTS_WAITING)
         self._kv = metric(spec.METRIC_KV_CACHE_USAGE)
+        self._kv_free_blocks = metric(spec.METRIC_KV_CACHE_FREE_BLOCKS)
         self._refused_family = family(spec.METRIC_REQUESTS_REFUSED)  # a series per reason, made when first counted
         self._refused = {}
 
@@ -110,15 +111,16 @@ class TritonMetrics(Metrics):
         for seconds in inter_token_s:
             self._itl.observe(seconds)
 
-    def occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None:
-        if (running, waiting, kv_cache_usage) != self._last_occupancy:  # unchanged: no IPC
-            self._last_occupancy = (running, waiting, kv_cache_usage)
-            self._outbox.call(self._set_occupancy, running, waiting, kv_cache_usage)
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
+        if (running, waiting, kv_cache_usage, free_blocks) != self._last_occupancy:  # unchanged: no IPC
+            self._last_occupancy = (running, waiting, kv_cache_usage, free_blocks)
+            self._outbox.call(self._set_occupancy, running, waiting, kv_cache_usage, free_blocks)
 
-    def _set_occupancy(self, running: int, waiting: int, kv_cache_usage: float) -> None:
+    def _set_occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
         self._running.set(running)
         self._waiting.set(waiting)
         self._kv.set(kv_cache_usage)
+        self._kv_free_blocks.set(free_blocks)
 
 
 class TritonPythonModel:
