@@ -52,6 +52,8 @@ def _shape(tensor: spec.Tensor) -> str:
 def _left_out(tensor: spec.Tensor) -> str:
     if tensor.required:
         return "required"
+    if tensor.instead_of:
+        return f"required unless `{tensor.instead_of}`"
     if tensor.serving_default:
         return f"`{tensor.serving_default}` ({_code(getattr(spec.ServingConfig(), tensor.serving_default))})"
     if tensor.default is None:

@@ -74,22 +74,27 @@ def hf_messages(prompt: str, num_images: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input_ids int64 [seq_len], pixel_values float32 [N, 3, H, W] or None without images)."""
+def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str | None, *,
+              messages: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input_ids int64 [seq_len], pixel_values float32 [N, 3, H, W] or None without images) of a prompt,
+    or of a whole conversation (`messages`, as the processor's chat template takes them)."""
     processor = hf_processor(Path(checkpoint))
-    text = processor.apply_chat_template(hf_messages(prompt, len(images)), add_generation_prompt=True)
+    conversation = hf_messages(prompt, len(images)) if messages is None else messages
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     encoded_images = [base64.b64encode(data).decode("ascii") for data in images] or None
     inputs = processor(images=encoded_images, text=text, return_tensors="np")
     pixel_values = inputs["pixel_values"].astype(np.float32) if images else None
     return inputs["input_ids"][0].astype(np.int64), pixel_values
 
 
-def hf_generate(checkpoint: Path, images: list[bytes], prompt: str, max_new_tokens: int) -> list[int]:
-    """The new token ids of greedy `generate` (float32, CPU); it may stop early at EOS."""
+def hf_generate(checkpoint: Path, images: list[bytes], prompt: str | None, max_new_tokens: int, *,
+                messages: list[dict] | None = None) -> list[int]:
+    """The new token ids of greedy `generate` (float32, CPU) for a prompt or a conversation (`messages`);
+    it may stop early at EOS."""
     import torch
 
     checkpoint = Path(checkpoint)
-    input_ids, pixel_values = hf_inputs(checkpoint, images, prompt)
+    input_ids, pixel_values = hf_inputs(checkpoint, images, prompt, messages=messages)
     model = hf_model(checkpoint)
     kwargs = {"pixel_values": torch.from_numpy(pixel_values)} if pixel_values is not None else {}
     input_tensor = torch.from_numpy(input_ids)[None]
