@@ -436,6 +436,43 @@ def serving_options() -> tuple[ServingOption, ...]:
     return tuple(ServingOption(f.name, hints[f.name], f.default, f.metadata["meaning"], f.metadata["choices"])
                  for f in dataclasses.fields(ServingConfig))
 
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Options of the OpenAI-compatible frontend (llava_triton.openai_frontend): its command-line flags, one
+    per field (`--max-body-bytes`), and docs/openai.md's table are generated from these fields. The image
+    limits it checks early (max_image_bytes, max_images_per_request) are the served repository's
+    ServingConfig, which preprocess enforces anyway."""
+
+    served_model_name: str = _option(ENSEMBLE, "the model id /v1/models lists and requests name")
+    # A 20 MiB image (max_image_bytes) is about 27 MiB of base64; 64 MiB leaves room for a few of them.
+    max_body_bytes: int = _option(64 * 1024 * 1024, "bytes of one request body, counted as it is read "
+                                  "(413 past it)")
+    max_json_depth: int = _option(32, "nesting depth of a request's JSON (a chat request needs 6)")
+    max_json_containers: int = _option(20_000, "JSON arrays and objects in one request (a JSON bomb is refused "
+                                       "before it is parsed)")
+    fetch_image_urls: bool = _option(False, "fetch http(s) image URLs; off: only data: URLs are taken")
+    fetch_private_addresses: bool = _option(False, "with fetch_image_urls, also fetch from loopback, private and "
+                                            "link-local addresses (the cluster's own services)")
+    fetch_timeout_s: float = _option(10.0, "seconds one image fetch may take, redirects included")
+    fetch_max_redirects: int = _option(3, "redirects one image fetch follows")
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_json_depth", "max_json_containers", "fetch_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fetch_max_redirects < 0:
+            raise ValueError(f"fetch_max_redirects must be 0 or more, got {self.fetch_max_redirects}")
+        if not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be empty")
+
+
+def frontend_options() -> tuple[ServingOption, ...]:
+    """Every FrontendConfig field with its type, default and meaning."""
+    hints = typing.get_type_hints(FrontendConfig)
+    return tuple(ServingOption(f.name, hints[f.name], f.default, f.metadata["meaning"], f.metadata["choices"])
+                 for f in dataclasses.fields(FrontendConfig))
+
+
 # Triton's names of the dtypes `wire_dtype` gives (config.pbtxt's TYPE_<name>).
 TRITON_TYPE_NAMES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}
 
