@@ -452,10 +452,15 @@ def frontend_argv(config: FrontendConfig) -> list[str]:
 
 
 def serving_config(model_repository: Path | None) -> ServingConfig:
-    """The served repository's serving options (its limits), or the defaults without one."""
-    if model_repository is None:
+    """The served repository's serving options (its limits), or the defaults without one (or when it has no
+    exported preprocess model: the server refuses what is past its own limits anyway)."""
+    directory = None if model_repository is None else Path(model_repository) / spec.PREPROCESS / "1"
+    if directory is None or not (directory / spec.SPEC_FILE).is_file():
+        if directory is not None:
+            print(f"note: {directory / spec.SPEC_FILE} not found; checking requests against the default limits",
+                  file=sys.stderr, flush=True)
         return ServingConfig()
-    return spec.read_spec(Path(model_repository) / spec.PREPROCESS / "1")[1]
+    return spec.read_spec(directory)[1]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
