@@ -13,7 +13,9 @@ bodies, error mapping) is llava_triton.openai_protocol; this module is the HTTP 
 - the body is read with a byte count and refused (413) past `max_body_bytes` before it is parsed;
 - the first response of the ensemble is awaited before the HTTP status is sent, so a request that
   preprocess refuses gets a 400, not a stream that starts and then fails;
-- a client that disconnects cancels its gRPC stream, so Triton drops the request.
+- a client that disconnects cancels its gRPC stream (and says so in the log): Triton drops a request that
+  has not reached the language model yet; one that has keeps its slot until max_tokens, because Triton
+  2.51 does not pass a cancellation into a running ensemble step (docs/operations.md).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import contextlib
 import dataclasses
 import ipaddress
 import json
+import logging
 import socket
 import sys
 import time
@@ -58,6 +61,7 @@ from llava_triton.openai_protocol import (
 from llava_triton.spec import FrontendConfig, ServingConfig
 
 READY_TIMEOUT_S = 2.0  # a readiness probe's gRPC call
+log = logging.getLogger("llava_triton.openai_frontend")
 
 
 # --- Triton -------------------------------------------------------------------------------------------
@@ -144,7 +148,10 @@ class Triton:
                               code="triton_unavailable") from None
         finally:
             if not finished:
+                # Triton drops the request if it has not reached the language model yet; a running one keeps
+                # its slot until max_tokens (Triton 2.51 does not pass a cancellation into an ensemble step).
                 responses.cancel()
+                log.info("%s: the client went away; its gRPC stream is cancelled", call.request_id)
         if failure is not None:
             raise failure
 
@@ -487,6 +494,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     app = create_app(args.triton_url, config, serving)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {config.served_model_name!r}), "
           f"forwarding to Triton at {args.triton_url}", file=sys.stderr, flush=True)
     # uvloop and httptools: the fastest event loop and HTTP parser uvicorn has; no access log per request.
