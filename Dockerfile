@@ -46,7 +46,8 @@ ENV PYTHONPATH=/opt/llava-triton:/opt/llava-triton/site-packages \
 # triton-server, the unprivileged user of NVIDIA's image (the chart's runAsUser).
 USER 1000:1000
 
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
+# (9000: the OpenAI-compatible frontend, llava_triton.openai_frontend, which the launcher starts.)
 # `docker run --gpus all -v $PWD/model_repository:/models/model_repository IMAGE` serves with the
 # flags of `make serve` (llava_triton.server, which restarts tritonserver when a backend stub dies);
 # the chart runs the same launcher with --on-backend-exit=exit, so the kubelet restarts the container.

@@ -8,9 +8,12 @@ MODEL ?=
 ENGINE ?= pytorch
 REPO ?= model_repository
 GRPC_PORT ?= 8001
+OPENAI_PORT ?= 9000
 PYTEST_ARGS ?=
+# AIPerf in a venv of its own (its pins clash with ours), for tests/test_openai.py.
+AIPERF_VENV ?= build/aiperf-venv
 
-.PHONY: setup export serve demo test bench soak lint docs clean
+.PHONY: setup aiperf export serve demo test bench soak lint docs clean
 
 setup: $(VENV)/.setup-done
 
@@ -30,17 +33,28 @@ $(VENV)/.setup-done: pyproject.toml
 	$(PY) -m llava_triton.server --check
 	touch $@
 
+# Every package pinned in bench/aiperf-requirements.txt, installed without resolving anything else.
+aiperf: $(AIPERF_VENV)/.setup-done
+$(AIPERF_VENV)/.setup-done: bench/aiperf-requirements.txt
+	$(PYTHON) -m venv $(AIPERF_VENV)
+	$(AIPERF_VENV)/bin/python -m pip install -q --upgrade pip==25.3
+	$(AIPERF_VENV)/bin/python -m pip install -q --no-deps -r bench/aiperf-requirements.txt
+	$(AIPERF_VENV)/bin/python -m pip check
+	touch $@
+
 export: setup
 	$(PY) -m export $(if $(MODEL),--model $(MODEL)) --engine $(ENGINE) --output $(REPO)
 
+# Triton's HTTP, gRPC and metrics ports (8000, 8001, 8002) and the OpenAI-compatible API on OPENAI_PORT
+# (http://localhost:9000/v1; OPENAI_PORT=0: none).
 serve: setup
-	$(PY) -m llava_triton.server --model-repository $(REPO) --grpc-port $(GRPC_PORT)
+	$(PY) -m llava_triton.server --model-repository $(REPO) --grpc-port $(GRPC_PORT) --openai-port $(OPENAI_PORT)
 
 demo: export
 	$(PY) -m llava_triton.demo --model-repository $(REPO)
 
-test: setup
-	$(PY) -m pytest $(PYTEST_ARGS)
+test: setup aiperf
+	AIPERF=$(AIPERF_VENV)/bin/aiperf $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench

@@ -279,3 +279,91 @@ def _run_threads(url: str, workload: Workload, concurrency: int, num_requests: i
         for client in clients:
             client.close()
     return LevelResult(concurrency, "threads", records, started, ended, cpu)
+
+
+# --- the OpenAI-compatible endpoint ----------------------------------------------------------------------
+
+def openai_body(workload: Workload) -> bytes:
+    """W1 as a chat request: the images as data URLs before the question (the turn the gRPC path's prompt
+    renders to), streamed, with the token counts in every chunk (continuous_usage_stats) so that each
+    chunk's new tokens are known exactly."""
+    import base64
+    import json
+
+    images = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(image).decode()}}
+              for image in workload.images]
+    return json.dumps({"model": spec.ENSEMBLE, "max_tokens": workload.max_tokens,
+                       "temperature": workload.temperature, "ignore_eos": workload.ignore_eos, "stream": True,
+                       "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                       "messages": [{"role": "user",
+                                     "content": [*images, {"type": "text", "text": workload.prompt}]}]}).encode()
+
+
+async def _request_openai(client, url: str, body: bytes, timeout_s: float) -> RequestRecord:
+    import json
+
+    import httpx
+
+    record = RequestRecord(start=time.perf_counter())
+    generated = 0
+    try:
+        async with client.stream("POST", url, content=body, headers={"content-type": "application/json"},
+                                 timeout=timeout_s) as response:
+            if response.status_code != 200:
+                record.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"
+            else:
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: ") or line == "data: [DONE]":
+                        continue
+                    now = time.perf_counter()
+                    chunk = json.loads(line[6:])
+                    if "error" in chunk:
+                        record.error = chunk["error"].get("message", str(chunk["error"]))
+                        continue
+                    usage = chunk.get("usage") or {}
+                    new = usage.get("completion_tokens", generated) - generated
+                    generated += new
+                    finish = chunk["choices"][0]["finish_reason"] if chunk["choices"] else ""
+                    record.add_response(now, [0] * new, usage.get("prompt_tokens", 0), generated, finish or "")
+                record.end = time.perf_counter()
+    except httpx.HTTPError as error:
+        record.error = f"{type(error).__name__}: {error}"
+    if math.isnan(record.end):
+        record.end = time.perf_counter()
+        record.error = record.error or "the stream ended early"
+    return record
+
+
+async def _run_openai(base_url: str, workload: Workload, concurrency: int, num_requests: int,
+                      timeout_s: float) -> LevelResult:
+    import httpx
+
+    url = f"{base_url.rstrip('/')}/chat/completions"
+    body = openai_body(workload)
+    # A connection per worker, kept alive across its requests, as the gRPC generator keeps a channel each.
+    clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(client.get(f"{base_url.rstrip('/')}/models") for client in clients))  # connect first
+        counter = itertools.count()
+        records: list[RequestRecord] = []
+
+        async def worker(client) -> None:
+            while next(counter) < num_requests:
+                records.append(await _request_openai(client, url, body, timeout_s))
+
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(worker(client) for client in clients))
+        ended, cpu = time.perf_counter(), time.process_time() - cpu
+    finally:
+        await asyncio.gather(*(client.aclose() for client in clients))
+    return LevelResult(concurrency, "openai", records, started, ended, cpu)
+
+
+def run_level_openai(base_url: str, workload: Workload, concurrency: int, num_requests: int, *,
+                     timeout_s: float = 600.0) -> LevelResult:
+    """As `run_level`, through the OpenAI-compatible endpoint at `base_url` (http://host:port/v1): the same
+    closed loop in one asyncio loop, with httpx and a keep-alive connection per worker. A token's time is
+    the arrival of the server-sent event that carries it."""
+    if concurrency < 1 or num_requests < 1:
+        raise ValueError(f"concurrency and num_requests must be positive, got {concurrency}, {num_requests}")
+    return asyncio.run(_run_openai(base_url, workload, concurrency, num_requests, timeout_s))

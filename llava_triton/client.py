@@ -11,6 +11,13 @@ that is what it is for; `generate` and `build_inputs` leave `stream` to the serv
     for chunk in client.stream("<image>\\nWhat is in the picture?", ["cat.jpg"]):
         print(chunk.text, end="", flush=True)
 
+A whole conversation goes as `messages` instead of a prompt (the turns as the `messages` input takes
+them, a list that is sent as JSON; each `{"type": "image"}` part is the next of `images`):
+
+    question = [{"type": "image"}, {"type": "text", "text": "What is it?"}]
+    client.generate(messages=[{"role": "system", "content": "Answer briefly."},
+                              {"role": "user", "content": question}], images=["cat.jpg"])
+
 `python -m client` is the command line (`main` here); `client/` re-exports this module.
 """
 
@@ -41,7 +48,8 @@ STREAMING = {spec.IN_STREAM: True}
 # How long to wait for the next response when the caller gave no timeout. Generous: a cold
 # server compiles and warms up on the first request.
 _DEFAULT_RESPONSE_WAIT_S = 600.0
-# The inputs given as keyword options (prompt and images have parameters of their own).
+# The inputs given as keyword options (prompt and images have parameters of their own): messages and
+# the sampling inputs.
 OPTIONS = tuple(t.name for t in spec.INPUTS if t.name not in (spec.IN_PROMPT, spec.IN_IMAGES))
 
 ImageLike = bytes | bytearray | memoryview | str | os.PathLike
@@ -87,19 +95,24 @@ def _read_image(image: ImageLike) -> bytes:
 def _element(name: str, value: Any) -> Any:
     if name == spec.IN_IMAGES:
         return _read_image(value)
+    if name == spec.IN_MESSAGES and not isinstance(value, (str, bytes)):
+        value = json.dumps(value, ensure_ascii=False)  # the turns as a list: sent as their JSON
     return value.encode("utf-8") if isinstance(value, str) else value
 
 
-def input_arrays(prompt: str, images: Sequence[ImageLike] | ImageLike = (), **options: Any) -> dict[str, np.ndarray]:
+def input_arrays(prompt: str | None, images: Sequence[ImageLike] | ImageLike = (),
+                 **options: Any) -> dict[str, np.ndarray]:
     """The request's tensors by input name, in the datatypes and shapes of spec.INPUTS.
 
     `images` are encoded image bytes or paths to image files; `options` are the other inputs by
-    name (max_tokens=64, stop=["###"], ...). Unset ones (None, or an empty list) are left out, so
-    the server's defaults apply.
+    name (max_tokens=64, stop=["###"], ...; messages=[...] in place of a prompt, a list of turns or
+    their JSON). Unset ones (None, or an empty list) are left out, so the server's defaults apply.
     """
     unknown = set(options) - set(OPTIONS)
     if unknown:
-        raise ValueError(f"unknown sampling options {sorted(unknown)}; expected {sorted(OPTIONS)}")
+        raise ValueError(f"unknown options {sorted(unknown)}; expected {sorted(OPTIONS)}")
+    if (prompt is None) == (options.get(spec.IN_MESSAGES) is None):
+        raise ValueError(f"give either a prompt or {spec.IN_MESSAGES}=, exactly one of them")
     values = {spec.IN_PROMPT: prompt, spec.IN_IMAGES: images, **options}
     arrays = {}
     for tensor in spec.INPUTS:
@@ -117,7 +130,7 @@ def input_arrays(prompt: str, images: Sequence[ImageLike] | ImageLike = (), **op
     return arrays
 
 
-def build_inputs(prompt: str, images: Sequence[ImageLike] | ImageLike = (),
+def build_inputs(prompt: str | None, images: Sequence[ImageLike] | ImageLike = (),
                  **options: Any) -> list[grpcclient.InferInput]:
     """The ensemble's input tensors for tritonclient (see `input_arrays`); unset ones left out."""
     inputs = []
@@ -154,7 +167,9 @@ def _default_help(tensor: spec.Tensor, defaults: Mapping[str, Any]) -> str:
 def add_input_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, Any] = {}) -> None:
     """A flag for each input of spec.INPUTS (--prompt, --image, --max-tokens, ..., --stream/--no-stream),
     its help from the input's meaning. A flag left out leaves its input to the server's default, or to
-    `defaults`, which names what the caller sends instead (the help text says it)."""
+    `defaults`, which names what the caller sends instead (the help text says it). --prompt and
+    --messages (inputs sent instead of each other) are a required pair: exactly one is given."""
+    pairs: dict[frozenset[str], argparse._MutuallyExclusiveGroup] = {}
     for tensor in spec.INPUTS:
         notes = [note for note in ("repeatable" if tensor.repeated else "", _default_help(tensor, defaults)) if note]
         help_text = tensor.meaning.replace("`", "") + (f" ({'; '.join(notes)})" if notes else "")
@@ -167,12 +182,19 @@ def add_input_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, 
             options.update(action=argparse.BooleanOptionalAction, default=None)
         elif tensor.datatype != "BYTES":
             options.update(type=float if tensor.datatype == "FP32" else int)
-        parser.add_argument(_flag(tensor), required=tensor.required, **options)
+        if tensor.instead_of:
+            pair = frozenset((tensor.name, tensor.instead_of))
+            if pair not in pairs:
+                pairs[pair] = parser.add_mutually_exclusive_group(required=True)
+            pairs[pair].add_argument(_flag(tensor), **options)
+        else:
+            parser.add_argument(_flag(tensor), required=tensor.required, **options)
 
 
-def request_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[str, list[Path], dict]:
-    """The prompt, the image files and the options set on the command line (add_input_arguments' flags);
-    a missing image file is a usage error (exit status 2)."""
+def request_from_args(parser: argparse.ArgumentParser,
+                      args: argparse.Namespace) -> tuple[str | None, list[Path], dict]:
+    """The prompt (None with --messages), the image files and the options set on the command line
+    (add_input_arguments' flags); a missing image file is a usage error (exit status 2)."""
     for image in getattr(args, spec.IN_IMAGES):
         if not image.is_file():
             parser.error(f"image file not found: {image}")
@@ -242,15 +264,15 @@ class LlavaClient:
                 self._all.append(connection)
             return connection
 
-    def stream(self, prompt: str, images: Sequence[ImageLike] | ImageLike = (), *, timeout: float | None = None,
-               **options: Any) -> Iterator[Chunk]:
+    def stream(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike = (), *,
+               timeout: float | None = None, **options: Any) -> Iterator[Chunk]:
         """Yield the answer chunk by chunk, as the server generates it (`stream` is true unless the
         caller says otherwise). Closing the iterator early cancels the request.
 
         `images` are encoded image bytes or paths to image files; `options` are the other inputs by
-        name (spec.INPUTS: max_tokens, temperature, top_p, top_k, seed, stop, stream, ignore_eos), and
-        unset ones get the server's defaults. `timeout` (seconds) bounds the whole call. Raises
-        LlavaError with the server's message when the request fails.
+        name (spec.INPUTS: messages in place of the prompt, max_tokens, temperature, top_p, top_k, seed,
+        stop, stream, ignore_eos), and unset ones get the server's defaults. `timeout` (seconds) bounds
+        the whole call. Raises LlavaError with the server's message when the request fails.
         """
         return self._stream(build_inputs(prompt, images, **{**STREAMING, **options}), timeout)
 
@@ -287,8 +309,8 @@ class LlavaClient:
             connection.stop_stream(cancel_requests=not finished)
             self._idle.put(connection)
 
-    def generate(self, prompt: str, images: Sequence[ImageLike] | ImageLike = (), *, timeout: float | None = None,
-                 **options: Any) -> Completion:
+    def generate(self, prompt: str | None = None, images: Sequence[ImageLike] | ImageLike = (), *,
+                 timeout: float | None = None, **options: Any) -> Completion:
         """The whole answer. Options as for `stream`, but all left to the server when unset, `stream`
         too (false: one response); with stream=True the streamed chunks are joined."""
         completion = Completion(text="")

@@ -3,18 +3,23 @@
     python -m llava_triton.demo --model-repository model_repository
 
 Starts `tritonserver` on free ports, asks the `llava` ensemble about a picture through the
-gRPC client (`python -m client`), prints the answer as it streams, and stops the server.
+gRPC client (`python -m client`), prints the answer as it streams, then asks again through the
+OpenAI-compatible endpoint (the frontend the launcher runs, on a free port) and prints its
+answer, and stops both.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import json
 import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from llava_triton.server import TritonServer
+from llava_triton.frontend_process import FrontendProcess
+from llava_triton.server import TritonServer, free_port
 from llava_triton.triton_install import PROJECT_ROOT
 
 
@@ -49,8 +54,29 @@ def main(argv: list[str] | None = None) -> int:
               f"--max-tokens {args.max_tokens}", flush=True)
         code = client_main(["--image", str(image), "--prompt", args.prompt, "--url", server.url_grpc,
                             "--max-tokens", str(args.max_tokens)])
+        with FrontendProcess(server.url_grpc, port=free_port(), host="127.0.0.1",
+                             model_repository=args.model_repository,
+                             log_path=PROJECT_ROOT / "build" / "demo-openai.log") as frontend:
+            code = code or ask_openai(frontend.url, image, args.prompt, args.max_tokens)
     print("server stopped.")
     return code
+
+
+def ask_openai(base_url: str, image: Path, prompt: str, max_tokens: int) -> int:
+    """One chat completion through the OpenAI-compatible endpoint, the image as a data URL; printed as
+    `curl` would show it."""
+    import httpx
+
+    body = {"model": "llava", "max_tokens": max_tokens, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,"
+                                                   + base64.b64encode(image.read_bytes()).decode()}},
+        {"type": "text", "text": prompt}]}]}
+    print(f"$ curl {base_url}/chat/completions -d '{{\"model\": \"llava\", \"max_tokens\": {max_tokens}, "
+          f"\"messages\": [{{\"role\": \"user\", \"content\": [{{\"type\": \"image_url\", ...}}, "
+          f"{{\"type\": \"text\", \"text\": {json.dumps(prompt)}}}]}}]}}'", flush=True)
+    response = httpx.post(f"{base_url}/chat/completions", json=body, timeout=600)
+    print(response.text, flush=True)
+    return 0 if response.status_code == 200 else 1
 
 
 if __name__ == "__main__":

@@ -13,11 +13,16 @@ from pathlib import PurePosixPath
 HTTP_PORT = 8000
 GRPC_PORT = 8001
 METRICS_PORT = 8002
+OPENAI_PORT = 9000  # the OpenAI-compatible frontend (llava_triton.openai_frontend); the launcher's --openai-port
 PORTS = {"http": HTTP_PORT, "grpc": GRPC_PORT, "metrics": METRICS_PORT}  # Service/container port names
 
 LIVE_PATH = "/v2/health/live"  # 200 once the endpoints are up (after the models loaded)
 READY_PATH = "/v2/health/ready"  # 200 while every model is ready (--strict-readiness=true)
 METRICS_PATH = "/metrics"
+# The OpenAI frontend's probes, on its own port: live while its process serves HTTP, ready while Triton's
+# `llava` ensemble is ready (asked over gRPC at each probe).
+OPENAI_LIVE_PATH = "/health/live"
+OPENAI_READY_PATH = "/health/ready"
 
 EXIT_TIMEOUT_S = 10  # how long tritonserver lets in-flight requests finish after SIGTERM
 

@@ -5,6 +5,7 @@
 
 - docs/api.md: the tables of inputs, outputs, serving options and metrics, each between a pair of
   markers (the prose around them is hand-written);
+- docs/openai.md: the table of the OpenAI frontend's options (FrontendConfig), the same way;
 - helm/llava-triton/values.schema.json: `export.set`, the serving options the chart passes to the
   export as `--set KEY=VALUE` (the rest of the schema is hand-written).
 
@@ -26,6 +27,7 @@ from llava_triton import spec
 
 ROOT = Path(__file__).resolve().parent.parent
 API_DOC = ROOT / "docs" / "api.md"
+OPENAI_DOC = ROOT / "docs" / "openai.md"
 VALUES_SCHEMA = ROOT / "helm" / "llava-triton" / "values.schema.json"
 COMMAND = "python -m llava_triton.generated"
 
@@ -52,6 +54,8 @@ def _shape(tensor: spec.Tensor) -> str:
 def _left_out(tensor: spec.Tensor) -> str:
     if tensor.required:
         return "required"
+    if tensor.instead_of:
+        return f"required unless `{tensor.instead_of}`"
     if tensor.serving_default:
         return f"`{tensor.serving_default}` ({_code(getattr(spec.ServingConfig(), tensor.serving_default))})"
     if tensor.default is None:
@@ -90,8 +94,15 @@ def metrics_table() -> str:
     return _table(("metric", "kind", "labels", "help"), rows)
 
 
+def frontend_options_table() -> str:
+    return _table(("option", "flag", "type", "default", "meaning"),
+                  [(f"`{o.name}`", f"`--{o.name.replace('_', '-')}`", _type_name(o), _code(o.default), o.meaning)
+                   for o in spec.frontend_options()])
+
+
 API_TABLES: dict[str, Callable[[], str]] = {"inputs": inputs_table, "outputs": outputs_table,
                                             "serving options": serving_options_table, "metrics": metrics_table}
+OPENAI_TABLES: dict[str, Callable[[], str]] = {"frontend options": frontend_options_table}
 
 
 def _markers(name: str) -> tuple[str, str]:
@@ -99,15 +110,24 @@ def _markers(name: str) -> tuple[str, str]:
             f"<!-- end of the generated {name} -->")
 
 
-def api_doc(text: str) -> str:
-    """docs/api.md with each table between its markers rewritten; a missing pair of markers is an error."""
-    for name, table in API_TABLES.items():
+def _tables(text: str, tables: dict[str, Callable[[], str]], doc: Path) -> str:
+    for name, table in tables.items():
         begin, end = _markers(name)
         pattern = re.compile(re.escape(begin) + r"\n.*?" + re.escape(end), re.DOTALL)
         if not pattern.search(text):
-            raise ValueError(f"{API_DOC.name} has no {begin} ... {end} pair")
+            raise ValueError(f"{doc.name} has no {begin} ... {end} pair")
         text = pattern.sub(lambda _, begin=begin, table=table, end=end: f"{begin}\n{table()}\n{end}", text, count=1)
     return text
+
+
+def api_doc(text: str) -> str:
+    """docs/api.md with each table between its markers rewritten; a missing pair of markers is an error."""
+    return _tables(text, API_TABLES, API_DOC)
+
+
+def openai_doc(text: str) -> str:
+    """docs/openai.md with its table of frontend options rewritten."""
+    return _tables(text, OPENAI_TABLES, OPENAI_DOC)
 
 
 def _json_schema(option: spec.ServingOption) -> dict[str, Any]:
@@ -143,7 +163,8 @@ def values_schema(text: str) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
 
 
-GENERATED: dict[Path, Callable[[str], str]] = {API_DOC: api_doc, VALUES_SCHEMA: values_schema}
+GENERATED: dict[Path, Callable[[str], str]] = {API_DOC: api_doc, OPENAI_DOC: openai_doc,
+                                               VALUES_SCHEMA: values_schema}
 
 
 def stale_files() -> list[Path]:

@@ -1,10 +1,14 @@
-"""Request preprocessing: encoded images and a prompt in, `input_ids` and `pixel_values` (and, for
-LLaVA-NeXT, `image_sizes`) out.
+"""Request preprocessing: encoded images and a prompt (or messages) in, `input_ids` and `pixel_values`
+(and, for LLaVA-NeXT, `image_sizes`) out.
 
 Plain code (no Triton): the `preprocess` model's `model.py` holds one `Preprocessor` and calls it
 per request. Its output equals what transformers' `LlavaProcessor` / `LlavaNextProcessor` gives for
 the same messages (`tests/test_preprocess.py` checks that), except that `<image>` is expanded after
 tokenization and a LLaVA-NeXT request's tiles are sent one after another, not padded per image.
+
+A request's text is one conversation rendered by the checkpoint's chat template, in one place
+(`chat_messages`): either a `prompt`, the single user turn `build_messages` makes of it, or the
+`messages` input, a JSON array of turns that `parse_messages` checks (the OpenAI frontend sends it).
 
 Images are decoded like transformers' `load_image`: EXIF orientation applied, then converted to
 RGB (alpha dropped, as LLaVA's own training code does). One deliberate difference: 16-bit
@@ -27,7 +31,20 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from llava_triton.anyres import TileLayout, tile_layout
 from llava_triton.errors import InvalidRequestError
 from llava_triton.processor import load_processor
-from llava_triton.spec import IMAGE_TOKEN, IN_IMAGES, IN_PROMPT, SAMPLING_INPUTS, ModelSpec, ServingConfig, wire_dtype
+from llava_triton.spec import (
+    IMAGE_TOKEN,
+    IN_MESSAGES,
+    IN_PROMPT,
+    PART_IMAGE,
+    PART_TEXT,
+    REQUEST_INPUTS,
+    ROLES,
+    SAMPLING_INPUTS,
+    ModelSpec,
+    ServingConfig,
+    one_of,
+    wire_dtype,
+)
 
 # Formats we decode, as PIL names them (recognised by their leading bytes), with their usual names.
 SUPPORTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP"}
@@ -156,15 +173,31 @@ def decode_prompt(prompt: str | bytes, serving: ServingConfig) -> str:
     return prompt
 
 
+def _one_string(name: str, value: np.ndarray) -> bytes:
+    items = np.asarray(value, dtype=object).reshape(-1)
+    if items.size != 1:
+        raise InvalidRequestError(f"{name} must hold exactly one string, got {items.size}")
+    item = items[0]
+    return item if isinstance(item, bytes) else str(item).encode("utf-8", errors="surrogatepass")
+
+
 def request_prompt(value: np.ndarray | None) -> bytes:
     """The one prompt of a request's `prompt` tensor (None when the client left the input out)."""
     if value is None:
         raise InvalidRequestError("the prompt input is required (BYTES [1], the user message)")
-    items = np.asarray(value, dtype=object).reshape(-1)
-    if items.size != 1:
-        raise InvalidRequestError(f"prompt must hold exactly one string, got {items.size}")
-    item = items[0]
-    return item if isinstance(item, bytes) else str(item).encode("utf-8", errors="surrogatepass")
+    return _one_string(IN_PROMPT, value)
+
+
+def request_text(prompt: np.ndarray | None, messages: np.ndarray | None) -> tuple[bytes | None, bytes | None]:
+    """(prompt, messages) of a request's tensors: exactly one of the two inputs is sent."""
+    if prompt is not None and messages is not None:
+        raise InvalidRequestError(f"send either {IN_PROMPT} or {IN_MESSAGES}, not both")
+    if messages is None:
+        if prompt is None:
+            raise InvalidRequestError(f"the {IN_PROMPT} input is required (BYTES [1], the user message), or "
+                                      f"{IN_MESSAGES} (BYTES [1], the conversation as JSON) instead")
+        return _one_string(IN_PROMPT, prompt), None
+    return None, _one_string(IN_MESSAGES, messages)
 
 
 def check_request_parameters(parameters: str | dict[str, Any] | None) -> None:
@@ -180,7 +213,7 @@ def check_request_parameters(parameters: str | dict[str, Any] | None) -> None:
         raise InvalidRequestError(f"request parameters must be a JSON object, got {type(parameters).__name__}")
     if parameters:
         names = ", ".join(repr(name) for name in sorted(parameters))
-        inputs = ", ".join((IN_PROMPT, IN_IMAGES, *SAMPLING_INPUTS))
+        inputs = ", ".join((*REQUEST_INPUTS, *SAMPLING_INPUTS))
         raise InvalidRequestError(f"unknown request parameters {names}: every option is an input tensor ({inputs})")
 
 
@@ -203,6 +236,131 @@ def build_messages(text: str, num_images: int) -> list[dict[str, Any]]:
         if piece.strip():
             content.append({"type": "text", "text": piece.strip()})
     return [{"role": "user", "content": content}]
+
+
+def _json_type(value: Any) -> str:
+    """A JSON value's type as JSON names it, for error messages."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def _text(where: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequestError(f"{where} must be a string, got {_json_type(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate, as a JSON escape (\ud800) can give
+        raise InvalidRequestError(f"{where} is not valid UTF-8 (character {err.start}: {err.reason})") from None
+    if IMAGE_TOKEN in value:
+        raise InvalidRequestError(f"{where} contains {IMAGE_TOKEN}: in messages an image is a "
+                                  f'{{"type": "{PART_IMAGE}"}} part')
+    return value
+
+
+def _keys(where: str, item: dict[str, Any], required: tuple[str, ...], what: str) -> None:
+    missing = [key for key in required if key not in item]
+    if missing:
+        raise InvalidRequestError(f"{where} has no {missing[0]!r} ({what})")
+    unknown = sorted(set(item) - set(required))
+    if unknown:
+        raise InvalidRequestError(f"{where} has unknown keys {unknown} ({what})")
+
+
+def _part(where: str, part: Any, role: str) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise InvalidRequestError(f"{where} must be an object (a content part), got {_json_type(part)}")
+    kind = part.get("type")
+    if kind == PART_TEXT:
+        _keys(where, part, ("type", "text"), f'a text part is {{"type": "{PART_TEXT}", "text": ...}}')
+        return {"type": PART_TEXT, "text": _text(f"{where}.text", part["text"])}
+    if kind == PART_IMAGE:
+        _keys(where, part, ("type",), f'an image part is {{"type": "{PART_IMAGE}"}}, its image the next of images')
+        if role != "user":
+            raise InvalidRequestError(f"{where}: an image can only be in a user turn, not in a {role} turn")
+        return {"type": PART_IMAGE}
+    if "type" not in part:
+        raise InvalidRequestError(f"{where} has no 'type' ({PART_TEXT} or {PART_IMAGE})")
+    shown = json.dumps(kind)[:40]
+    raise InvalidRequestError(f"{where}.type {shown} is not {PART_TEXT} or {PART_IMAGE}")
+
+
+def parse_messages(data: str | bytes, num_images: int, serving: ServingConfig) -> list[dict[str, Any]]:
+    """The `messages` input (a JSON array of turns) as the chat template takes it, or refused with a
+    message naming the problem: its size and turn count within the limits, each turn a role of
+    spec.ROLES and a content (a string or a list of text and image parts), the image parts as many
+    as the images sent. Texts go to the template as they are (no stripping), as transformers' processor
+    would render the same messages."""
+    if isinstance(data, str):
+        try:
+            data = data.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise InvalidRequestError(f"messages is not valid UTF-8 (character {err.start}: {err.reason})") from None
+    data = bytes(data)
+    if len(data) > serving.max_messages_bytes:
+        raise InvalidRequestError(f"messages is {len(data)} bytes, more than the limit of {serving.max_messages_bytes} "
+                                  "bytes (max_messages_bytes)")
+    try:
+        turns = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise InvalidRequestError(f"messages is not valid UTF-8 (byte {err.start}: {err.reason})") from None
+    except RecursionError:
+        raise InvalidRequestError("messages is nested too deeply to be a conversation") from None
+    except ValueError as err:  # json.JSONDecodeError, or an integer past Python's digit limit
+        raise InvalidRequestError(f"messages is not valid JSON ({err})") from None
+    if not isinstance(turns, list):
+        raise InvalidRequestError(f"messages must be a JSON array of turns, got {_json_type(turns)}")
+    if not turns:
+        raise InvalidRequestError("messages is empty: send at least one turn")
+    if len(turns) > serving.max_messages:
+        raise InvalidRequestError(f"messages has {len(turns)} turns, more than the limit of {serving.max_messages} "
+                                  "(max_messages)")
+    conversation: list[dict[str, Any]] = []
+    images = 0
+    has_text = False
+    for index, turn in enumerate(turns):
+        where = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            raise InvalidRequestError(f"{where} must be an object with role and content, got {_json_type(turn)}")
+        _keys(where, turn, ("role", "content"), "a turn has role and content")
+        role = turn["role"]
+        if role not in ROLES:
+            shown = json.dumps(role)[:40] if isinstance(role, str) else _json_type(role)
+            raise InvalidRequestError(f"{where}.role {shown} is not {one_of(ROLES)}")
+        content = turn["content"]
+        if isinstance(content, str):
+            has_text = has_text or bool(_text(f"{where}.content", content).strip())
+            conversation.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise InvalidRequestError(f"{where}.content must be a string or an array of parts, got "
+                                      f"{_json_type(content)}")
+        parts = [_part(f"{where}.content[{position}]", part, role) for position, part in enumerate(content)]
+        images += sum(part["type"] == PART_IMAGE for part in parts)
+        has_text = has_text or any(part["type"] == PART_TEXT and part["text"].strip() for part in parts)
+        conversation.append({"role": role, "content": parts})
+    if images != num_images:
+        raise InvalidRequestError(f"messages have {images} image parts but {num_images} images were sent")
+    if not has_text and not images:
+        raise InvalidRequestError("messages hold no text and no image")
+    return conversation
+
+
+def chat_messages(prompt: str | bytes | None, num_images: int, serving: ServingConfig, *,
+                  messages: str | bytes | None = None) -> list[dict[str, Any]]:
+    """The conversation the chat template renders: the `messages` input checked, or else the prompt's one
+    user turn (its `<image>` tags 0 or as many as the images)."""
+    if messages is not None:
+        if prompt is not None:
+            raise InvalidRequestError(f"send either {IN_PROMPT} or {IN_MESSAGES}, not both")
+        return parse_messages(messages, num_images, serving)
+    if prompt is None:
+        raise InvalidRequestError(f"the {IN_PROMPT} input is required, or {IN_MESSAGES} instead")
+    text = decode_prompt(prompt, serving)
+    tags = text.count(IMAGE_TOKEN)
+    if tags and tags != num_images:
+        raise InvalidRequestError(f"the prompt has {tags} {IMAGE_TOKEN} tags but {num_images} images were sent")
+    return build_messages(text, num_images)
 
 
 class Preprocessor:
@@ -236,26 +394,23 @@ class Preprocessor:
         _check_image_token_count(processor, spec)
         return cls(processor.tokenizer, processor.image_processor, processor.chat_template, spec, serving)
 
-    def build_input_ids(self, prompt: str | bytes, num_images: int,
-                        image_tokens: Sequence[int] | None = None) -> np.ndarray:
-        """Token ids (int64, 1-D) of the chat-formatted prompt, each `<image>` expanded to its image's
-        token count: `image_tokens[i]` for image i (LLaVA-NeXT: `image_layouts`), by default
+    def build_input_ids(self, prompt: str | bytes | None, num_images: int,
+                        image_tokens: Sequence[int] | None = None, *,
+                        messages: str | bytes | None = None) -> np.ndarray:
+        """Token ids (int64, 1-D) of the chat-formatted prompt (or messages), each `<image>` expanded to its
+        image's token count: `image_tokens[i]` for image i (LLaVA-NeXT: `image_layouts`), by default
         `spec.num_image_tokens` each (LLaVA-1.5)."""
-        return self.expand_images(self.tokenize(prompt, num_images),
+        return self.expand_images(self.tokenize(prompt, num_images, messages=messages),
                                   [self.spec.num_image_tokens] * num_images if image_tokens is None else image_tokens)
 
-    def tokenize(self, prompt: str | bytes, num_images: int) -> np.ndarray:
-        """Token ids of the chat-formatted prompt with one `image_token_index` per image (not expanded)."""
+    def tokenize(self, prompt: str | bytes | None, num_images: int, *,
+                 messages: str | bytes | None = None) -> np.ndarray:
+        """Token ids of the chat-formatted prompt (or messages) with one `image_token_index` per image
+        (not expanded)."""
         if num_images < 0:
             raise ValueError(f"num_images must be >= 0, got {num_images}")
         self._check_image_count(num_images)
-        text = decode_prompt(prompt, self.serving)
-        tags = text.count(IMAGE_TOKEN)
-        if tags and tags != num_images:
-            raise InvalidRequestError(f"the prompt has {tags} {IMAGE_TOKEN} tags but {num_images} images were sent")
-        rendered = self.tokenizer.apply_chat_template(
-            build_messages(text, num_images), chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=True)
+        rendered = self.render(chat_messages(prompt, num_images, self.serving, messages=messages))
         # As LlavaProcessor.apply_chat_template: BOS comes from the tokenizer unless the template wrote it.
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and rendered.startswith(bos))
@@ -311,6 +466,11 @@ class Preprocessor:
                 f"{self.serving.vision_max_batch_size} (vision_max_batch_size): send fewer or smaller images")
         return layouts
 
+    def render(self, conversation: list[dict[str, Any]]) -> str:
+        """The conversation as the checkpoint's chat template writes it, with the assistant's turn opened."""
+        return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
+                                                  add_generation_prompt=True)
+
     def decode_images(self, images: Sequence[bytes]) -> list[Image.Image]:
         self._check_image_count(len(images))
         # LLaVA-1.5's resize scales the short side to shortest_edge, whatever the long side becomes;
@@ -350,16 +510,17 @@ class Preprocessor:
                 np.take(table[channel], pixels[index, channel], out=pixel_values[index, channel])
         return pixel_values
 
-    def __call__(self, images: Sequence[bytes], prompt: str | bytes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def __call__(self, images: Sequence[bytes], prompt: str | bytes | None, *,
+                 messages: str | bytes | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(input_ids int64 [seq_len], pixel_values [max(tiles, 1), 3, H, W] in `wire_dtype`, image_sizes
-        int64 [N, 2]: each image's (height, width) as decoded) for one request.
+        int64 [N, 2]: each image's (height, width) as decoded) for one request with a prompt or messages.
 
-        The prompt is checked and tokenized before any image is decoded (cheap checks first), and every
+        The text is checked and tokenized before any image is decoded (cheap checks first), and every
         limit is checked before the pixel values are made.
         """
         self._check_image_count(len(images))
-        self._check_request_bytes(images, prompt)
-        ids = self.tokenize(prompt, len(images))
+        self._check_request_bytes(images, prompt if messages is None else messages)
+        ids = self.tokenize(prompt, len(images), messages=messages)
         decoded = self.decode_images(images)
         if self.spec.anyres:
             image_tokens = [layout.num_image_tokens for layout in self.image_layouts(decoded)]
@@ -376,13 +537,13 @@ class Preprocessor:
             pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=self._wire_pixel_table.dtype)
         return input_ids, pixel_values, image_sizes
 
-    def _check_request_bytes(self, images: Sequence[bytes], prompt: str | bytes) -> None:
+    def _check_request_bytes(self, images: Sequence[bytes], text: str | bytes | None) -> None:
         limit = self.serving.max_request_bytes
-        # A str prompt is counted as characters: its UTF-8 size is checked by decode_prompt.
-        total = sum(len(image) for image in images) + len(prompt)
+        # A str text is counted as characters: its UTF-8 size is checked by decode_prompt or parse_messages.
+        total = sum(len(image) for image in images) + len(text or b"")
         if total > limit:
             raise InvalidRequestError(
-                f"request is {total} bytes ({len(images)} images and the prompt), more than the limit of {limit} bytes "
+                f"request is {total} bytes ({len(images)} images and the text), more than the limit of {limit} bytes "
                 "(max_request_bytes)")
 
     def _check_image_count(self, num_images: int) -> None:

@@ -1,6 +1,7 @@
 """Run `tritonserver`: launch it on free ports, wait until ready, supervise its backend stubs, stop it.
 
-Also the command line that runs it in the foreground (the Makefile, the image and the Helm chart use it):
+Also the command line that runs it in the foreground (the Makefile, the image and the Helm chart use it),
+with the OpenAI-compatible frontend beside it on --openai-port (9000; 0: none), supervised the same way:
 
     python -m llava_triton.server --model-repository model_repository   # foreground
     python -m llava_triton.server --check                               # verify the install
@@ -28,7 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_triton import deploy
+from llava_triton.frontend_process import FrontendProcess
 from llava_triton.install_check import check
+from llava_triton.openai_frontend import add_frontend_arguments, config_from_args
 from llava_triton.processes import backend_stub_states, backend_stubs
 from llava_triton.triton_install import PROJECT_ROOT, TritonInstall, TritonNotFoundError, find_triton, server_env
 
@@ -350,6 +353,12 @@ def _parser() -> argparse.ArgumentParser:
                              "tritonserver on the same ports (default), exit non-zero (let Kubernetes or "
                              "systemd restart it), or ignore (exec tritonserver unsupervised)")
     parser.add_argument("--check", action="store_true", help="verify the installation and exit")
+    frontend = parser.add_argument_group("OpenAI-compatible frontend", "llava_triton.openai_frontend, started "
+                                         "beside tritonserver and supervised like it (docs/openai.md)")
+    frontend.add_argument("--openai-port", type=int, default=deploy.OPENAI_PORT,
+                          help="its port (default %(default)s); 0: no frontend")
+    frontend.add_argument("--openai-host", default="0.0.0.0", help="the address it listens on (default %(default)s)")
+    add_frontend_arguments(frontend)
     return parser
 
 
@@ -370,6 +379,14 @@ def server_from_command_line(args: argparse.Namespace, extra: list[str],
                         exit_timeout_s=args.exit_timeout_secs, ready_timeout_s=args.ready_timeout_s or math.inf)
 
 
+def frontend_from_command_line(args: argparse.Namespace, server: TritonServer) -> FrontendProcess | None:
+    """The OpenAI frontend a command line describes, forwarding to `server`; None with --openai-port 0."""
+    if not args.openai_port:
+        return None
+    return FrontendProcess(server.url_grpc, port=args.openai_port, host=args.openai_host,
+                           model_repository=server.model_repository, config=config_from_args(args))
+
+
 def main(argv: list[str] | None = None) -> int:
     args, extra = parse_command_line(sys.argv[1:] if argv is None else argv)
     if args.check:
@@ -378,24 +395,32 @@ def main(argv: list[str] | None = None) -> int:
         _parser().error("--model-repository is required (or --check)")
     try:
         server = server_from_command_line(args, extra)
-    except (TritonNotFoundError, FileNotFoundError) as error:
+        frontend = frontend_from_command_line(args, server)
+    except (TritonNotFoundError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    openai = f", OpenAI API {frontend.url}" if frontend else ""
     print(f"serving {server.model_repository}: gRPC {server.url_grpc}, HTTP {server.url_http}, "
-          f"metrics {server.url_metrics}", file=sys.stderr, flush=True)
+          f"metrics {server.url_metrics}{openai}", file=sys.stderr, flush=True)
     if args.on_backend_exit == "ignore":
+        if frontend is not None:
+            print("note: --on-backend-exit ignore execs tritonserver: no OpenAI frontend (--openai-port 0 "
+                  "silences this)", file=sys.stderr, flush=True)
         # exec: the server takes over this process, so Ctrl-C and SIGTERM reach it directly.
         command = server.command()
         os.execve(command[0], command, server_env(server.install, server.project_root))
-    return _serve_supervised(server, restart=args.on_backend_exit == "restart")
+    return _serve_supervised(server, restart=args.on_backend_exit == "restart", frontend=frontend)
 
 
-def _serve_supervised(server: TritonServer, *, restart: bool) -> int:
-    """Run the server in the foreground; SIGTERM/SIGINT stop it gracefully (exit timeout applies).
+def _serve_supervised(server: TritonServer, *, restart: bool, frontend: FrontendProcess | None = None) -> int:
+    """Run the server (and the OpenAI frontend) in the foreground; SIGTERM/SIGINT stop them gracefully
+    (exit timeout applies).
 
-    The server's log goes to stderr (followed from its file), like an unsupervised tritonserver.
-    Exit code: tritonserver's on a requested stop; 1 when it could not start, or, without
-    `restart`, when a backend stub or the server died.
+    The server's log goes to stderr (followed from its file), like an unsupervised tritonserver, and
+    so does the frontend's output. A frontend that exits is started again with `restart` (its restarts
+    are noted in the log), else the launcher exits as for a dead backend. Exit code: tritonserver's on
+    a requested stop; 1 when it could not start, or, without `restart`, when a backend stub, the server
+    or the frontend died.
     """
     server.restart_on_backend_exit = restart
     stop = threading.Event()
@@ -409,14 +434,30 @@ def _serve_supervised(server: TritonServer, *, restart: bool) -> int:
     try:
         server.start()
         try:
+            if frontend is not None:  # live at once, ready once the server is; supervised from here on
+                frontend.start()
             server.wait_ready()
         except TritonServerError as error:
             print(f"error: {str(error).splitlines()[0]}", file=sys.stderr, flush=True)
             return 1
         died = None
+        backoff, last_restart = 1.0, -math.inf  # a frontend that keeps dying is started less and less often
         while not stop.wait(server.supervise_interval_s):
             if not restart and (died := server.what_died()):
                 break
+            if frontend is not None and (code := frontend.exit_code()) is not None:
+                cause = f"the OpenAI frontend exited with code {code}"
+                if not restart:
+                    died = cause
+                    break
+                backoff = min(2 * backoff, 30.0) if time.monotonic() - last_restart < 30 else 1.0
+                server._note(f"{cause}; starting it again in {backoff:.0f} s (restart {frontend.restarts + 1})")
+                if stop.wait(backoff):
+                    break
+                frontend.restart()
+                last_restart = time.monotonic()
+        if frontend is not None:
+            frontend.stop()
         code = server.stop()
         if died:
             print(f"error: {died}; exiting so that the orchestrator restarts the server", file=sys.stderr,
@@ -424,6 +465,8 @@ def _serve_supervised(server: TritonServer, *, restart: bool) -> int:
             return 1
         return code or 0
     finally:
+        if frontend is not None:
+            frontend.stop()
         server.stop()
         stop.set()
         follower.join(timeout=2)

@@ -31,6 +31,7 @@ MODEL_NAMES = (PREPROCESS, VISION_ENCODER, PROJECTOR, LANGUAGE_MODEL, ENSEMBLE)
 
 # Tensor names of the ensemble's public contract; INPUTS and OUTPUTS below say what each holds.
 IN_PROMPT = "prompt"
+IN_MESSAGES = "messages"
 IN_IMAGES = "images"
 IN_MAX_TOKENS = "max_tokens"
 IN_TEMPERATURE = "temperature"
@@ -85,6 +86,7 @@ class Tensor:
     default: Any = None
     serving_default: str = ""
     required: bool = False  # preprocess refuses a request without it
+    instead_of: str = ""  # the input a request sends in its place: exactly one of the two is required
 
     def __post_init__(self) -> None:
         if self.datatype not in NUMPY_DTYPES:
@@ -99,9 +101,17 @@ class Tensor:
         return getattr(serving, self.serving_default) if self.serving_default else self.default
 
 
+# The roles of a `messages` turn, and the content parts of one (llava_triton.preprocess.parse_messages).
+ROLES = ("system", "user", "assistant")
+PART_TEXT, PART_IMAGE = "text", "image"
+
 INPUTS = (
     Tensor(IN_PROMPT, "BYTES", (1,), "the user message (UTF-8); `<image>` marks where each image goes, with no tag "
-           "the images go first", required=True),
+           "the images go first", instead_of=IN_MESSAGES),
+    Tensor(IN_MESSAGES, "BYTES", (1,), "the conversation instead of `prompt` (UTF-8 JSON): an array of turns with "
+           "`role` (system, user or assistant) and `content`, a string or a list of `{\"type\": \"text\", "
+           "\"text\": ...}` and `{\"type\": \"image\"}` parts (in user turns, each the next of `images`); at "
+           "most `max_messages` turns and `max_messages_bytes` bytes", instead_of=IN_PROMPT),
     Tensor(IN_IMAGES, "BYTES", (-1,), "encoded JPEG, PNG or WebP images, zero or more (at most "
            "`max_images_per_request`)", default=()),
     Tensor(IN_MAX_TOKENS, "INT32", (1,), "tokens to generate; a value past the context (`max_seq_len`) is refused, "
@@ -131,8 +141,10 @@ OUTPUTS = (
 )
 INPUTS_BY_NAME = {tensor.name: tensor for tensor in INPUTS}
 
-# Sampling inputs, shared by preprocess (early validation) and language_model.
-SAMPLING_INPUTS = tuple(tensor.name for tensor in INPUTS if tensor.name not in (IN_PROMPT, IN_IMAGES))
+# What the request asks about (preprocess alone reads them), and the sampling inputs, shared by
+# preprocess (early validation) and language_model.
+REQUEST_INPUTS = (IN_PROMPT, IN_MESSAGES, IN_IMAGES)
+SAMPLING_INPUTS = tuple(tensor.name for tensor in INPUTS if tensor.name not in REQUEST_INPUTS)
 
 
 @dataclass(frozen=True)
@@ -287,7 +299,7 @@ RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for pref
 
 # Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
 POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes",
-                    "max_image_pixels", "max_prompt_bytes",
+                    "max_image_pixels", "max_prompt_bytes", "max_messages", "max_messages_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
                     "kv_block_size", "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
@@ -322,7 +334,10 @@ class ServingConfig:
     max_image_pixels: int = _option(36_000_000, "width x height of one image, read from its header before "
                                     "decoding (and after CLIP's resize)")
     max_prompt_bytes: int = _option(256 * 1024, "the prompt's UTF-8 bytes")
-    max_request_bytes: int = _option(32 * 1024 * 1024, "bytes of one request's images and prompt together")
+    max_messages: int = _option(256, "turns in a request's messages")
+    max_messages_bytes: int = _option(1024 * 1024, "bytes of a request's messages (its UTF-8 JSON)")
+    max_request_bytes: int = _option(32 * 1024 * 1024, "bytes of one request's images and prompt (or messages) "
+                                     "together")
     max_stop_strings: int = _option(16, "stop strings per request")
     max_stop_string_bytes: int = _option(256, "bytes of one stop string")
     # Sampling defaults: what the server uses when a request leaves the input out (INPUTS).
@@ -483,6 +498,43 @@ def serving_options() -> tuple[ServingOption, ...]:
     hints = typing.get_type_hints(ServingConfig)
     return tuple(ServingOption(f.name, hints[f.name], f.default, f.metadata["meaning"], f.metadata["choices"])
                  for f in dataclasses.fields(ServingConfig))
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    """Options of the OpenAI-compatible frontend (llava_triton.openai_frontend): its command-line flags, one
+    per field (`--max-body-bytes`), and docs/openai.md's table are generated from these fields. The image
+    limits it checks early (max_image_bytes, max_images_per_request) are the served repository's
+    ServingConfig, which preprocess enforces anyway."""
+
+    served_model_name: str = _option(ENSEMBLE, "the model id /v1/models lists and requests name")
+    # A 20 MiB image (max_image_bytes) is about 27 MiB of base64; 64 MiB leaves room for a few of them.
+    max_body_bytes: int = _option(64 * 1024 * 1024, "bytes of one request body, counted as it is read "
+                                  "(413 past it)")
+    max_json_depth: int = _option(32, "nesting depth of a request's JSON (a chat request needs 6)")
+    max_json_containers: int = _option(20_000, "JSON arrays and objects in one request (a JSON bomb is refused "
+                                       "before it is parsed)")
+    fetch_image_urls: bool = _option(False, "fetch http(s) image URLs; off: only data: URLs are taken")
+    fetch_private_addresses: bool = _option(False, "with fetch_image_urls, also fetch from loopback, private and "
+                                            "link-local addresses (the cluster's own services)")
+    fetch_timeout_s: float = _option(10.0, "seconds one image fetch may take, redirects included")
+    fetch_max_redirects: int = _option(3, "redirects one image fetch follows")
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_json_depth", "max_json_containers", "fetch_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.fetch_max_redirects < 0:
+            raise ValueError(f"fetch_max_redirects must be 0 or more, got {self.fetch_max_redirects}")
+        if not self.served_model_name.strip():
+            raise ValueError("served_model_name must not be empty")
+
+
+def frontend_options() -> tuple[ServingOption, ...]:
+    """Every FrontendConfig field with its type, default and meaning."""
+    hints = typing.get_type_hints(FrontendConfig)
+    return tuple(ServingOption(f.name, hints[f.name], f.default, f.metadata["meaning"], f.metadata["choices"])
+                 for f in dataclasses.fields(FrontendConfig))
+
 
 # Triton's names of the dtypes `wire_dtype` gives (config.pbtxt's TYPE_<name>).
 TRITON_TYPE_NAMES = {np.dtype(np.float32): "FP32", np.dtype(np.float16): "FP16"}

@@ -413,16 +413,25 @@ def test_serialize_bytes_tensor():
 def test_perf_input_entry_leaves_unset_options_out():
     entry = perf_input_entry([], "hi", None)
     assert set(entry) == {spec.IN_PROMPT}
-    with pytest.raises(ValueError, match="unknown sampling options"):
+    with pytest.raises(ValueError, match="unknown options"):
         perf_input_entry([], "hi", 4, temprature=0.5)
-    with pytest.raises(ValueError, match="unknown sampling options"):
+    with pytest.raises(ValueError, match="unknown options"):
         build_inputs("hi", maxtokens=4)
 
 
 def test_inputs_follow_the_contract(images):
     arrays = input_arrays("hi", images, max_tokens=4, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop="END",
                           stream=False, ignore_eos=True)
-    assert list(arrays) == [t.name for t in spec.INPUTS]
+    assert list(arrays) == [t.name for t in spec.INPUTS if t.name != spec.IN_MESSAGES]
+    # messages instead of a prompt: a list of turns goes as its JSON, a string as it is.
+    turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "é?"}]}]
+    arrays |= input_arrays(None, images, messages=turns)
+    assert json.loads(arrays[spec.IN_MESSAGES][0].decode()) == turns
+    assert input_arrays(None, messages='[{"x": 1}]')[spec.IN_MESSAGES].tolist() == [b'[{"x": 1}]']
+    with pytest.raises(ValueError, match="either a prompt or messages="):
+        input_arrays("hi", messages=turns)
+    with pytest.raises(ValueError, match="either a prompt or messages="):
+        input_arrays(None)
     for tensor in spec.INPUTS:
         assert arrays[tensor.name].dtype == spec.NUMPY_DTYPES[tensor.datatype], tensor.name
         assert arrays[tensor.name].ndim == 1 and (tensor.repeated or arrays[tensor.name].shape == (1,)), tensor.name
@@ -445,6 +454,18 @@ def test_every_input_has_one_flag_with_its_meaning():
     for tensor in spec.INPUTS:
         assert flags[tensor.name].help.startswith(tensor.meaning.replace("`", "")), tensor.name
         assert flags[tensor.name].required == tensor.required
+
+
+def test_prompt_and_messages_flags_are_a_required_pair():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_input_arguments(parser)
+    assert parser.parse_args(["--prompt", "hi"]).prompt == "hi"
+    assert parser.parse_args(["--messages", "[]"]).messages == "[]"
+    for argv in ([], ["--prompt", "hi", "--messages", "[]"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(argv)
 
 
 @pytest.mark.parametrize("prog", ["client", "client.perf_data"])

@@ -93,7 +93,8 @@ def test_an_export_without_the_projector_refuses_this_repositorys_own_directory(
 
 # The public contract as clients rely on it, written out here on purpose (not read from spec.INPUTS):
 # a change to spec.INPUTS / spec.OUTPUTS that changes what clients send or receive fails here.
-CONTRACT_INPUTS = {spec.IN_PROMPT: (mc.TYPE_STRING, [1]), spec.IN_IMAGES: (mc.TYPE_STRING, [-1]),
+CONTRACT_INPUTS = {spec.IN_PROMPT: (mc.TYPE_STRING, [1]), spec.IN_MESSAGES: (mc.TYPE_STRING, [1]),
+                   spec.IN_IMAGES: (mc.TYPE_STRING, [-1]),
                    spec.IN_MAX_TOKENS: (mc.TYPE_INT32, [1]), spec.IN_TEMPERATURE: (mc.TYPE_FP32, [1]),
                    spec.IN_TOP_P: (mc.TYPE_FP32, [1]), spec.IN_TOP_K: (mc.TYPE_INT32, [1]),
                    spec.IN_SEED: (mc.TYPE_INT64, [1]), spec.IN_STOP: (mc.TYPE_STRING, [-1]),
@@ -114,7 +115,7 @@ def test_the_ensemble_has_the_public_contract():
     language_model = {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].input}
     assert {name: language_model[name] for name in spec.SAMPLING_INPUTS} == {
         name: CONTRACT_INPUTS[name] for name in spec.SAMPLING_INPUTS}
-    assert set(spec.SAMPLING_INPUTS) == set(CONTRACT_INPUTS) - {spec.IN_PROMPT, spec.IN_IMAGES}
+    assert set(spec.SAMPLING_INPUTS) == set(CONTRACT_INPUTS) - {spec.IN_PROMPT, spec.IN_MESSAGES, spec.IN_IMAGES}
     assert {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].output} == CONTRACT_OUTPUTS
 
 

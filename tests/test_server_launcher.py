@@ -272,13 +272,15 @@ def test_broken_model_raises_with_log_tail(tmp_path):
     assert server.process is None
 
 
-def _start_cli(repository: Path, *options: str) -> tuple[subprocess.Popen, int, int]:
-    """The launcher's stderr goes to repository/../launcher.log (a pipe nobody reads would fill up)."""
+def _start_cli(repository: Path, *options: str, openai_port: int = 0) -> tuple[subprocess.Popen, int, int]:
+    """The launcher's stderr goes to repository/../launcher.log (a pipe nobody reads would fill up). No
+    OpenAI frontend unless a port is given (its default port may be taken on the machine)."""
     http_port, grpc_port, metrics_port = free_port(), free_port(), free_port()
     with open(repository.parent / "launcher.log", "wb") as log:
         process = subprocess.Popen([sys.executable, "-m", "llava_triton.server", "--model-repository",
                                     str(repository), "--http-port", str(http_port), "--grpc-port", str(grpc_port),
-                                    "--metrics-port", str(metrics_port), *options],
+                                    "--metrics-port", str(metrics_port), "--openai-port", str(openai_port),
+                                    *options],
                                    cwd=PROJECT_ROOT, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     return process, http_port, grpc_port
 
@@ -323,12 +325,48 @@ def test_cli_unsupervised_execs_tritonserver_and_stops_on_sigterm(tmp_path):
         _kill_group(process)
 
 
+def _frontends(launcher_pid: int) -> list[psutil.Process]:
+    """The launcher's running OpenAI frontends (a killed one is a zombie until the launcher reaps it)."""
+    frontends = []
+    for child in psutil.Process(launcher_pid).children():
+        try:
+            if "llava_triton.openai_frontend" in " ".join(child.cmdline()):
+                frontends.append(child)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess):
+            pass
+    return frontends
+
+
+def _frontend_live(port: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            return _get(f"http://127.0.0.1:{port}/health/live") == '{"status":"live"}'
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
 @pytest.mark.e2e
 def test_cli_restarts_tritonserver_when_a_backend_stub_dies_and_stops_on_sigterm(tmp_path):
     repository = write_counter_repository(tmp_path / "repository")
-    process, http_port, grpc_port = _start_cli(repository)  # --on-backend-exit restart is the default
+    openai_port = free_port()
+    # --on-backend-exit restart is the default; it covers the OpenAI frontend too.
+    process, http_port, grpc_port = _start_cli(repository, openai_port=openai_port)
     try:
         _wait_ready(process, http_port)
+        # The frontend runs beside it: live (not ready: this repository has no llava ensemble). Killed, it is
+        # started again.
+        assert _frontend_live(openai_port)
+        (frontend,) = _frontends(process.pid)
+        frontend.kill()
+        deadline = time.monotonic() + 30
+        while not (_frontends(process.pid) and _frontend_live(openai_port)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        (restarted,) = _frontends(process.pid)
+        assert restarted.pid != frontend.pid and _frontend_live(openai_port)
+        assert f"the OpenAI frontend exited with code {-signal.SIGKILL}; starting it again" in \
+            (tmp_path / "launcher.log").read_text()
         assert [index for index, _ in stream_counter(f"localhost:{grpc_port}", 2)] == [0, 1]
         stubs = _counter_stubs(process.pid)
         assert len(stubs) == 1
@@ -342,11 +380,28 @@ def test_cli_restarts_tritonserver_when_a_backend_stub_dies_and_stops_on_sigterm
         assert len(_counter_stubs(process.pid)) == 1
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=60) == 0
+        assert not restarted.is_running()  # stopped with the launcher
         log = log_path.read_text()
         assert log.count("the Python-backend stub of counter") == 1 and "ready again (restart 1" in log
         assert "successfully loaded 'counter'" in log  # the server's own log reaches stderr
         # Neither launch left a shared-memory region behind (the first one's stub was SIGKILLed).
         assert not list(SHM_DIR.glob(f"llava_triton_{process.pid}_*"))
+    finally:
+        _kill_group(process)
+
+
+@pytest.mark.e2e
+def test_cli_exits_non_zero_when_the_openai_frontend_dies_for_an_orchestrator_to_restart(tmp_path):
+    repository = write_counter_repository(tmp_path / "repository")
+    openai_port = free_port()
+    process, http_port, _ = _start_cli(repository, "--on-backend-exit", "exit", openai_port=openai_port)
+    try:
+        _wait_ready(process, http_port)
+        assert _frontend_live(openai_port)
+        _frontends(process.pid)[0].kill()
+        assert process.wait(timeout=60) == 1
+        log = (tmp_path / "launcher.log").read_text()
+        assert "error: the OpenAI frontend exited with code" in log and "orchestrator restarts" in log
     finally:
         _kill_group(process)
 

@@ -86,18 +86,23 @@ def hf_messages(prompt: str, num_images: int) -> list[dict]:
     return [{"role": "user", "content": content}]
 
 
-def hf_processor_outputs(checkpoint: Path, images: list[bytes], prompt: str):
-    """The processor's BatchFeature (numpy) for the prompt and images, as a user of transformers makes it."""
+def hf_processor_outputs(checkpoint: Path, images: list[bytes], prompt: str | None, *,
+                         messages: list[dict] | None = None):
+    """The processor's BatchFeature (numpy) for the prompt (or a whole conversation, `messages`, as the
+    processor's chat template takes them) and images, as a user of transformers makes it."""
     processor = hf_processor(Path(checkpoint))
-    text = processor.apply_chat_template(hf_messages(prompt, len(images)), add_generation_prompt=True)
+    conversation = hf_messages(prompt, len(images)) if messages is None else messages
+    text = processor.apply_chat_template(conversation, add_generation_prompt=True)
     encoded_images = [base64.b64encode(data).decode("ascii") for data in images] or None
     return processor(images=encoded_images, text=text, return_tensors="np")
 
 
-def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """(input_ids int64 [seq_len], pixel_values float32 [tiles, 3, H, W] or None without images). For
-    LLaVA-NeXT the tiles are each image's, without the padding the processor adds to batch them."""
-    inputs = hf_processor_outputs(checkpoint, images, prompt)
+def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str | None, *,
+              messages: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(input_ids int64 [seq_len], pixel_values float32 [tiles, 3, H, W] or None without images) of a prompt
+    or a conversation. For LLaVA-NeXT the tiles are each image's, without the padding the processor adds
+    to batch them."""
+    inputs = hf_processor_outputs(checkpoint, images, prompt, messages=messages)
     pixel_values = None
     if images:
         pixel_values = inputs["pixel_values"].astype(np.float32)
@@ -111,12 +116,14 @@ def hf_inputs(checkpoint: Path, images: list[bytes], prompt: str) -> tuple[np.nd
     return inputs["input_ids"][0].astype(np.int64), pixel_values
 
 
-def hf_generate(checkpoint: Path, images: list[bytes], prompt: str, max_new_tokens: int) -> list[int]:
-    """The new token ids of greedy `generate` (float32, CPU); it may stop early at EOS."""
+def hf_generate(checkpoint: Path, images: list[bytes], prompt: str | None, max_new_tokens: int, *,
+                messages: list[dict] | None = None) -> list[int]:
+    """The new token ids of greedy `generate` (float32, CPU) for a prompt or a conversation (`messages`);
+    it may stop early at EOS."""
     import torch
 
     checkpoint = Path(checkpoint)
-    inputs = hf_processor_outputs(checkpoint, images, prompt)
+    inputs = hf_processor_outputs(checkpoint, images, prompt, messages=messages)
     input_ids = inputs["input_ids"][0].astype(np.int64)
     model = hf_model(checkpoint)
     kwargs = {}

@@ -1,12 +1,13 @@
 import os, sys; sys.path[:0] = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 # ^ the stub ignores PYTHONPATH
-# Triton adapter for preprocessing: image bytes + prompt → input_ids + pixel_values (llava_triton.preprocess).
+# Triton adapter for preprocessing: image bytes + prompt or messages → input_ids + pixel_values
+# (llava_triton.preprocess).
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llava_triton import spec
-from llava_triton.preprocess import Preprocessor, check_request_parameters, request_prompt
+from llava_triton.preprocess import Preprocessor, check_request_parameters, request_text
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import freeze_loaded_objects, load_spec, optional_inputs, triton_error, version_dir
 
@@ -29,12 +30,12 @@ class TritonPythonModel:
 
     def _preprocess(self, request):
         check_request_parameters(request.parameters())
-        inputs = optional_inputs(pb_utils, request, (spec.IN_IMAGES, spec.IN_PROMPT))
-        prompt = request_prompt(inputs[spec.IN_PROMPT])
+        inputs = optional_inputs(pb_utils, request, spec.REQUEST_INPUTS)
+        prompt, messages = request_text(inputs[spec.IN_PROMPT], inputs[spec.IN_MESSAGES])
         images = [] if inputs[spec.IN_IMAGES] is None else list(inputs[spec.IN_IMAGES].reshape(-1))
         # Sampling values are checked here too, so a bad request is refused before any image work.
         params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
-        input_ids, pixel_values, image_sizes = self.preprocessor(images, prompt)
+        input_ids, pixel_values, image_sizes = self.preprocessor(images, prompt, messages=messages)
         params.resolve_max_tokens(len(input_ids), self.serving.token_limit(self.model_spec), self.serving)
         outputs = [
             pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
