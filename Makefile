@@ -9,8 +9,9 @@ ENGINE ?= pytorch
 REPO ?= model_repository
 GRPC_PORT ?= 8001
 PYTEST_ARGS ?=
+CHECKOV_VENV ?= build/checkov-venv
 
-.PHONY: setup export serve demo test bench soak lint docs clean
+.PHONY: setup export serve demo test bench soak lint scan-chart docs clean
 
 setup: $(VENV)/.setup-done
 
@@ -49,12 +50,26 @@ SOAK_ARGS ?= --duration-s 1800 --concurrency 64
 soak: setup
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
-# ruff as configured in pyproject.toml (it also reports syntax errors), the Dockerfile's linter, and
-# whether the files generated from llava_triton/spec.py (docs/api.md, the chart's schema) are current.
+# ruff as configured in pyproject.toml (it also reports syntax errors), the Dockerfile's linter,
+# whether the files generated from llava_triton/spec.py (docs/api.md, the chart's schema) are current,
+# and the chart's policy scan.
 lint: setup
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m llava_triton.generated --check
+	$(MAKE) --no-print-directory scan-chart
+
+# The chart rendered with several values and scanned by checkov (helm/scan.py says what fails), from a
+# venv of its own: checkov's pinned dependencies (helm/checkov-requirements.txt) are not ours.
+$(CHECKOV_VENV)/.setup-done: helm/checkov-requirements.txt
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip==25.3
+	$(CHECKOV_VENV)/bin/python -m pip install -q -r helm/checkov-requirements.txt
+	touch $@
+
+scan-chart: setup $(CHECKOV_VENV)/.setup-done
+	$(PY) helm/scan.py --checkov $(CHECKOV_VENV)/bin/checkov --output build/chart-scan
 
 # Regenerate docs/api.md's tables and the chart's values schema from llava_triton/spec.py.
 docs: setup
