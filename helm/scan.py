@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "build" / "chart-scan",
                         help="where the rendered manifests are written (emptied first)")
     args = parser.parse_args(argv)
-    output = args.output
+    output = args.output.resolve()
     if output.exists():
         for stale in sorted(output.rglob("*"), reverse=True):
             stale.unlink() if stale.is_file() else stale.rmdir()
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     results = report.get("results", {})
     tag_only, failed = [], []
     for check in results.get("failed_checks", []):
-        render_name = Path(check["file_path"]).parts[1]
+        parts = Path(check["file_path"]).parts  # .../<render>/templates/<template>.yaml
+        render_name = parts[parts.index("templates") - 1]
         finding = f"{render_name}: {check['check_id']} {check['check_name']} ({check['resource']})"
         if check["check_id"] in TAG_ONLY and not RENDERS[render_name].get("image", {}).get("digest"):
             tag_only.append(finding)
