@@ -473,12 +473,13 @@ def _http(url: str, method: str = "GET", headers: dict | None = None, body: byte
 class RenderedServer:
     """The rendered container's args run by the local launcher and tritonserver: the paths inside the
     image and the ports swapped for local ones, `$(VAR)` expanded from the container's env as the
-    kubelet does. Where this checkout's launcher has no OpenAI endpoint yet, the chart is rendered
-    with it off (its readiness probe would go through it)."""
+    kubelet does. The OpenAI endpoint is on only where the values turn it on explicitly (and this
+    checkout's launcher has it): the readiness probe then goes through it, and it serves chats of the
+    llava ensemble, which the one-model echo repository is not."""
 
     def __init__(self, values: dict, tmp_path: Path, models: Path | None = None):
         """`models` stands for the /models volume; without it, a one-model repository is made."""
-        if not LAUNCHER_SERVES_OPENAI:
+        if not (LAUNCHER_SERVES_OPENAI and values.get("openai", {}).get("enabled")):
             values = {**values, "openai": {"enabled": False}}
         self.docs = manifests(values)
         self.container = server_container(self.docs)
@@ -573,14 +574,24 @@ def test_rendered_default_arguments_serve_probes_and_metrics(rendered_server):
 
 @pytest.mark.e2e
 @needs_openai_launcher
-def test_rendered_openai_port_serves_its_health_and_models(rendered_server):
-    server = rendered_server({})
-    assert server.container["readinessProbe"]["httpGet"]["port"] == "openai"
+def test_rendered_openai_port_serves_probes_models_and_a_chat(rendered_server, model_repository, tmp_path):
+    """The rendered --openai-port on the launcher, serving the embedded default's exported repository
+    (as modelRepository.path on an existing claim): every probe answers, a chat completes."""
+    models = tmp_path / "models"  # the claim, mounted at /models
+    models.mkdir()
+    (models / "llava").symlink_to(model_repository, target_is_directory=True)
+    server = rendered_server({"openai": {"enabled": True}, "export": {"enabled": False},
+                              "modelRepository": {"existingClaim": "llava-models", "path": "llava"}},
+                             models=models, timeout=300)
+    assert server.container["readinessProbe"]["httpGet"] == {"path": OPENAI_READY_PATH, "port": "openai"}
     for kind in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert server.probe(kind) == 200, kind
     openai = f"http://127.0.0.1:{server.ports['openai']}"
     assert _http(f"{openai}{OPENAI_LIVE_PATH}") == 200
-    assert _http(f"{openai}/v1/models") == 200
+    with urllib.request.urlopen(f"{openai}/v1/models", timeout=10) as response:
+        model = json.load(response)["data"][0]["id"]
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}).encode()
+    assert _http(f"{openai}/v1/chat/completions", "POST", {"Content-Type": "application/json"}, body) == 200
 
 
 @pytest.mark.e2e
