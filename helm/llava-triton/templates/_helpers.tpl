@@ -155,7 +155,7 @@ or "export".
 {{- $values := .context.Values }}
 {{- $skips := list }}
 {{- if lt (int $values.podSecurityContext.runAsUser) 10000 }}
-{{- $skips = append $skips (printf "CKV_K8S_40=uid %d is the unprivileged user of NVIDIA's Triton image (triton-server) that owns its files; the pods run as it with no privilege escalation and no capability" (int $values.podSecurityContext.runAsUser)) }}
+{{- $skips = append $skips (printf "CKV_K8S_40=uid %d is triton-server, the unprivileged user of NVIDIA's Triton image and the USER of our Dockerfile; the pods run as it with no privilege escalation, no capability and a read-only root" (int $values.podSecurityContext.runAsUser)) }}
 {{- end }}
 {{- if and (eq .pod "server") $values.restrictedAPIs.enabled }}
 {{- $skips = append $skips "CKV_K8S_35=Triton takes the restricted-API key only on its command line; the kubelet expands it there from the Secret through the LLAVA_TRITON_ADMIN_KEY variable" }}
