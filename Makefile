@@ -12,8 +12,10 @@ OPENAI_PORT ?= 9000
 PYTEST_ARGS ?=
 # AIPerf in a venv of its own (its pins clash with ours), for tests/test_openai.py.
 AIPERF_VENV ?= build/aiperf-venv
+# checkov, the chart's policy scanner, in a venv of its own too (make scan-chart).
+CHECKOV_VENV ?= build/checkov-venv
 
-.PHONY: setup aiperf export serve demo test bench soak lint docs clean
+.PHONY: setup aiperf export serve demo test bench soak lint scan-chart docs clean
 
 setup: $(VENV)/.setup-done
 
@@ -63,12 +65,26 @@ SOAK_ARGS ?= --duration-s 1800 --concurrency 64
 soak: setup
 	$(PY) -m bench.soak $(SOAK_ARGS)
 
-# ruff as configured in pyproject.toml (it also reports syntax errors), the Dockerfile's linter, and
-# whether the files generated from llava_triton/spec.py (docs/api.md, the chart's schema) are current.
+# ruff as configured in pyproject.toml (it also reports syntax errors), the Dockerfile's linter,
+# whether the files generated from llava_triton/spec.py (docs/api.md, the chart's schema) are current,
+# and the chart's policy scan.
 lint: setup
 	$(VENV)/bin/ruff check
 	$(VENV)/bin/hadolint Dockerfile
 	$(PY) -m llava_triton.generated --check
+	$(MAKE) --no-print-directory scan-chart
+
+# The chart rendered with several values and scanned by checkov (helm/scan.py says what fails), from a
+# venv of its own: checkov's pinned dependencies (helm/checkov-requirements.txt) are not ours.
+$(CHECKOV_VENV)/.setup-done: helm/checkov-requirements.txt
+	rm -rf $(CHECKOV_VENV)
+	$(PYTHON) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/python -m pip install -q --upgrade pip==25.3
+	$(CHECKOV_VENV)/bin/python -m pip install -q -r helm/checkov-requirements.txt
+	touch $@
+
+scan-chart: setup $(CHECKOV_VENV)/.setup-done
+	$(PY) helm/scan.py --checkov $(CHECKOV_VENV)/bin/checkov --output build/chart-scan
 
 # Regenerate docs/api.md's tables and the chart's values schema from llava_triton/spec.py.
 docs: setup
