@@ -11,10 +11,8 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import dataclasses
 import functools
-import io
 import json
 import os
 import re
@@ -48,10 +46,9 @@ RELEASE, NAMESPACE = "llava", "serving"
 FULLNAME = "llava-llava-triton"  # release name + chart name, as the chart's helpers build it
 DIGEST = "sha256:" + "0123456789abcdef" * 4
 
-# The OpenAI-compatible endpoint the launcher serves beside Triton (`--openai-port`, issue #18), and its
-# health paths: /health/ready answers 200 when the endpoint serves and Triton's models are ready.
-OPENAI_PORT = 9000
-OPENAI_LIVE_PATH, OPENAI_READY_PATH = "/health/live", "/health/ready"
+# The OpenAI-compatible endpoint the launcher serves beside Triton (`--openai-port`) and its health paths
+# (/health/ready answers 200 when the endpoint serves and Triton's models are ready), from llava_triton.deploy.
+OPENAI_PORT, OPENAI_LIVE_PATH, OPENAI_READY_PATH = deploy.OPENAI_PORT, deploy.OPENAI_LIVE_PATH, deploy.OPENAI_READY_PATH
 
 # The default values and the overrides a user is most likely to set, each rendered, linted and validated.
 OVERRIDES: dict[str, dict] = {
@@ -289,28 +286,11 @@ def test_values_are_the_local_servers():
 LAUNCHER = ["python3", "-m", "llava_triton.server"]
 
 
-def _launcher_serves_openai() -> bool:
-    """Whether this checkout's launcher takes --openai-port. The endpoint is built on another branch
-    than the chart; until both are in, the rendered flag is left out where the launcher parses or runs
-    it here, and the tests that need the endpoint are skipped."""
-    with contextlib.redirect_stderr(io.StringIO()):
-        try:
-            parse_command_line([f"--openai-port={OPENAI_PORT}"])
-        except SystemExit:
-            return False
-    return True
-
-
-LAUNCHER_SERVES_OPENAI = _launcher_serves_openai()
-needs_openai_launcher = pytest.mark.skipif(not LAUNCHER_SERVES_OPENAI,
-                                           reason="the launcher has no --openai-port yet (issue #18's endpoint)")
-
-
 def launcher_args(container: dict) -> list[str]:
     """The rendered container's arguments after `python3 -m llava_triton.server`, as this checkout's
     launcher takes them."""
     assert container["args"][:3] == LAUNCHER
-    return [a for a in container["args"][3:] if LAUNCHER_SERVES_OPENAI or not a.startswith("--openai-port=")]
+    return container["args"][3:]
 
 
 def launcher_command_line(container: dict) -> tuple[argparse.Namespace, list[str]]:
@@ -479,7 +459,7 @@ class RenderedServer:
 
     def __init__(self, values: dict, tmp_path: Path, models: Path | None = None):
         """`models` stands for the /models volume; without it, a one-model repository is made."""
-        if not (LAUNCHER_SERVES_OPENAI and values.get("openai", {}).get("enabled")):
+        if not values.get("openai", {}).get("enabled"):  # only where a test asks for the endpoint
             values = {**values, "openai": {"enabled": False}}
         self.docs = manifests(values)
         self.container = server_container(self.docs)
@@ -494,7 +474,7 @@ class RenderedServer:
             flag, _, value = arg.partition("=")
             if flag == "--model-repository":
                 value = str(repository) if repository else value.replace("/models", str(models), 1)
-            elif flag in ("--http-port", "--grpc-port", "--metrics-port", "--openai-port"):
+            elif flag in ("--http-port", "--grpc-port", "--metrics-port", "--openai-port") and value != "0":
                 value = by_number[value]
             elif value.startswith("/etc/llava-triton/grpc-tls/"):
                 value = str(self.certificates / Path(value).name)
@@ -573,7 +553,6 @@ def test_rendered_default_arguments_serve_probes_and_metrics(rendered_server):
 
 
 @pytest.mark.e2e
-@needs_openai_launcher
 def test_rendered_openai_port_serves_probes_models_and_a_chat(rendered_server, model_repository, tmp_path):
     """The rendered --openai-port on the launcher, serving the embedded default's exported repository
     (as modelRepository.path on an existing claim): every probe answers, a chat completes."""
@@ -890,7 +869,8 @@ def test_openai_off_leaves_tritons_ports_and_probes():
     values = {"openai": {"enabled": False}}
     docs = manifests(values)
     container = server_container(docs)
-    assert not [a for a in container["args"] if a.startswith("--openai-port")]
+    # Told 0: the launcher would otherwise serve the endpoint on its default port.
+    assert [a for a in container["args"] if a.startswith("--openai-port")] == ["--openai-port=0"]
     assert [p["name"] for p in container["ports"]] == list(deploy.PORTS)
     assert [p["name"] for p in only(docs, "Service")["spec"]["ports"]] == list(deploy.PORTS)
     assert container["readinessProbe"]["httpGet"] == {"path": deploy.READY_PATH, "port": "http"}
