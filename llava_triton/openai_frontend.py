@@ -497,8 +497,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
     print(f"OpenAI-compatible API on http://{args.host}:{args.port}/v1 (model {config.served_model_name!r}), "
           f"forwarding to Triton at {args.triton_url}", file=sys.stderr, flush=True)
-    # uvloop and httptools: the fastest event loop and HTTP parser uvicorn has; no access log per request.
-    uvicorn.run(app, host=args.host, port=args.port, loop="uvloop", http="httptools", access_log=False,
+    # uvloop (pinned, so "auto" picks it; asyncio's loop where it is missing) and httptools: the fastest
+    # event loop and HTTP parser uvicorn has; no access log per request.
+    uvicorn.run(app, host=args.host, port=args.port, loop="auto", http="httptools", access_log=False,
                 log_level="warning", timeout_graceful_shutdown=deploy.EXIT_TIMEOUT_S)
     return 0
 
