@@ -56,7 +56,7 @@ demo: export
 	$(PY) -m llava_triton.demo --model-repository $(REPO)
 
 test: setup aiperf
-	AIPERF=$(AIPERF_VENV)/bin/aiperf $(PY) -m pytest $(PYTEST_ARGS)
+	AIPERF=$(abspath $(AIPERF_VENV))/bin/aiperf $(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup
 	$(PY) -m bench

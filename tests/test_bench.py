@@ -102,7 +102,7 @@ def test_bench_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint
     table = (out / "results.md").read_text()
     assert "| concurrency | requests | TTFT p50 (ms)" in table and "n/a" in table
     assert "| concurrency | preprocess queue / compute (ms)" in table
-    assert "system shared memory, concurrency 2, the W1 image's" in table
+    assert "system shared memory, concurrency 2, a tile of the workload's image" in table
     assert table.count("\n| 1 |") >= 4 and "\n| 2 |" in table  # levels, baseline, vision and projector rows
     assert "`projector` alone" in table and "Encoder then projector" in table
     with Image.open(out / "throughput_vs_ttft.png") as image:
