@@ -40,11 +40,13 @@ def served(request, tmp_path_factory):
     preset = request.param
     checkpoint = preset_checkpoint(preset)
     output = tmp_path_factory.mktemp(f"{preset}_repository")
-    # The vision models' ONNX copy (checked with onnxruntime) for one of the two: the same modules.
+    # The first preset with the vision models' ONNX copy (checked with onnxruntime) and the projector as its
+    # own model; the second with the projector in the language model's step (it then packs the tiles of
+    # the vision encoder's features, projected on its side).
+    options = ["--set", "projector_placement=language_model", "--no-onnx"] if preset != NEXT_PRESETS[0] else []
     assert export_main(["--model", str(checkpoint), "--output", str(output), "--work-dir",
                         str(tmp_path_factory.mktemp(f"{preset}_work")), "--engine", "pytorch", "--device", "cpu",
-                        "--set", f"max_image_tokens={MAX_IMAGE_TOKENS}",
-                        *(["--no-onnx"] if preset != NEXT_PRESETS[0] else [])]) == 0
+                        "--set", f"max_image_tokens={MAX_IMAGE_TOKENS}", *options]) == 0
     log_path = REPO_ROOT / "build" / "test-logs" / f"tritonserver-{preset}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(output, log_path=log_path, ready_timeout_s=300) as server:
