@@ -153,7 +153,7 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
 
 
 def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None,
-                image_sizes: np.ndarray | None, spec: ModelSpec,
+                image_sizes: np.ndarray | None, spec: ModelSpec, serving: ServingConfig,
                 image_input: str = IMAGE_EMBEDS) -> tuple[int, np.ndarray | None]:
     """(tiles of image_embeds the prompt uses, the LLaVA-NeXT packing index or None), checked against
     the inputs: LLaVA-1.5 as `count_images`; LLaVA-NeXT from each image's size (`image_sizes`, N x 2),
@@ -169,6 +169,9 @@ def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | N
     sizes = np.zeros((0, 2), dtype=np.int64) if image_sizes is None else np.asarray(image_sizes)
     if sizes.ndim != 2 or sizes.shape[1] != 2 or not np.issubdtype(sizes.dtype, np.integer):
         raise InvalidRequestError(f"image_sizes must be INT64 [n, 2], got {sizes.dtype} {list(sizes.shape)}")
+    if len(sizes) > serving.max_images_per_request:  # the language model can be called directly too
+        raise InvalidRequestError(f"image_sizes holds {len(sizes)} images, more than max_images_per_request "
+                                  f"({serving.max_images_per_request})")
     if bool((sizes <= 0).any()) or bool((sizes > 2**20).any()):
         raise InvalidRequestError("image_sizes holds a height or width outside [1, 1048576]")
     layouts = [tile_layout(int(height), int(width), spec) for height, width in sizes]
@@ -247,7 +250,7 @@ class Engine:
             # execute thread took under load on the H100 (py-spy and timers).
             num_images, image_index = plan_images(
                 input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes, self.spec,
-                self.image_input)
+                self.serving, self.image_input)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
             self._check_fits_cache(int(input_ids.shape[0]), max_tokens)
         except InvalidRequestError:

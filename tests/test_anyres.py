@@ -213,10 +213,11 @@ def request(spec, sizes):
 
 def test_plan_images_packs_each_image(next_spec):
     ids, shape, sizes = request(next_spec, [(240, 320), (50, 60)])
-    tiles, index = plan_images(ids, shape, sizes, next_spec)
+    tiles, index = plan_images(ids, shape, sizes, next_spec, ServingConfig())
     assert tiles == 5 + 3  # a 2x2 grid; a 1x2 one (the smallest pinpoint that holds 50x60 whole); each with its base
     assert len(index) == int((ids == next_spec.image_token_index).sum())
-    assert plan_images(*request(next_spec, [])[:1], None, np.zeros((0, 2), np.int64), next_spec) == (0, None)
+    assert plan_images(*request(next_spec, [])[:1], None, np.zeros((0, 2), np.int64), next_spec,
+                       ServingConfig()) == (0, None)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -228,7 +229,9 @@ def test_plan_images_packs_each_image(next_spec):
     (lambda ids, shape, sizes: (ids, shape, -sizes), "outside"),
     (lambda ids, shape, sizes: (ids, shape, sizes * 10**7), "outside"),
     (lambda ids, shape, sizes: (torch.cat([ids, torch.tensor([99999])]), shape, sizes), "outside the vocabulary"),
+    (lambda ids, shape, sizes: (ids, shape, np.repeat(sizes, 5, axis=0)),
+     r"image_sizes holds 5 images, more than max_images_per_request \(4\)"),
 ])
 def test_plan_images_refuses_inconsistent_inputs(next_spec, change, message):
     with pytest.raises(InvalidRequestError, match=message):
-        plan_images(*change(*request(next_spec, [(240, 320)])), next_spec, IMAGE_EMBEDS)
+        plan_images(*change(*request(next_spec, [(240, 320)])), next_spec, ServingConfig(), IMAGE_EMBEDS)
