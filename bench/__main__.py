@@ -463,9 +463,14 @@ def main(argv: list[str] | None = None) -> int:
     report.plot_throughput_vs_ttft(out / "throughput_vs_ttft.png", series,
                                    f"{workload.name} on {device_name or 'CPU'}: output tokens/s vs TTFT p50")
     clock.log(f"wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'throughput_vs_ttft.png'}")
+    return print_report(table, results["checks"])
+
+
+def print_report(table: str, checks: dict[str, bool]) -> int:
+    """Print a run's table; the exit status: 1 (the failed checks named) when a check did not hold."""
     print()
     print(table)
-    failed = [name for name, ok in results["checks"].items() if not ok]
+    failed = [name for name, ok in checks.items() if not ok]
     if failed:
         print(f"checks failed: {', '.join(failed)}", file=sys.stderr)
         return 1

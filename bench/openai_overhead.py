@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import ROOT, Clock, cpu_model, export_repository, git_commit, gpu_name, serving_with
+from bench.__main__ import ROOT, Clock, cpu_model, export_repository, git_commit, gpu_name, print_report, serving_with
 
 DEFAULT_CONCURRENCY = (1, 32)
 FRONTENDS = ("grpc", "openai")
@@ -167,13 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(results)
     (out / "openai_overhead.md").write_text(table)
     clock.log(f"wrote {out / 'openai_overhead.json'} and {out / 'openai_overhead.md'}")
-    print()
-    print(table)
-    failed = [name for name, ok in results["checks"].items() if not ok]
-    if failed:
-        print(f"checks failed: {', '.join(failed)}", file=sys.stderr)
-        return 1
-    return 0
+    return print_report(table, results["checks"])
 
 
 if __name__ == "__main__":
