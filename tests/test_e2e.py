@@ -50,10 +50,12 @@ def test_streamed_text_joined_equals_non_streamed(llava_client, tiny_checkpoint)
     images, prompt = CASES["one jpeg, no tag"]
     whole = llava_client.generate(prompt, images, max_tokens=24, ignore_eos=True, stream=False)
     chunks = list(llava_client.stream(prompt, images, max_tokens=24, ignore_eos=True, stream=True))
-    assert len(chunks) == 24  # one response per generated token
+    # A response per generated token, or fewer carrying several when the server's sender fell behind
+    # (spec.INPUTS' `stream`): every response carries tokens, only the last one finishes.
+    assert 1 <= len(chunks) <= 24 and all(c.token_ids for c in chunks)
     assert "".join(c.text for c in chunks) == whole.text
-    assert [t for c in chunks for t in c.token_ids] == whole.token_ids
-    assert [c.finish_reason for c in chunks] == [""] * 23 + ["length"]
+    assert [t for c in chunks for t in c.token_ids] == whole.token_ids and len(whole.token_ids) == 24
+    assert [c.finish_reason for c in chunks] == [""] * (len(chunks) - 1) + ["length"]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)
@@ -174,8 +176,10 @@ def test_bfloat16_export_streams_an_answer_with_fp16_between_the_steps(tiny_chec
             LlavaClient(server.url_grpc) as client:
         chunks = list(client.stream(prompt, images, max_tokens=8, ignore_eos=True))
         again = client.generate(prompt, images, max_tokens=8, ignore_eos=True, stream=False)
-    assert len(chunks) == 8 and [c.finish_reason for c in chunks] == [""] * 7 + ["length"]
+    # One response per token, or fewer carrying several when the sender fell behind (see above).
+    assert 1 <= len(chunks) <= 8 and [c.finish_reason for c in chunks] == [""] * (len(chunks) - 1) + ["length"]
     token_ids = [t for c in chunks for t in c.token_ids]
+    assert len(token_ids) == 8
     assert again.token_ids == token_ids and again.text == "".join(c.text for c in chunks)  # greedy: the same
     assert chunks[-1].prompt_tokens > 576  # the image's tokens are in the prompt
 
