@@ -127,16 +127,7 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     """How many images input_ids refers to, checked against the image tensor sent with it: the
     image embeddings, or the vision encoder's features (`image_input` IMAGE_FEATURES) when the
     engine runs the projector."""
-    if input_ids.ndim != 1 or input_ids.numel() == 0:
-        raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
-    # In numpy: this runs on Triton's execute thread, where each torch op gives up the GIL and has to
-    # win it back from the engine thread (py-spy saw it take ~8 % of that thread's time under load).
-    ids = input_ids.numpy()
-    is_image = ids == spec.image_token_index
-    bad = (~is_image) & ((ids < 0) | (ids >= spec.vocab_size))
-    if bool(bad.any()):
-        raise InvalidRequestError(f"input_ids holds ids outside the vocabulary [0, {spec.vocab_size})")
-    image_tokens = int(is_image.sum())
+    image_tokens = int(image_token_mask(input_ids, spec).sum())
     if image_tokens % spec.num_image_tokens:
         raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, not a multiple of "
                                   f"{spec.num_image_tokens} per image")
@@ -145,11 +136,31 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     if num_images > available:
         sent = "image embeddings" if image_input == IMAGE_EMBEDS else "images' features"
         raise InvalidRequestError(f"the prompt refers to {num_images} images but {available} {sent} were sent")
-    width = spec.text_hidden_size if image_input == IMAGE_EMBEDS else spec.vision_hidden_size
-    if num_images and tuple(image_embeds_shape[1:]) != (spec.num_image_tokens, width):
-        raise InvalidRequestError(f"{image_input} must have shape [n, {spec.num_image_tokens}, {width}], "
-                                  f"got {list(image_embeds_shape)}")
+    if num_images:
+        check_image_tensor_shape(image_embeds_shape, spec, image_input)
     return num_images
+
+
+def image_token_mask(input_ids: torch.Tensor, spec: ModelSpec) -> np.ndarray:
+    """Which ids of a request's non-empty 1-D input_ids are image tokens; every other id must be in the
+    vocabulary."""
+    if input_ids.ndim != 1 or input_ids.numel() == 0:
+        raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
+    # In numpy: this runs on Triton's execute thread, where each torch op gives up the GIL and has to
+    # win it back from the engine thread (py-spy saw it take ~8 % of that thread's time under load).
+    ids = input_ids.numpy()
+    is_image = ids == spec.image_token_index
+    if bool(((~is_image) & ((ids < 0) | (ids >= spec.vocab_size))).any()):
+        raise InvalidRequestError(f"input_ids holds ids outside the vocabulary [0, {spec.vocab_size})")
+    return is_image
+
+
+def check_image_tensor_shape(shape: tuple[int, ...], spec: ModelSpec, image_input: str) -> None:
+    """An image tensor's items: the projector's embeddings, or the vision encoder's features."""
+    width = spec.text_hidden_size if image_input == IMAGE_EMBEDS else spec.vision_hidden_size
+    if tuple(shape[1:]) != (spec.num_image_tokens, width):
+        raise InvalidRequestError(f"{image_input} must have shape [n, {spec.num_image_tokens}, {width}], "
+                                  f"got {list(shape)}")
 
 
 def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None,
@@ -160,12 +171,7 @@ def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | N
     whose tiles and tokens must be those the prompt and the image tensor hold."""
     if not spec.anyres:
         return count_images(input_ids, image_embeds_shape, spec, image_input), None
-    if input_ids.ndim != 1 or input_ids.numel() == 0:
-        raise InvalidRequestError(f"input_ids must be a non-empty 1-D tensor, got shape {list(input_ids.shape)}")
-    ids = input_ids.numpy()
-    is_image = ids == spec.image_token_index
-    if bool(((~is_image) & ((ids < 0) | (ids >= spec.vocab_size))).any()):
-        raise InvalidRequestError(f"input_ids holds ids outside the vocabulary [0, {spec.vocab_size})")
+    is_image = image_token_mask(input_ids, spec)
     sizes = np.zeros((0, 2), dtype=np.int64) if image_sizes is None else np.asarray(image_sizes)
     if sizes.ndim != 2 or sizes.shape[1] != 2 or not np.issubdtype(sizes.dtype, np.integer):
         raise InvalidRequestError(f"image_sizes must be INT64 [n, 2], got {sizes.dtype} {list(sizes.shape)}")
@@ -186,10 +192,7 @@ def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | N
     available = 0 if image_embeds_shape is None else image_embeds_shape[0]
     if num_tiles > available:
         raise InvalidRequestError(f"the images make {num_tiles} tiles but {image_input} holds {available}")
-    width = spec.text_hidden_size if image_input == IMAGE_EMBEDS else spec.vision_hidden_size
-    if tuple(image_embeds_shape[1:]) != (spec.num_image_tokens, width):
-        raise InvalidRequestError(f"{image_input} must have shape [n, {spec.num_image_tokens}, {width}], "
-                                  f"got {list(image_embeds_shape)}")
+    check_image_tensor_shape(image_embeds_shape, spec, image_input)
     return num_tiles, pack_index(layouts)
 
 
