@@ -224,19 +224,26 @@ async def _run_aio(url: str, workload: Workload, concurrency: int, num_requests:
     try:
         # Connect every channel before the clock starts: the level measures requests, not handshakes.
         await asyncio.gather(*(connection.is_server_live() for connection in connections))
-        counter = itertools.count()
-        records: list[RequestRecord] = []
-
-        async def worker(connection) -> None:
-            while next(counter) < num_requests:
-                records.append(await _request_aio(connection, workload, model, timeout_s))
-
-        cpu, started = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(worker(connection) for connection in connections))
-        ended, cpu = time.perf_counter(), time.process_time() - cpu
+        return await _closed_loop(connections, lambda connection: _request_aio(connection, workload, model, timeout_s),
+                                  num_requests, "aio")
     finally:
         await asyncio.gather(*(connection.close() for connection in connections))
-    return LevelResult(concurrency, "aio", records, started, ended, cpu)
+
+
+async def _closed_loop(clients: list, request, num_requests: int, mode: str) -> LevelResult:
+    """One worker per client (a stream each), each sending its next request (`await request(client)`,
+    a RequestRecord) when the last one ends, until num_requests have been sent; timed from the start."""
+    counter = itertools.count()
+    records: list[RequestRecord] = []
+
+    async def worker(client) -> None:
+        while next(counter) < num_requests:
+            records.append(await request(client))
+
+    cpu, started = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker(client) for client in clients))
+    ended, cpu = time.perf_counter(), time.process_time() - cpu
+    return LevelResult(len(clients), mode, records, started, ended, cpu)
 
 
 # --- threads ---------------------------------------------------------------------------------------
@@ -344,19 +351,10 @@ async def _run_openai(base_url: str, workload: Workload, concurrency: int, num_r
     clients = [httpx.AsyncClient(limits=httpx.Limits(max_connections=1)) for _ in range(concurrency)]
     try:
         await asyncio.gather(*(client.get(f"{base_url.rstrip('/')}/models") for client in clients))  # connect first
-        counter = itertools.count()
-        records: list[RequestRecord] = []
-
-        async def worker(client) -> None:
-            while next(counter) < num_requests:
-                records.append(await _request_openai(client, url, body, timeout_s))
-
-        cpu, started = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(worker(client) for client in clients))
-        ended, cpu = time.perf_counter(), time.process_time() - cpu
+        return await _closed_loop(clients, lambda client: _request_openai(client, url, body, timeout_s),
+                                  num_requests, "openai")
     finally:
         await asyncio.gather(*(client.aclose() for client in clients))
-    return LevelResult(concurrency, "openai", records, started, ended, cpu)
 
 
 def run_level_openai(base_url: str, workload: Workload, concurrency: int, num_requests: int, *,
