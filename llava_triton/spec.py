@@ -41,6 +41,7 @@ IN_SEED = "seed"
 IN_STOP = "stop"
 IN_STREAM = "stream"
 IN_IGNORE_EOS = "ignore_eos"
+IN_CACHE_SALT = "cache_salt"
 OUT_TEXT = "text"
 OUT_TOKEN_IDS = "token_ids"
 OUT_PROMPT_TOKENS = "prompt_tokens"
@@ -55,6 +56,12 @@ PIXEL_VALUES = "pixel_values"  # [num_tiles, 3, image_size, image_size]
 IMAGE_FEATURES = "image_features"  # [num_tiles, num_image_tokens, vision_hidden_size]
 IMAGE_EMBEDS = "image_embeds"  # [num_tiles, num_image_tokens, text_hidden_size]
 IMAGE_SIZES = "image_sizes"  # LLaVA-NeXT only: INT64 [num_images, 2], each image's (height, width) as decoded
+# Each image's cache key (llava_triton.image_keys): UINT8 [num_images, IMAGE_KEY_BYTES]; absent: nothing is cached.
+IMAGE_KEYS = "image_keys"
+# BOOL [num_images]: true where preprocess found the image in the language model's embedding cache and
+# left its tiles out of pixel_values (the language model reads them from its cache instead).
+IMAGE_CACHED = "image_cached"
+IMAGE_KEY_BYTES = 32
 
 IMAGE_TOKEN = "<image>"
 # The checkpoint architectures served: LLaVA-1.5 (one 336x336 tile an image) and LLaVA-NeXT (anyres tiles).
@@ -129,6 +136,9 @@ INPUTS = (
            "one carries the tokens queued since the last); false: one response at the end", default=False),
     Tensor(IN_IGNORE_EOS, "BOOL", (1,), "keep generating past EOS, to exactly max_tokens (benchmarks)",
            default=False),
+    Tensor(IN_CACHE_SALT, "BYTES", (1,), "a tenant's secret, at most `max_cache_salt_bytes` bytes: requests reuse "
+           "each other's cached KV-cache blocks and image embeddings only when their cache_salts are equal",
+           default=b""),
 )
 OUTPUTS = (
     Tensor(OUT_TEXT, "BYTES", (1,), "the new text when streaming, else the whole answer; every streamed piece is "
@@ -144,7 +154,7 @@ INPUTS_BY_NAME = {tensor.name: tensor for tensor in INPUTS}
 # What the request asks about (preprocess alone reads them), and the sampling inputs, shared by
 # preprocess (early validation) and language_model.
 REQUEST_INPUTS = (IN_PROMPT, IN_MESSAGES, IN_IMAGES)
-SAMPLING_INPUTS = tuple(tensor.name for tensor in INPUTS if tensor.name not in REQUEST_INPUTS)
+SAMPLING_INPUTS = tuple(tensor.name for tensor in INPUTS if tensor.name not in (*REQUEST_INPUTS, IN_CACHE_SALT))
 
 
 @dataclass(frozen=True)
@@ -173,13 +183,35 @@ METRIC_REQUESTS_RUNNING = Metric("llava_requests_running", "gauge", "Requests ho
 METRIC_REQUESTS_WAITING = Metric("llava_requests_waiting", "gauge", "Requests waiting for KV-cache blocks")
 METRIC_KV_CACHE_USAGE = Metric("llava_kv_cache_usage_ratio", "gauge",
                                "Fraction of KV-cache blocks in use (reserved by admitted requests)")
-METRIC_KV_CACHE_FREE_BLOCKS = Metric("llava_kv_cache_free_blocks", "gauge", "KV-cache blocks free")
+METRIC_KV_CACHE_FREE_BLOCKS = Metric("llava_kv_cache_free_blocks", "gauge",
+                                     "KV-cache blocks no request holds (cached ones included: they are reused or "
+                                     "evicted as needed)")
+METRIC_KV_CACHE_CACHED_BLOCKS = Metric("llava_kv_cache_cached_blocks", "gauge",
+                                       "Free KV-cache blocks that keep a finished prompt's keys and values for reuse")
+METRIC_PREFIX_QUERY_TOKENS = Metric("llava_prefix_cache_query_tokens_total", "counter",
+                                    "Prompt tokens looked up in the prefix cache (each prompt's full blocks, less "
+                                    "the last token, which is always computed)")
+METRIC_PREFIX_HIT_TOKENS = Metric("llava_prefix_cache_hit_tokens_total", "counter",
+                                  "Prompt tokens whose keys and values came from cached blocks, not prefill")
+METRIC_PREFIX_HIT_RATIO = Metric("llava_prefix_cache_hit_ratio", "gauge",
+                                 "Prefix-cache hit tokens over query tokens since the start")
+METRIC_EMBEDDING_CACHE_HITS = Metric("llava_embedding_cache_hits_total", "counter",
+                                     "Images whose embeddings came from the embedding cache (no decode, no vision "
+                                     "encoder)")
+METRIC_EMBEDDING_CACHE_MISSES = Metric("llava_embedding_cache_misses_total", "counter",
+                                       "Images with a cache key that were encoded (and then cached)")
+METRIC_EMBEDDING_CACHE_EVICTIONS = Metric("llava_embedding_cache_evictions_total", "counter",
+                                          "Images' embeddings evicted, least recently used first")
+METRIC_EMBEDDING_CACHE_BYTES = Metric("llava_embedding_cache_bytes", "gauge",
+                                      "Bytes the embedding cache holds (within embedding_cache_bytes)")
 METRIC_REQUESTS_REFUSED = Metric("llava_requests_refused_total", "counter",
                                  "Requests the language model refused or dropped, by reason", label="reason",
                                  label_values=REFUSAL_REASONS)
 METRICS = (METRIC_TIME_TO_FIRST_TOKEN, METRIC_INTER_TOKEN_LATENCY, METRIC_PROMPT_TOKENS, METRIC_GENERATION_TOKENS,
            METRIC_REQUESTS_RUNNING, METRIC_REQUESTS_WAITING, METRIC_KV_CACHE_USAGE, METRIC_KV_CACHE_FREE_BLOCKS,
-           METRIC_REQUESTS_REFUSED)
+           METRIC_KV_CACHE_CACHED_BLOCKS, METRIC_PREFIX_QUERY_TOKENS, METRIC_PREFIX_HIT_TOKENS, METRIC_PREFIX_HIT_RATIO,
+           METRIC_EMBEDDING_CACHE_HITS, METRIC_EMBEDDING_CACHE_MISSES, METRIC_EMBEDDING_CACHE_EVICTIONS,
+           METRIC_EMBEDDING_CACHE_BYTES, METRIC_REQUESTS_REFUSED)
 
 
 @dataclass(frozen=True)
@@ -299,7 +331,7 @@ RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for pref
 
 # Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
 POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes",
-                    "max_image_pixels", "max_prompt_bytes", "max_messages", "max_messages_bytes",
+                    "max_image_pixels", "max_prompt_bytes", "max_messages", "max_messages_bytes", "max_cache_salt_bytes",
                     "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
                     "kv_block_size", "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
@@ -338,6 +370,7 @@ class ServingConfig:
     max_messages_bytes: int = _option(1024 * 1024, "bytes of a request's messages (its UTF-8 JSON)")
     max_request_bytes: int = _option(32 * 1024 * 1024, "bytes of one request's images and prompt (or messages) "
                                      "together")
+    max_cache_salt_bytes: int = _option(256, "bytes of a request's cache_salt")
     max_stop_strings: int = _option(16, "stop strings per request")
     max_stop_string_bytes: int = _option(256, "bytes of one stop string")
     # Sampling defaults: what the server uses when a request leaves the input out (INPUTS).
@@ -370,6 +403,15 @@ class ServingConfig:
     # save a few int32 block-id loads per tile and waste more. The size vLLM and FlashInfer default to.
     kv_block_size: int = _option(16, "token positions per KV-cache block; a request reserves the blocks of its "
                                  "prompt and max_tokens when it is admitted")
+    prefix_caching: bool = _option(True, "keep the KV-cache blocks of finished prompts and reuse them for a later "
+                                   "prompt that begins with the same blocks (the same tokens, images and "
+                                   "cache_salt); cached blocks are evicted least recently used when blocks run out")
+    embedding_cache_bytes: int = _option(1 << 30, "memory (on the language model's device) for projected image "
+                                         "embeddings kept for reuse, keyed by image content; a hit skips decoding "
+                                         "and the vision encoder; 0 = off (off too with several language-model "
+                                         "instances)")
+    embedding_cache_grace_s: float = _option(60.0, "how long (s) an evicted image's embeddings stay readable by "
+                                             "requests already past preprocess when it was evicted")
     kv_cache_memory_fraction: float = _option(0.8, "share of the GPU memory free after the weights that the "
                                               "KV cache takes (at most max_num_seqs x max_seq_len tokens)")
     # FP8 (e4m3, unscaled, saturating) is half the bytes of bfloat16, so twice the tokens fit and decode
@@ -447,6 +489,10 @@ class ServingConfig:
             raise ValueError(f"max_seq_len must be 0 (the context length) or positive, got {self.max_seq_len}")
         if not 0.0 < self.gil_switch_interval_s <= 1.0:
             raise ValueError(f"gil_switch_interval_s must be in (0, 1], got {self.gil_switch_interval_s}")
+        if self.embedding_cache_bytes < 0:
+            raise ValueError(f"embedding_cache_bytes must be 0 (off) or positive, got {self.embedding_cache_bytes}")
+        if not 0.0 < self.embedding_cache_grace_s <= 3600.0:
+            raise ValueError(f"embedding_cache_grace_s must be in (0, 3600], got {self.embedding_cache_grace_s}")
         if not 0.0 < self.kv_cache_memory_fraction <= 1.0:
             raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {self.kv_cache_memory_fraction}")
 
