@@ -11,6 +11,12 @@ max_tokens are free; it holds them to the end, so a running sequence never runs 
 nothing is ever preempted. A short request takes a few blocks, a long one more: admission follows
 what requests use, not a worst-case slot each.
 
+With prefix caching (llava_triton.kv_blocks), a request's prompt blocks that an earlier prompt
+already computed (the same tokens, images and cache_salt) are taken from the cache at admission and
+its prefill starts after them. With an embedding cache (llava_triton.embedding_cache), the images
+preprocess found there arrive without their tiles and their embeddings are read from it; every other
+image's embeddings are put there at prefill.
+
 The engine only schedules: it receives the language model already prepared (fused, quantised,
 its KV cache allocated, compiled and captured) as a `LanguageModelRuntime` (llava_triton.lm_runtime).
 """
@@ -24,7 +30,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -32,12 +38,13 @@ import torch
 from .anyres import pack_index, tile_layout
 from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
-from .kv_blocks import BlockAllocator
+from .kv_blocks import BlockAllocator, prefix_block_hashes, prefix_root
 from .lm_runtime import LanguageModelRuntime
 from .outbox import Outbox
 from .sampling import SamplingParams, make_generator, sample
 from .spec import (
     IMAGE_EMBEDS,
+    IMAGE_KEY_BYTES,
     REFUSED_CANCELLED,
     REFUSED_INVALID,
     REFUSED_QUEUE_FULL,
@@ -46,6 +53,9 @@ from .spec import (
     ServingConfig,
     language_model_image_input,
 )
+
+if TYPE_CHECKING:
+    from .embedding_cache import EmbeddingCache
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +94,15 @@ class Metrics:
     def generated_tokens(self, first_token_s: list[float], inter_token_s: list[float]) -> None:
         """The tokens of one step: seconds from submission to each first token, and from the
         previous token to each later one (one call a step: each metric update may be an IPC)."""
-    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
-        """Requests admitted and waiting, the fraction of KV-cache blocks in use and the free ones."""
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int,
+                  cached_blocks: int = 0) -> None:
+        """Requests admitted and waiting, the fraction of KV-cache blocks in use, the free ones and those of
+        them that keep a prefix."""
+    def prefix_cache(self, prompt_tokens: int, hit_tokens: int) -> None:
+        """One admitted request: its prompt's tokens, and how many came from cached blocks."""
+    def embedding_cache(self, hits: int, misses: int, evictions: int, cached_bytes: int) -> None:
+        """Images read from the embedding cache and images encoded (one request's), the evictions since
+        the last call and the bytes it now holds."""
 
 
 @dataclass(eq=False)  # identity: sequences are compared and removed by object, never by value
@@ -105,6 +122,13 @@ class Sequence:
     last_event: float = field(default_factory=time.monotonic)  # submission, then each token
     # LLaVA-NeXT: the row of concat(tiles' embeddings, image_newline) for each image token (anyres.pack_index).
     image_index: np.ndarray | None = None
+    image_tiles: tuple[int, ...] = ()  # each image's tiles, in prompt order
+    image_sizes: np.ndarray | None = None  # (N, 2) LLaVA-NeXT's heights and widths
+    image_keys: list[bytes] | None = None  # each image's content key (embedding_cache.image_key)
+    # Images read from the embedding cache: index → (tiles, num_image_tokens, text_hidden_size) on the device.
+    cached_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
+    block_hashes: list[bytes] = field(default_factory=list)  # each full prompt block's (kv_blocks.prefix_block_hashes)
+    registered: int = 0  # leading blocks registered in the prefix cache (or taken from it)
 
     @property
     def prompt_tokens(self) -> int:
@@ -163,14 +187,42 @@ def check_image_tensor_shape(shape: tuple[int, ...], spec: ModelSpec, image_inpu
                                   f"got {list(shape)}")
 
 
+@dataclass(frozen=True)
+class ImagePlan:
+    """A request's images, checked against its inputs."""
+
+    tiles: tuple[int, ...]  # each image's vision-encoder tiles (LLaVA-1.5: 1)
+    tokens: tuple[int, ...]  # each image's run of image tokens in input_ids
+    index: np.ndarray | None  # LLaVA-NeXT: how its tiles are packed (anyres.pack_index)
+    sent_tiles: int  # the tiles of image_embeds the request uses: those of the images not read from the cache
+
+    @property
+    def num_images(self) -> int:
+        return len(self.tiles)
+
+
 def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None,
                 image_sizes: np.ndarray | None, spec: ModelSpec, serving: ServingConfig,
-                image_input: str = IMAGE_EMBEDS) -> tuple[int, np.ndarray | None]:
-    """(tiles of image_embeds the prompt uses, the LLaVA-NeXT packing index or None), checked against
-    the inputs: LLaVA-1.5 as `count_images`; LLaVA-NeXT from each image's size (`image_sizes`, N x 2),
-    whose tiles and tokens must be those the prompt and the image tensor hold."""
+                image_input: str = IMAGE_EMBEDS, cached: np.ndarray | None = None) -> ImagePlan:
+    """The request's images, checked against the inputs: LLaVA-1.5 as `count_images`; LLaVA-NeXT from
+    each image's size (`image_sizes`, N x 2), whose tiles and tokens must be those the prompt and the
+    image tensor hold. `cached` (N,) bool: the images whose tiles image_embeds leaves out (read from
+    the embedding cache)."""
     if not spec.anyres:
-        return count_images(input_ids, image_embeds_shape, spec, image_input), None
+        is_image = image_token_mask(input_ids, spec)
+        image_tokens = int(is_image.sum())
+        if image_tokens % spec.num_image_tokens:
+            raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, not a multiple of "
+                                      f"{spec.num_image_tokens} per image")
+        num_images = image_tokens // spec.num_image_tokens
+        sent = _sent_tiles((1,) * num_images, cached)
+        available = 0 if image_embeds_shape is None else image_embeds_shape[0]
+        if sent > available:
+            what = "image embeddings" if image_input == IMAGE_EMBEDS else "images' features"
+            raise InvalidRequestError(f"the prompt refers to {sent} images but {available} {what} were sent")
+        if sent:
+            check_image_tensor_shape(image_embeds_shape, spec, image_input)
+        return ImagePlan((1,) * num_images, (spec.num_image_tokens,) * num_images, None, sent)
     is_image = image_token_mask(input_ids, spec)
     sizes = np.zeros((0, 2), dtype=np.int64) if image_sizes is None else np.asarray(image_sizes)
     if sizes.ndim != 2 or sizes.shape[1] != 2 or not np.issubdtype(sizes.dtype, np.integer):
@@ -187,13 +239,35 @@ def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | N
         raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, the {len(layouts)} images of "
                                   f"image_sizes make {expected}")
     if not layouts:
-        return 0, None
-    num_tiles = sum(layout.num_tiles for layout in layouts)
+        return ImagePlan((), (), None, 0)
+    tiles = tuple(layout.num_tiles for layout in layouts)
+    sent = _sent_tiles(tiles, cached)
     available = 0 if image_embeds_shape is None else image_embeds_shape[0]
-    if num_tiles > available:
-        raise InvalidRequestError(f"the images make {num_tiles} tiles but {image_input} holds {available}")
-    check_image_tensor_shape(image_embeds_shape, spec, image_input)
-    return num_tiles, pack_index(layouts)
+    if sent > available:
+        raise InvalidRequestError(f"the images make {sent} tiles but {image_input} holds {available}")
+    if sent:
+        check_image_tensor_shape(image_embeds_shape, spec, image_input)
+    return ImagePlan(tiles, tuple(layout.num_image_tokens for layout in layouts), pack_index(layouts), sent)
+
+
+def _sent_tiles(tiles: tuple[int, ...], cached: np.ndarray | None) -> int:
+    if cached is None:
+        return sum(tiles)
+    if cached.shape != (len(tiles),):
+        raise InvalidRequestError(f"image_cached must hold one flag per image ({len(tiles)}), got shape "
+                                  f"{list(cached.shape)}")
+    return sum(count for count, is_cached in zip(tiles, cached.tolist()) if not is_cached)
+
+
+def check_image_keys(image_keys: np.ndarray | None, num_images: int) -> list[bytes] | None:
+    """image_keys (N, IMAGE_KEY_BYTES) uint8 → one bytes key per image; None when the request has none
+    (no rows: nothing of its images is cached or shared)."""
+    if image_keys is None or image_keys.size == 0:
+        return None
+    if image_keys.dtype != np.uint8 or image_keys.shape != (num_images, IMAGE_KEY_BYTES):
+        raise InvalidRequestError(f"image_keys must be UINT8 [{num_images}, {IMAGE_KEY_BYTES}] (one key per image), "
+                                  f"got {image_keys.dtype} {list(image_keys.shape)}")
+    return [row.tobytes() for row in image_keys]
 
 
 class Engine:
@@ -202,11 +276,12 @@ class Engine:
     def __init__(self, runtime: LanguageModelRuntime, tokenizer, spec: ModelSpec, serving: ServingConfig,
                  metrics: Metrics | None = None, outbox: Outbox | None = None,
                  projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 image_newline: torch.Tensor | None = None):
+                 image_newline: torch.Tensor | None = None, embedding_cache: EmbeddingCache | None = None):
         """`runtime`: the language model prepared for `serving` (lm_runtime.prepare_language_model).
         `projector`: LLaVA's projector, on the model's device and in its dtype, for
         projector_placement "language_model" (requests then carry the vision encoder's features).
-        `image_newline`: LLaVA-NeXT's (text_hidden_size,) embedding after each row of an image's tiles."""
+        `image_newline`: LLaVA-NeXT's (text_hidden_size,) embedding after each row of an image's tiles.
+        `embedding_cache`: where images' embeddings are kept for reuse (None: off)."""
         if spec.anyres != (image_newline is not None):
             raise ValueError("a llava_next model needs image_newline" if spec.anyres
                              else "image_newline is for llava_next models only")
@@ -229,7 +304,9 @@ class Engine:
         self.dtype = runtime.dtype
         self.max_seq_len = runtime.max_seq_len
         self.max_seqs = runtime.max_seqs
-        self.blocks = BlockAllocator(runtime.num_blocks, runtime.block_size)
+        self.blocks = BlockAllocator(runtime.num_blocks, runtime.block_size, caching=serving.prefix_caching)
+        self.embedding_cache = embedding_cache
+        self._evictions_reported = 0
         self.decode_step = runtime.decode_step
         self.prefill_step = runtime.prefill_step
         self.eos = frozenset(spec.eos_token_id)
@@ -244,23 +321,35 @@ class Engine:
 
     # -- requests in ----------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
-               sink: Sink, image_sizes: np.ndarray | None = None) -> Sequence:
+               sink: Sink, image_sizes: np.ndarray | None = None, image_keys: np.ndarray | None = None,
+               image_cached: np.ndarray | None = None, cache_salt: bytes = b"") -> Sequence:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError.
-        `image_sizes`: LLaVA-NeXT's (N, 2) heights and widths, which say how the tiles are packed."""
+        `image_sizes`: LLaVA-NeXT's (N, 2) heights and widths, which say how the tiles are packed.
+        `image_keys` (N, IMAGE_KEY_BYTES) uint8: each image's content key; `image_cached` (N,) bool: the
+        images whose tiles image_embeds leaves out, to be read from the embedding cache.
+        `cache_salt`: the request shares cached blocks only with requests of the same salt."""
         try:
             # Whether image_embeds is finite is checked at prefill, on the device (_embed_prompt): done
             # here, on the CPU in float16, it was about half of the 15-75 ms a request that Triton's
             # execute thread took under load on the H100 (py-spy and timers).
-            num_images, image_index = plan_images(
-                input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes, self.spec,
-                self.serving, self.image_input)
+            cached = None if image_cached is None else np.asarray(image_cached, dtype=bool).reshape(-1)
+            plan = plan_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes,
+                               self.spec, self.serving, self.image_input, cached)
+            keys = check_image_keys(image_keys, plan.num_images)
+            cached_embeds = self._read_cached_embeds(plan, keys, cached)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
             self._check_fits_cache(int(input_ids.shape[0]), max_tokens)
+            block_hashes = []
+            if self.serving.prefix_caching:
+                block_hashes = prefix_block_hashes(input_ids.numpy(), self.blocks.block_size, prefix_root(cache_salt),
+                                                   self.spec.image_token_index, plan.tokens, keys)
         except InvalidRequestError:
             self.metrics.request_refused(REFUSED_INVALID)
             raise
-        seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:num_images] if num_images else None,
-                       params=params, max_tokens=max_tokens, sink=sink, image_index=image_index)
+        seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:plan.sent_tiles] if plan.sent_tiles else None,
+                       params=params, max_tokens=max_tokens, sink=sink, image_index=plan.index,
+                       image_tiles=plan.tiles, image_sizes=image_sizes, image_keys=keys, cached_embeds=cached_embeds,
+                       block_hashes=block_hashes)
         with self._cond:
             # Requests that a free block-table row will take at the next step are not queued, whatever
             # burst they arrived in: only those beyond the free rows count against the limit (blocks
@@ -319,7 +408,8 @@ class Engine:
         self._report_occupancy()
 
     def _report_occupancy(self) -> None:
-        self.metrics.occupancy(self.num_running, self.num_waiting, self.blocks.usage, self.blocks.num_free)
+        self.metrics.occupancy(self.num_running, self.num_waiting, self.blocks.usage, self.blocks.num_free,
+                               self.blocks.num_cached)
 
     def abort_all(self, message: str) -> None:
         with self._cond:
@@ -360,6 +450,29 @@ class Engine:
             self.metrics.request_refused(REFUSED_CANCELLED)
             self.out.error(seq.sink, "request cancelled")
 
+    def _read_cached_embeds(self, plan: ImagePlan, keys: list[bytes] | None,
+                            cached: np.ndarray | None) -> dict[int, torch.Tensor]:
+        """The embeddings of the images preprocess found in the embedding cache, taken now: holding the
+        tensors keeps them alive whatever the cache evicts before the request's prefill."""
+        if cached is None or not cached.any():
+            return {}
+        if keys is None:
+            raise InvalidRequestError("image_cached marks images as cached but the request has no image_keys")
+        if self.embedding_cache is None:
+            raise InvalidRequestError("image_cached marks images as cached but the embedding cache is off")
+        found = {}
+        for index in np.flatnonzero(cached).tolist():
+            embeds = self.embedding_cache.get(keys[index])
+            if embeds is None:
+                raise InvalidRequestError(
+                    f"image {index}: its embeddings left the embedding cache before the request reached the language "
+                    "model (evicted more than embedding_cache_grace_s before); send the request again")
+            if embeds.shape[0] != plan.tiles[index]:
+                raise InvalidRequestError(f"image {index}: the embedding cache holds {embeds.shape[0]} tiles for it, "
+                                          f"its size makes {plan.tiles[index]}")
+            found[index] = embeds
+        return found
+
     def _check_fits_cache(self, prompt_tokens: int, max_tokens: int) -> None:
         """Refuse a request that needs more KV-cache blocks than the whole pool has: it would wait forever."""
         needed = self.blocks.blocks_for(prompt_tokens + max_tokens - 1)
@@ -374,18 +487,26 @@ class Engine:
         A request that does not fit yet holds up the younger ones, so a long prompt is not starved by
         a stream of short ones."""
         admitted = []
+        block_size = self.blocks.block_size
         with self._cond:
             while self._waiting and self._free_rows:
-                needed = self.blocks.blocks_for(self._waiting[0].kv_tokens)
-                if needed > self.blocks.num_free:
+                seq = self._waiting[0]
+                # Cached blocks of the prompt's prefix, short of its last token: that one is always
+                # computed, for the logits of the first output token.
+                hits = self.blocks.match(seq.block_hashes[: (seq.prompt_tokens - 1) // block_size])
+                needed = self.blocks.blocks_for(seq.kv_tokens) - len(hits)
+                if needed > self.blocks.free_after_acquiring(hits):
                     break
-                seq = self._waiting.popleft()
-                seq.blocks = self.blocks.allocate(needed)
+                self._waiting.popleft()
+                self.blocks.acquire(hits)
+                seq.blocks = hits + self.blocks.allocate(needed)
+                seq.registered, seq.prefilled = len(hits), len(hits) * block_size
                 seq.row = heapq.heappop(self._free_rows)
                 admitted.append(seq)
         for seq in admitted:
             self.model.set_block_table(seq.row, seq.blocks)
             self._prefilling.append(seq)
+            self.metrics.prefix_cache(seq.prompt_tokens, seq.prefilled)
 
     def _release(self, seq: Sequence) -> None:
         if seq in self._running:
@@ -399,21 +520,47 @@ class Engine:
             heapq.heappush(self._free_rows, seq.row)
             seq.row, seq.blocks = -1, []
         seq.inputs_embeds = seq.image_embeds = seq.image_index = None
+        seq.cached_embeds = {}
+
+    def _image_embeds(self, seq: Sequence) -> torch.Tensor:
+        """(tiles, num_image_tokens, text_hidden_size) on the device in the model's dtype: every image's
+        tiles in prompt order, the sent ones (checked, cast, projected) and those read from the embedding
+        cache; each sent image with a key is put in the cache."""
+        sent = None
+        if seq.image_embeds is not None:
+            # Upload in the wire dtype (FP16 is half of FP32), then check and convert on the device.
+            sent = seq.image_embeds.to(self.device)
+            if not bool(torch.isfinite(sent).all()):
+                raise InvalidRequestError(f"{self.image_input} holds NaN or infinite values")
+            sent = sent.to(self.dtype)
+            if self.projector is not None:  # features in: (n, num_image_tokens, vision_hidden) -> text_hidden
+                sent = self.projector(sent)
+        parts, offset, misses = [], 0, 0
+        for index, tiles in enumerate(seq.image_tiles):
+            part = seq.cached_embeds.get(index)
+            if part is None:
+                part = sent[offset: offset + tiles]
+                offset += tiles
+                if self.embedding_cache is not None and seq.image_keys is not None:
+                    height, width = (0, 0) if seq.image_sizes is None else map(int, seq.image_sizes[index])
+                    # A copy: a view would keep the whole request's tensor alive in the cache.
+                    self.embedding_cache.put(seq.image_keys[index], part.clone(), height, width)
+                    misses += 1
+            parts.append(part)
+        if self.embedding_cache is not None and (misses or seq.cached_embeds):
+            stats = self.embedding_cache.stats()
+            self.metrics.embedding_cache(len(seq.cached_embeds), misses, stats.evictions - self._evictions_reported,
+                                         stats.bytes)
+            self._evictions_reported = stats.evictions
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _embed_prompt(self, seq: Sequence) -> torch.Tensor:
         """(1, T, C): token embeddings with the image embeddings at the image-token positions."""
         ids = seq.input_ids.to(self.device)
         is_image = ids == self.spec.image_token_index
         embeds = self.model.embed(torch.where(is_image, 0, ids))
-        if seq.image_embeds is not None:
-            # Upload in the wire dtype (FP16 is half of FP32), then check and convert on the device.
-            image_embeds = seq.image_embeds.to(self.device)
-            if not bool(torch.isfinite(image_embeds).all()):
-                raise InvalidRequestError(f"{self.image_input} holds NaN or infinite values")
-            image_embeds = image_embeds.to(self.dtype)
-            if self.projector is not None:  # features in: (n, num_image_tokens, vision_hidden) -> text_hidden
-                image_embeds = self.projector(image_embeds)
-            image_embeds = image_embeds.reshape(-1, embeds.shape[-1])
+        if seq.image_tiles:
+            image_embeds = self._image_embeds(seq).reshape(-1, embeds.shape[-1])
             if seq.image_index is not None:
                 # LLaVA-NeXT: each image's base tile, then its grid unpadded with a newline after each
                 # row (anyres.pack_index), as one gather on the device.
@@ -458,8 +605,10 @@ class Engine:
         done, rows = [], []
         for i, (seq, _, n) in enumerate(chunks):
             seq.prefilled += n
+            self._register_blocks(seq)
             if seq.prefilled == seq.prompt_tokens:
                 seq.inputs_embeds = seq.image_embeds = seq.image_index = None
+                seq.cached_embeds = {}
                 self._prefilling.remove(seq)
                 self._running.append(seq)
                 seq.text = TextStream(self._detokenizer, seq.params.stop)
@@ -468,6 +617,14 @@ class Engine:
                 rows.append(i)
         if done:
             self._append_tokens(done, sample(logits[rows], [s.params for s in done], [s.generator for s in done]))
+
+    def _register_blocks(self, seq: Sequence) -> None:
+        """Put the prompt blocks the sequence has filled completely in the prefix cache. Nothing writes
+        them again: later chunks and decode write later positions."""
+        complete = min(seq.prefilled // self.blocks.block_size, len(seq.block_hashes))
+        for index in range(seq.registered, complete):
+            self.blocks.register(seq.blocks[index], seq.block_hashes[index])
+        seq.registered = max(seq.registered, complete)
 
     def _fail_prefill(self, seq: Sequence, exc: Exception) -> None:
         self._release(seq)

@@ -93,8 +93,10 @@ def kv_cache_blocks(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len
 
     At most what max_num_seqs sequences of max_seq_len tokens can use (no more can be admitted at
     once): on the CPU that is the size, the memory the former per-slot cache took. On a GPU the
-    pool is also bounded by the memory left after the weights (kv_cache_memory_fraction of it, so
-    the vision models and activations sharing the GPU still fit); requests wait for free blocks.
+    pool is bounded by the memory left after the weights (kv_cache_memory_fraction of it, so the
+    vision models, the embedding cache and activations sharing the GPU still fit), and with prefix
+    caching it takes all of that: blocks beyond what running requests hold keep earlier prompts
+    for reuse. Requests wait for free blocks.
     """
     weight = model.lm_head.weight
     bytes_per_block = kv_cache_bytes_per_block(model, serving)
@@ -110,7 +112,7 @@ def kv_cache_blocks(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len
             log.warning("KV cache: %d blocks of %d tokens fit in %.1f GiB free, fewer than one request of max_seq_len "
                         "%d tokens needs; longer requests are refused", fit, serving.kv_block_size, free / 2**30,
                         max_seq_len)
-        usable = min(usable, fit)
+        usable = fit if serving.prefix_caching else min(usable, fit)
     log.info("KV cache: %d blocks of %d tokens (%d tokens, %.2f GiB)", usable, serving.kv_block_size,
              usable * serving.kv_block_size, (usable + 1) * bytes_per_block / 2**30)
     return usable + 1

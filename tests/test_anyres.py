@@ -213,11 +213,15 @@ def request(spec, sizes):
 
 def test_plan_images_packs_each_image(next_spec):
     ids, shape, sizes = request(next_spec, [(240, 320), (50, 60)])
-    tiles, index = plan_images(ids, shape, sizes, next_spec, ServingConfig())
-    assert tiles == 5 + 3  # a 2x2 grid; a 1x2 one (the smallest pinpoint that holds 50x60 whole); each with its base
-    assert len(index) == int((ids == next_spec.image_token_index).sum())
-    assert plan_images(*request(next_spec, [])[:1], None, np.zeros((0, 2), np.int64), next_spec,
-                       ServingConfig()) == (0, None)
+    plan = plan_images(ids, shape, sizes, next_spec, ServingConfig())
+    # A 2x2 grid; a 1x2 one (the smallest pinpoint that holds 50x60 whole); each with its base.
+    assert (plan.tiles, plan.sent_tiles) == ((5, 3), 8)
+    assert sum(plan.tokens) == len(plan.index) == int((ids == next_spec.image_token_index).sum())
+    # The first image read from the embedding cache: only the second's tiles are sent.
+    assert plan_images(ids, (3, *shape[1:]), sizes, next_spec, ServingConfig(),
+                       cached=np.array([True, False])).sent_tiles == 3
+    empty = plan_images(*request(next_spec, [])[:1], None, np.zeros((0, 2), np.int64), next_spec, ServingConfig())
+    assert (empty.tiles, empty.sent_tiles, empty.index) == ((), 0, None)
 
 
 @pytest.mark.parametrize("change, message", [
@@ -231,7 +235,10 @@ def test_plan_images_packs_each_image(next_spec):
     (lambda ids, shape, sizes: (torch.cat([ids, torch.tensor([99999])]), shape, sizes), "outside the vocabulary"),
     (lambda ids, shape, sizes: (ids, shape, np.repeat(sizes, 5, axis=0)),
      r"image_sizes holds 5 images, more than max_images_per_request \(4\)"),
+    (lambda ids, shape, sizes: (ids, shape, sizes, np.array([True, False])),
+     r"image_cached must hold one flag per image \(1\), got shape \[2\]"),
 ])
 def test_plan_images_refuses_inconsistent_inputs(next_spec, change, message):
     with pytest.raises(InvalidRequestError, match=message):
-        plan_images(*change(*request(next_spec, [(240, 320)])), next_spec, ServingConfig(), IMAGE_EMBEDS)
+        ids, shape, sizes, *cached = change(*request(next_spec, [(240, 320)]))
+        plan_images(ids, shape, sizes, next_spec, ServingConfig(), IMAGE_EMBEDS, *cached)

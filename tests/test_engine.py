@@ -497,7 +497,8 @@ class Occupancy(Metrics):
     def __init__(self):
         self.seen: list[tuple[int, int, float, int]] = []
 
-    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int,
+                  cached_blocks: int = 0) -> None:
         self.seen.append((running, waiting, kv_cache_usage, free_blocks))
 
 

@@ -1,5 +1,6 @@
 """The KV cache's block allocator on its own."""
 
+import numpy as np
 import pytest
 
 from llava_triton.kv_blocks import NULL_BLOCK, BlockAllocator, blocks_needed
@@ -54,3 +55,100 @@ def test_a_pool_needs_a_block_besides_the_null_block():
         BlockAllocator(num_blocks=1, block_size=16)
     with pytest.raises(ValueError, match="block_size must be positive"):
         BlockAllocator(num_blocks=4, block_size=0)
+
+
+# -- prefix caching ------------------------------------------------------------------------------
+
+from llava_triton.kv_blocks import prefix_block_hashes, prefix_root  # noqa: E402
+
+IMAGE = 99
+
+
+def hashes(ids, counts=(), keys=None, salt=b"", block_size=4):
+    return prefix_block_hashes(np.array(ids, dtype=np.int64), block_size, prefix_root(salt), IMAGE, list(counts), keys)
+
+
+def test_block_hashes_name_the_whole_prefix():
+    text = [1, 2, 3, 4, 5, 6, 7, 8, 9]
+    assert len(hashes(text)) == 2  # full blocks only
+    assert hashes(text) == hashes(text + [10, 11])[:2]
+    changed = hashes([1, 2, 3, 0, 5, 6, 7, 8])
+    assert changed[0] != hashes(text)[0] and changed[1] != hashes(text)[1]  # chained: a change moves every later one
+    assert hashes(text, salt=b"t1") != hashes(text) and hashes(text, salt=b"t1") != hashes(text, salt=b"t2")
+    # The salt's length is hashed: b"ab" is not b"a" followed by something else.
+    assert prefix_root(b"ab") != prefix_root(b"a") and len(prefix_root(b"")) == 32
+
+
+def test_image_blocks_are_named_by_the_image_content_key():
+    ids = [1, 2, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, IMAGE, 3, 4, 5, 6]  # one image of 6 tokens
+    a, b = hashes(ids, [6], [b"a" * 32]), hashes(ids, [6], [b"b" * 32])
+    assert a[0] != b[0] and a[2] != b[2]  # every block from the image on differs
+    assert hashes([1, 2, 3, 4] + ids[4:], [4], [b"a" * 32])[0] != a[0]
+    assert hashes(ids, [6]) == []  # no key: the chain stops at the image
+    assert len(hashes([1, 2, 3, 4, 5, 6, 7, 8, IMAGE, IMAGE], [2])) == 2  # the blocks before it are named
+    # Two images: which image holds which tokens matters (3 + 3 is not 2 + 4).
+    two = [IMAGE] * 6 + [1, 2]
+    assert hashes(two, [3, 3], [b"a" * 32, b"b" * 32]) != hashes(two, [2, 4], [b"a" * 32, b"b" * 32])
+    assert hashes(two, [3, 3], [b"a" * 32, b"b" * 32]) != hashes(two, [3, 3], [b"b" * 32, b"a" * 32])
+
+
+@pytest.mark.parametrize("counts, keys, message", [
+    ([5], [b"a" * 32], "the prompt holds 6 image tokens, its images 5"),
+    ([6], [b"a" * 32, b"b" * 32], "2 image keys for 1 images"),
+])
+def test_block_hashes_refuse_images_that_do_not_fit_the_prompt(counts, keys, message):
+    with pytest.raises(ValueError, match=message):
+        hashes([1] + [IMAGE] * 6, counts, keys)
+
+
+def test_registered_blocks_are_matched_shared_and_cached_when_let_go():
+    blocks = BlockAllocator(num_blocks=9, block_size=4)
+    names = [bytes([i]) * 32 for i in range(3)]
+    held = blocks.allocate(3)
+    assert [blocks.register(b, n) for b, n in zip(held, names)] == [True, True, True]
+    assert not blocks.register(held[0], b"x" * 32)  # already named
+    other = blocks.allocate(1)
+    assert not blocks.register(other[0], names[0])  # the name is taken: the first block keeps it
+    assert blocks.match(names) == held and blocks.match([b"?" * 32, names[1]]) == []
+    # A second sequence takes the first two: while either holds them they are not free.
+    assert blocks.free_after_acquiring(held[:2]) == blocks.num_free == 4
+    blocks.acquire(held[:2])
+    blocks.free(held)
+    assert (blocks.num_free, blocks.num_cached) == (5, 1)  # the third is cached, the first two still held
+    assert blocks.free_after_acquiring(held) == 4  # acquiring the cached one takes it out of the free count
+    blocks.free(held[:2])
+    blocks.free(other)
+    assert (blocks.num_free, blocks.num_cached, blocks.usage) == (8, 3, 0.0)
+    assert blocks.match(names) == held
+
+
+def test_cached_blocks_are_evicted_only_when_no_free_block_is_left_tail_first():
+    blocks = BlockAllocator(num_blocks=5, block_size=4)  # 4 blocks
+    names = [bytes([i]) * 32 for i in range(3)]
+    chain = blocks.allocate(3)
+    for block, name in zip(chain, names):
+        blocks.register(block, name)
+    blocks.free(chain)
+    assert blocks.allocate(1) not in ([b] for b in chain)  # the plain free block goes first
+    assert blocks.evictions == 0
+    taken = blocks.allocate(1)
+    # The chain's last block is evicted first: its first blocks stay useful to a shorter prefix.
+    assert taken == [chain[2]] and blocks.evictions == 1 and blocks.match(names) == chain[:2]
+    with pytest.raises(ValueError, match="3 KV-cache blocks asked for, 2 free"):
+        blocks.allocate(3)
+
+
+def test_caching_off_registers_nothing():
+    blocks = BlockAllocator(num_blocks=5, block_size=4, caching=False)
+    held = blocks.allocate(2)
+    assert not blocks.register(held[0], b"a" * 32) and blocks.match([b"a" * 32]) == []
+    blocks.free(held)
+    assert blocks.num_cached == 0 and blocks.num_free == 4
+
+
+def test_only_held_blocks_are_registered_and_only_cached_ones_acquired():
+    blocks = BlockAllocator(num_blocks=5, block_size=4)
+    with pytest.raises(ValueError, match="block 1 is not held"):
+        blocks.register(1, b"a" * 32)
+    with pytest.raises(ValueError, match="block 2 is not a cached block"):
+        blocks.acquire([2])
