@@ -56,7 +56,8 @@ PIXEL_VALUES = "pixel_values"  # [num_tiles, 3, image_size, image_size]
 IMAGE_FEATURES = "image_features"  # [num_tiles, num_image_tokens, vision_hidden_size]
 IMAGE_EMBEDS = "image_embeds"  # [num_tiles, num_image_tokens, text_hidden_size]
 IMAGE_SIZES = "image_sizes"  # LLaVA-NeXT only: INT64 [num_images, 2], each image's (height, width) as decoded
-# Each image's cache key (llava_triton.image_keys): UINT8 [num_images, IMAGE_KEY_BYTES]; absent: nothing is cached.
+# Each image's content key (llava_triton.embedding_cache.image_key): UINT8 [num_images, IMAGE_KEY_BYTES];
+# no rows: the request's images are neither cached nor shared.
 IMAGE_KEYS = "image_keys"
 # BOOL [num_images]: true where preprocess found the image in the language model's embedding cache and
 # left its tiles out of pixel_values (the language model reads them from its cache instead).
@@ -331,8 +332,9 @@ RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for pref
 
 # Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
 POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes",
-                    "max_image_pixels", "max_prompt_bytes", "max_messages", "max_messages_bytes", "max_cache_salt_bytes",
-                    "default_max_tokens", "vision_max_batch_size", "max_num_seqs", "prefill_chunk_tokens",
+                    "max_image_pixels", "max_prompt_bytes", "max_messages", "max_messages_bytes",
+                    "max_cache_salt_bytes", "default_max_tokens", "vision_max_batch_size", "max_num_seqs",
+                    "prefill_chunk_tokens",
                     "kv_block_size", "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
 

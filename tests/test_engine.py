@@ -69,6 +69,11 @@ def params(**overrides) -> SamplingParams:
 
 @pytest.fixture(scope="module")
 def parts(tiny_checkpoint, tmp_path_factory):
+    return engine_parts(tiny_checkpoint, tmp_path_factory)
+
+
+def engine_parts(tiny_checkpoint, tmp_path_factory):
+    """(the exported language model's directory, the spec, the tokenizer, transformers' model)."""
     lm_dir = export_language_model(tiny_checkpoint, tmp_path_factory.mktemp("lm"))
     model_spec = ModelSpec.from_pretrained(tiny_checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(tiny_checkpoint)

@@ -14,9 +14,14 @@ import torch
 from llava_triton import lm_runtime
 from llava_triton.engine import Engine, Metrics
 from llava_triton.spec import IMAGE_KEY_BYTES, ServingConfig
-from tests.test_engine import Collect, assert_all_free, hf_greedy, params, parts, prepared, run_until_done  # noqa: F401
+from tests.test_engine import Collect, assert_all_free, engine_parts, hf_greedy, params, prepared, run_until_done
 
 BLOCK = 4
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint, tmp_path_factory):
+    return engine_parts(tiny_checkpoint, tmp_path_factory)
 
 
 class PrefixMetrics(Metrics):
@@ -126,7 +131,8 @@ def test_cache_salts_keep_tenants_apart(parts):
     input_ids = torch.tensor(tokenizer("USER: Tell me a long story about the sea and the sky. ASSISTANT:")["input_ids"])
     metrics = PrefixMetrics()
     engine = engine_for(parts, metrics)
-    answers = [run(engine, input_ids, cache_salt=salt).token_ids for salt in (b"tenant-1", b"tenant-2", b"", b"tenant-1")]
+    answers = [run(engine, input_ids, cache_salt=salt).token_ids
+               for salt in (b"tenant-1", b"tenant-2", b"", b"tenant-1")]
     reused = (len(input_ids) - 1) // BLOCK * BLOCK
     assert [hits for _, hits in metrics.lookups] == [0, 0, 0, reused]
     assert all(answer == hf_greedy(hf, input_ids, 6) for answer in answers)
@@ -140,7 +146,8 @@ def test_a_later_turn_reuses_the_earlier_prompt(parts):
     metrics = PrefixMetrics()
     engine = engine_for(parts, metrics)
     answer = run(engine, input_ids, image_embeds, max_tokens=5, image_keys=key("c")).token_ids
-    follow_up = torch.tensor(tokenizer(" USER: And what colour is it? ASSISTANT:", add_special_tokens=False)["input_ids"])
+    follow_up = torch.tensor(tokenizer(" USER: And what colour is it? ASSISTANT:",
+                                       add_special_tokens=False)["input_ids"])
     turn_2 = torch.cat([input_ids, torch.tensor(answer), follow_up])
     second = run(engine, turn_2, image_embeds, image_keys=key("c"))
     assert metrics.lookups[1][1] == len(input_ids) // BLOCK * BLOCK
