@@ -81,12 +81,16 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     # LLaVA-NeXT: preprocess tells the language model each image's size, from which it packs the tiles.
     anyres = model.anyres
     image_sizes = (spec.IMAGE_SIZES,) if anyres else ()
+    # Each image's content key, and whether its tiles were left out (the embedding cache holds it).
+    image_cache = (spec.IMAGE_KEYS, spec.IMAGE_CACHED)
 
     preprocess = mc.ModelConfig(
         name=spec.PREPROCESS, backend="python", max_batch_size=0,
         input=contract_inputs(),
         output=[_output(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                 _output(spec.PIXEL_VALUES, wire, [-1, *pixel_dims]),
+                _output(spec.IMAGE_KEYS, mc.TYPE_UINT8, [-1, spec.IMAGE_KEY_BYTES]),
+                _output(spec.IMAGE_CACHED, mc.TYPE_BOOL, [-1]),
                 *([_output(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2])] if anyres else [])],
         # Image decoding is CPU work whatever the device: several CPU instances.
         instance_group=_instances(serving.preprocess_instances, serving, cpu_only=True),
@@ -124,7 +128,9 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         input=[_input(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                _input(image_input, wire, [-1, *(features_dims if in_language_model else embeds_dims)], optional=True),
                *([_input(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2], optional=True)] if anyres else []),
-               *contract_inputs(spec.SAMPLING_INPUTS)],
+               _input(spec.IMAGE_KEYS, mc.TYPE_UINT8, [-1, spec.IMAGE_KEY_BYTES], optional=True),
+               _input(spec.IMAGE_CACHED, mc.TYPE_BOOL, [-1], optional=True),
+               *contract_inputs((*spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT))],
         output=contract_outputs(),
         # Decoupled: any number of responses per request (streaming); the model batches in flight.
         model_transaction_policy=mc.ModelTransactionPolicy(decoupled=True),
@@ -144,11 +150,12 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         ensemble_scheduling=mc.ModelEnsembling(step=[
             # Sampling inputs go to preprocess too, so bad values are refused before any image work.
             step(spec.PREPROCESS, same_names(*(t.name for t in spec.INPUTS)),
-                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES, *image_sizes)),
+                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES, *image_cache, *image_sizes)),
             step(spec.VISION_ENCODER, same_names(spec.PIXEL_VALUES), same_names(spec.IMAGE_FEATURES)),
             *([] if in_language_model else [
                 step(spec.PROJECTOR, same_names(spec.IMAGE_FEATURES), same_names(spec.IMAGE_EMBEDS))]),
-            step(spec.LANGUAGE_MODEL, same_names(spec.INPUT_IDS, image_input, *image_sizes, *spec.SAMPLING_INPUTS),
+            step(spec.LANGUAGE_MODEL, same_names(spec.INPUT_IDS, image_input, *image_cache, *image_sizes,
+                                                 *spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT),
                  same_names(*(t.name for t in spec.OUTPUTS))),
         ]),
     )

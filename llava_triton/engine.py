@@ -542,7 +542,9 @@ class Engine:
                 part = sent[offset: offset + tiles]
                 offset += tiles
                 if self.embedding_cache is not None and seq.image_keys is not None:
-                    height, width = (0, 0) if seq.image_sizes is None else map(int, seq.image_sizes[index])
+                    # LLaVA-1.5 sends no sizes: its one tile is the image resized to image_size, whatever its own.
+                    height, width = ((self.spec.image_size,) * 2 if seq.image_sizes is None
+                                     else map(int, seq.image_sizes[index]))
                     # A copy: a view would keep the whole request's tensor alive in the cache.
                     self.embedding_cache.put(seq.image_keys[index], part.clone(), height, width)
                     misses += 1

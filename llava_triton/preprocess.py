@@ -13,15 +13,23 @@ A request's text is one conversation rendered by the checkpoint's chat template,
 Images are decoded like transformers' `load_image`: EXIF orientation applied, then converted to
 RGB (alpha dropped, as LLaVA's own training code does). One deliberate difference: 16-bit
 grayscale PNGs are scaled to 8 bits, where PIL's conversion would clip them to white.
+
+With the language model's caches (`ImageCacheClient`), each image gets a content key before it is
+decoded, and an image the language model's embedding cache holds is not decoded at all: the request
+carries its key and size, not its tiles (`Preprocessor.prepare`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import io
 import json
 import re
 import struct
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +37,11 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from llava_triton.anyres import TileLayout, tile_layout
+from llava_triton.embedding_cache import CLOSED, Directory, image_key
 from llava_triton.errors import InvalidRequestError
 from llava_triton.processor import load_processor
 from llava_triton.spec import (
+    IMAGE_KEY_BYTES,
     IMAGE_TOKEN,
     IN_MESSAGES,
     IN_PROMPT,
@@ -452,14 +462,20 @@ class Preprocessor:
     def image_layouts(self, images: Sequence[Image.Image]) -> list[TileLayout]:
         """LLaVA-NeXT: each decoded image's tiles and tokens, within max_image_tiles and the vision
         encoder's largest batch (a request's tiles go to it as one batch)."""
-        layouts = [tile_layout(image.height, image.width, self.spec) for image in images]
+        return self.layouts_for_sizes([(image.height, image.width) for image in images])
+
+    def layouts_for_sizes(self, sizes: Sequence[tuple[int, int]], sent: Sequence[bool] | None = None
+                          ) -> list[TileLayout]:
+        """`image_layouts` from each image's (height, width); `sent`: the images whose tiles go to the
+        vision encoder (by default all)."""
+        layouts = [tile_layout(height, width, self.spec) for height, width in sizes]
         for index, layout in enumerate(layouts):
             if layout.num_tiles > self.serving.max_image_tiles:
                 raise InvalidRequestError(
                     f"image {index}: {layout.width}x{layout.height} makes {layout.num_tiles} tiles ({layout.rows}x"
                     f"{layout.cols} and the base), more than the limit of {self.serving.max_image_tiles} "
                     "(max_image_tiles)")
-        total = sum(layout.num_tiles for layout in layouts)
+        total = sum(layout.num_tiles for layout, is_sent in zip(layouts, sent or [True] * len(layouts)) if is_sent)
         if total > self.serving.vision_max_batch_size:
             raise InvalidRequestError(
                 f"the images make {total} tiles, more than the vision encoder's largest batch of "
@@ -471,14 +487,15 @@ class Preprocessor:
         return self.tokenizer.apply_chat_template(conversation, chat_template=self.chat_template, tokenize=False,
                                                   add_generation_prompt=True)
 
-    def decode_images(self, images: Sequence[bytes]) -> list[Image.Image]:
+    def decode_images(self, images: Sequence[bytes], indices: Sequence[int] | None = None) -> list[Image.Image]:
+        """Decode each image; `indices`: their places in the request (named in errors), by default 0, 1, ..."""
         self._check_image_count(len(images))
         # LLaVA-1.5's resize scales the short side to shortest_edge, whatever the long side becomes;
         # LLaVA-NeXT's resizes fit inside a pinpoint and a tile, so its pixels are bounded anyway.
         shortest_edge = None if self.spec.anyres else self.image_processor.size.get("shortest_edge",
                                                                                    self.spec.image_size)
         return [decode_image(data, self.serving, index, shortest_edge=shortest_edge)
-                for index, data in enumerate(images)]
+                for index, data in zip(range(len(images)) if indices is None else indices, images)]
 
     def pixel_values(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(tiles, 3, image_size, image_size) float32, equal to the checkpoint's image processor's
@@ -512,30 +529,51 @@ class Preprocessor:
 
     def __call__(self, images: Sequence[bytes], prompt: str | bytes | None, *,
                  messages: str | bytes | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids int64 [seq_len], pixel_values [max(tiles, 1), 3, H, W] in `wire_dtype`, image_sizes
-        int64 [N, 2]: each image's (height, width) as decoded) for one request with a prompt or messages.
+        """(input_ids, pixel_values, image_sizes) of `prepare` with no cache."""
+        prepared = self.prepare(images, prompt, messages=messages)
+        return prepared.input_ids, prepared.pixel_values, prepared.image_sizes
+
+    def prepare(self, images: Sequence[bytes], prompt: str | bytes | None, *, messages: str | bytes | None = None,
+                cache: ImageCacheClient | None = None, cache_salt: bytes = b"") -> Prepared:
+        """One request with a prompt or messages, ready for the vision encoder and the language model.
 
         The text is checked and tokenized before any image is decoded (cheap checks first), and every
-        limit is checked before the pixel values are made.
+        limit is checked before the pixel values are made. With `cache`, each image gets its content
+        key (salted with `cache_salt`), and the images the embedding cache holds are not decoded: their
+        size comes from the cache's directory and their tiles are left out of pixel_values.
         """
         self._check_image_count(len(images))
         self._check_request_bytes(images, prompt if messages is None else messages)
+        if len(cache_salt) > self.serving.max_cache_salt_bytes:
+            raise InvalidRequestError(f"cache_salt is {len(cache_salt)} bytes, more than the limit of "
+                                      f"{self.serving.max_cache_salt_bytes} (max_cache_salt_bytes)")
         ids = self.tokenize(prompt, len(images), messages=messages)
-        decoded = self.decode_images(images)
+        keys = None if cache is None else cache.keys(images, cache_salt)
+        known = [None] * len(images) if keys is None else [cache.lookup(key) for key in keys]
+        decoded = {index: image for index, image in zip(
+            [i for i, size in enumerate(known) if size is None],
+            self.decode_images([data for data, size in zip(images, known) if size is None],
+                               [i for i, size in enumerate(known) if size is None]))}
+        sizes = [size if size is not None else (decoded[i].height, decoded[i].width) for i, size in enumerate(known)]
         if self.spec.anyres:
-            image_tokens = [layout.num_image_tokens for layout in self.image_layouts(decoded)]
+            layouts = self.layouts_for_sizes(sizes, [size is None for size in known])
+            image_tokens = [layout.num_image_tokens for layout in layouts]
         else:
-            image_tokens = [self.spec.num_image_tokens] * len(decoded)
+            image_tokens = [self.spec.num_image_tokens] * len(images)
         input_ids = self.expand_images(ids, image_tokens)
-        image_sizes = np.array([(image.height, image.width) for image in decoded], dtype=np.int64).reshape(-1, 2)
-        pixel_values = self._pixel_values(decoded, self._wire_pixel_table)
-        if len(images) == 0:
+        pixel_values = self._pixel_values([decoded[i] for i in sorted(decoded)], self._wire_pixel_table)
+        if not decoded:
             # Triton cannot send a batch of 0 images to the (batched) vision model, so a request
-            # without images carries one all-zero image. It is harmless: the language model takes
-            # only as many image embeddings as there are image-token runs in input_ids (none here).
+            # without images to encode carries one all-zero image. It is harmless: the language model
+            # takes only the tiles of the images input_ids refers to that are not cached (none here).
             size = self.spec.image_size
             pixel_values = np.zeros((1, self.spec.num_channels, size, size), dtype=self._wire_pixel_table.dtype)
-        return input_ids, pixel_values, image_sizes
+        return Prepared(
+            input_ids=input_ids, pixel_values=pixel_values,
+            image_sizes=np.array(sizes, dtype=np.int64).reshape(-1, 2),
+            image_keys=np.zeros((0, IMAGE_KEY_BYTES), np.uint8) if keys is None else
+            np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, IMAGE_KEY_BYTES),
+            image_cached=np.array([size is not None for size in known], dtype=bool))
 
     def _check_request_bytes(self, images: Sequence[bytes], text: str | bytes | None) -> None:
         limit = self.serving.max_request_bytes
@@ -551,6 +589,74 @@ class Preprocessor:
             raise InvalidRequestError(
                 f"too many images: {num_images}, the limit is {self.serving.max_images_per_request} per request "
                 "(max_images_per_request)")
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What preprocess sends on for one request (the names are llava_triton.spec's tensors)."""
+
+    input_ids: np.ndarray  # int64 [seq_len], each <image> expanded
+    pixel_values: np.ndarray  # [max(tiles sent, 1), 3, H, W] in wire_dtype: the tiles of the images not cached
+    image_sizes: np.ndarray  # int64 [N, 2]: each image's (height, width) as decoded
+    image_keys: np.ndarray  # uint8 [N, IMAGE_KEY_BYTES], or [0, IMAGE_KEY_BYTES] without a cache
+    image_cached: np.ndarray  # bool [N]: the images whose tiles are left out (the embedding cache holds them)
+
+
+def cache_fingerprint(spec: ModelSpec, serving: ServingConfig, processor_dir: Path) -> bytes:
+    """32 bytes that change with anything that changes an image's embeddings besides its content: the
+    model spec, the serving options (dtypes, limits) and every file of the exported processor."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(spec), serving.to_dict()], sort_keys=True,
+                                       default=str).encode())
+    for path in sorted(Path(processor_dir).rglob("*")):
+        if path.is_file():
+            digest.update(path.relative_to(processor_dir).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.digest()
+
+
+class ImageCacheClient:
+    """Preprocess's side of the language model's caches: each image's content key, and whether the
+    embedding cache holds it, read from the directory the language model publishes
+    (llava_triton.embedding_cache.Directory).
+
+    The directory appears when the language model has loaded (the ensemble serves nothing before);
+    until then, or when it goes (the language model unloaded), images get no key: nothing of theirs
+    is cached or shared, which is always correct.
+    """
+
+    RETRY_S = 1.0  # how often to look for a missing directory
+
+    def __init__(self, directory_name: str, fingerprint: bytes, clock: Callable[[], float] = time.monotonic):
+        self.directory_name = directory_name
+        self.fingerprint = fingerprint
+        self._clock = clock
+        self._directory: Directory | None = None
+        self._last_attempt = -float("inf")
+
+    def directory(self) -> Directory | None:
+        if self._directory is not None and self._directory.state in (CLOSED, None):  # the language model went
+            self._directory.close()
+            self._directory = None
+        if self._directory is None and self._clock() - self._last_attempt >= self.RETRY_S:
+            self._last_attempt = self._clock()
+            self._directory = Directory.attach(self.directory_name)
+        return self._directory
+
+    def keys(self, images: Sequence[bytes], cache_salt: bytes) -> list[bytes] | None:
+        """Each image's key, or None without a directory (no secret to key them with)."""
+        directory = self.directory()
+        if directory is None:
+            return None
+        return [image_key(directory.secret, self.fingerprint, cache_salt, bytes(data)) for data in images]
+
+    def lookup(self, key: bytes) -> tuple[int, int] | None:
+        """(height, width) of an image the embedding cache holds, else None."""
+        directory = self.directory()
+        return None if directory is None else directory.lookup(key)
+
+    def close(self) -> None:
+        if self._directory is not None:
+            self._directory.close()
+            self._directory = None
 
 
 def pixel_table(image_processor: Any, num_channels: int) -> np.ndarray:

@@ -410,9 +410,9 @@ class ServingConfig:
                                    "cache_salt); cached blocks are evicted least recently used when blocks run out")
     embedding_cache_bytes: int = _option(1 << 30, "memory (on the language model's device) for projected image "
                                          "embeddings kept for reuse, keyed by image content; a hit skips decoding "
-                                         "and the vision encoder; 0 = off (off too with several language-model "
-                                         "instances)")
-    embedding_cache_grace_s: float = _option(60.0, "how long (s) an evicted image's embeddings stay readable by "
+                                         "and the vision encoder; evicted entries count until their grace ends; "
+                                         "0 = off (off too with several language-model instances)")
+    embedding_cache_grace_s: float = _option(10.0, "how long (s) an evicted image's embeddings stay readable by "
                                              "requests already past preprocess when it was evicted")
     kv_cache_memory_fraction: float = _option(0.8, "share of the GPU memory free after the weights that the "
                                               "KV cache takes (at most max_num_seqs x max_seq_len tokens)")

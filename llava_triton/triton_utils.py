@@ -48,6 +48,18 @@ def optional_inputs(pb_utils, request, names: Iterable[str]) -> dict[str, np.nda
     return values
 
 
+def cache_salt(tensor: Any) -> bytes:
+    """A request's cache_salt input (a Triton tensor, or None when not sent) as bytes; b"" when absent.
+    Its length is checked against max_cache_salt_bytes by preprocess."""
+    if tensor is None:
+        return b""
+    values = tensor.as_numpy().reshape(-1)
+    if values.dtype != np.object_ or len(values) != 1:
+        raise InvalidRequestError(f"cache_salt must be one BYTES element, got {values.dtype} [{len(values)}]")
+    value = values[0]
+    return value.encode("utf-8") if isinstance(value, str) else bytes(value)
+
+
 def freeze_loaded_objects() -> None:
     """Call at the end of `initialize`: move every object alive after loading out of the garbage
     collector's reach. torch.compile, transformers and the tokenizer leave a few hundred thousand

@@ -12,13 +12,14 @@ from llava_triton import spec
 from llava_triton.dtypes import resolve_dtype
 from llava_triton.engine import Engine, Metrics, Output
 from llava_triton.anyres import load_image_newline
+from llava_triton.embedding_cache import Directory, EmbeddingCache, directory_name
 from llava_triton.llama import LlamaForCausalLM
 from llava_triton.lm_runtime import prepare_language_model
 from llava_triton.outbox import ThreadedOutbox
 from llava_triton.processor import load_processor
 from llava_triton.sampling import SamplingParams
-from llava_triton.triton_utils import (freeze_loaded_objects, instance_device, is_decoupled, load_spec, optional_inputs,
-                                      triton_error, version_dir)
+from llava_triton.triton_utils import (cache_salt, freeze_loaded_objects, instance_device, is_decoupled, load_spec,
+                                      optional_inputs, triton_error, version_dir)
 from llava_triton.vision_serving import load_serving_projector
 
 
@@ -86,6 +87,15 @@ class TritonMetrics(Metrics):
         self._waiting = metric(spec.METRIC_REQUESTS_WAITING)
         self._kv = metric(spec.METRIC_KV_CACHE_USAGE)
         self._kv_free_blocks = metric(spec.METRIC_KV_CACHE_FREE_BLOCKS)
+        self._kv_cached_blocks = metric(spec.METRIC_KV_CACHE_CACHED_BLOCKS)
+        self._prefix_query = metric(spec.METRIC_PREFIX_QUERY_TOKENS)
+        self._prefix_hits = metric(spec.METRIC_PREFIX_HIT_TOKENS)
+        self._prefix_ratio = metric(spec.METRIC_PREFIX_HIT_RATIO)
+        self._prefix_totals = [0, 0]  # query and hit tokens since the start, for the ratio
+        self._embedding_hits = metric(spec.METRIC_EMBEDDING_CACHE_HITS)
+        self._embedding_misses = metric(spec.METRIC_EMBEDDING_CACHE_MISSES)
+        self._embedding_evictions = metric(spec.METRIC_EMBEDDING_CACHE_EVICTIONS)
+        self._embedding_bytes = metric(spec.METRIC_EMBEDDING_CACHE_BYTES)
         self._refused_family = family(spec.METRIC_REQUESTS_REFUSED)  # a series per reason, made when first counted
         self._refused = {}
 
@@ -111,16 +121,41 @@ class TritonMetrics(Metrics):
         for seconds in inter_token_s:
             self._itl.observe(seconds)
 
-    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
-        if (running, waiting, kv_cache_usage, free_blocks) != self._last_occupancy:  # unchanged: no IPC
-            self._last_occupancy = (running, waiting, kv_cache_usage, free_blocks)
-            self._outbox.call(self._set_occupancy, running, waiting, kv_cache_usage, free_blocks)
+    def occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int,
+                  cached_blocks: int = 0) -> None:
+        state = (running, waiting, kv_cache_usage, free_blocks, cached_blocks)
+        if state != self._last_occupancy:  # unchanged: no IPC
+            self._last_occupancy = state
+            self._outbox.call(self._set_occupancy, *state)
 
-    def _set_occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int) -> None:
+    def _set_occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int,
+                       cached_blocks: int) -> None:
         self._running.set(running)
         self._waiting.set(waiting)
         self._kv.set(kv_cache_usage)
         self._kv_free_blocks.set(free_blocks)
+        self._kv_cached_blocks.set(cached_blocks)
+
+    def prefix_cache(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self._outbox.call(self._record_prefix, prompt_tokens, hit_tokens)
+
+    def _record_prefix(self, prompt_tokens: int, hit_tokens: int) -> None:
+        self._prefix_totals[0] += prompt_tokens
+        self._prefix_totals[1] += hit_tokens
+        self._prefix_query.increment(prompt_tokens)
+        if hit_tokens:
+            self._prefix_hits.increment(hit_tokens)
+        self._prefix_ratio.set(self._prefix_totals[1] / max(self._prefix_totals[0], 1))
+
+    def embedding_cache(self, hits: int, misses: int, evictions: int, cached_bytes: int) -> None:
+        self._outbox.call(self._record_embedding_cache, hits, misses, evictions, cached_bytes)
+
+    def _record_embedding_cache(self, hits: int, misses: int, evictions: int, cached_bytes: int) -> None:
+        for counter, count in ((self._embedding_hits, hits), (self._embedding_misses, misses),
+                               (self._embedding_evictions, evictions)):
+            if count:
+                counter.increment(count)
+        self._embedding_bytes.set(cached_bytes)
 
 
 class TritonPythonModel:
@@ -144,10 +179,19 @@ class TritonPythonModel:
         image_newline = load_image_newline(directory) if self.model_spec.anyres else None
         # Responses, metric updates and cancellation checks leave from the outbox's thread.
         self.outbox = ThreadedOutbox()
+        # The caches' directory: its secret keys every image (preprocess reads it), and it lists the
+        # images the embedding cache holds. Made before the KV cache is sized, from what memory is left.
+        self.directory = None
+        self.embedding_cache = None
+        if self.serving.prefix_caching or self.serving.embedding_cache_bytes:
+            self.directory = Directory.create(directory_name(directory.parent.parent, os.getppid()))
+        if self.serving.embedding_cache_bytes and self.directory.usable:
+            self.embedding_cache = EmbeddingCache(self.serving.embedding_cache_bytes,
+                                                  self.serving.embedding_cache_grace_s, self.directory)
         # Fused, quantised, KV cache allocated, compiled and captured before the engine gets it.
         runtime = prepare_language_model(model, self.model_spec, self.serving)
         self.engine = Engine(runtime, tokenizer, self.model_spec, self.serving, TritonMetrics(self.outbox), self.outbox,
-                             projector, image_newline)
+                             projector, image_newline, self.embedding_cache)
         freeze_loaded_objects()  # after compiling and capturing: the engine thread starts next
         self.stop = threading.Event()
         self.loop = threading.Thread(target=self.engine.run, args=(self.stop,), name="llava-engine", daemon=True)
@@ -167,8 +211,13 @@ class TritonPythonModel:
                 params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS),
                                                     self.serving)
                 sizes = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_SIZES) if self.model_spec.anyres else None
+                keys = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_KEYS)
+                cached = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_CACHED)
                 self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink,
-                                   None if sizes is None else sizes.as_numpy())
+                                   None if sizes is None else sizes.as_numpy(),
+                                   None if keys is None else keys.as_numpy(),
+                                   None if cached is None else cached.as_numpy(),
+                                   cache_salt(pb_utils.get_input_tensor_by_name(request, spec.IN_CACHE_SALT)))
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
                 sink.fail(triton_error(pb_utils, exc))
         return None
@@ -178,3 +227,7 @@ class TritonPythonModel:
         self.loop.join(timeout=10)
         self.engine.abort_all("the server is shutting down")
         self.outbox.close()
+        if self.embedding_cache is not None:
+            self.embedding_cache.close()  # closes the directory too
+        elif self.directory is not None:
+            self.directory.close()

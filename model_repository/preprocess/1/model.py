@@ -7,16 +7,25 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from llava_triton import spec
-from llava_triton.preprocess import Preprocessor, check_request_parameters, request_text
+from llava_triton.embedding_cache import directory_name
+from llava_triton.preprocess import (ImageCacheClient, Preprocessor, cache_fingerprint, check_request_parameters,
+                                     request_text)
 from llava_triton.sampling import SamplingParams
-from llava_triton.triton_utils import freeze_loaded_objects, load_spec, optional_inputs, triton_error, version_dir
+from llava_triton.triton_utils import (cache_salt, freeze_loaded_objects, load_spec, optional_inputs, triton_error,
+                                      version_dir)
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.model_spec, self.serving = load_spec(args)
-        self.preprocessor = Preprocessor.from_pretrained(version_dir(args) / spec.PROCESSOR_DIR, self.model_spec,
-                                                         self.serving)
+        processor_dir = version_dir(args) / spec.PROCESSOR_DIR
+        self.preprocessor = Preprocessor.from_pretrained(processor_dir, self.model_spec, self.serving)
+        # The language model's caches: image keys and the embedding cache's directory (the language
+        # model, a sibling process of this server, creates it under a name both derive alike).
+        self.cache = None
+        if self.serving.prefix_caching or self.serving.embedding_cache_bytes:
+            self.cache = ImageCacheClient(directory_name(version_dir(args).parent.parent, os.getppid()),
+                                          cache_fingerprint(self.model_spec, self.serving, processor_dir))
         freeze_loaded_objects()
 
     def execute(self, requests):
@@ -35,12 +44,20 @@ class TritonPythonModel:
         images = [] if inputs[spec.IN_IMAGES] is None else list(inputs[spec.IN_IMAGES].reshape(-1))
         # Sampling values are checked here too, so a bad request is refused before any image work.
         params = SamplingParams.from_inputs(optional_inputs(pb_utils, request, spec.SAMPLING_INPUTS), self.serving)
-        input_ids, pixel_values, image_sizes = self.preprocessor(images, prompt, messages=messages)
-        params.resolve_max_tokens(len(input_ids), self.serving.token_limit(self.model_spec), self.serving)
+        salt = pb_utils.get_input_tensor_by_name(request, spec.IN_CACHE_SALT)
+        prepared = self.preprocessor.prepare(images, prompt, messages=messages, cache=self.cache,
+                                             cache_salt=cache_salt(salt))
+        params.resolve_max_tokens(len(prepared.input_ids), self.serving.token_limit(self.model_spec), self.serving)
         outputs = [
-            pb_utils.Tensor(spec.INPUT_IDS, input_ids.astype(np.int64)),
-            pb_utils.Tensor(spec.PIXEL_VALUES, pixel_values),  # already in spec.wire_dtype(self.serving)
+            pb_utils.Tensor(spec.INPUT_IDS, prepared.input_ids.astype(np.int64)),
+            pb_utils.Tensor(spec.PIXEL_VALUES, prepared.pixel_values),  # already in spec.wire_dtype(self.serving)
+            pb_utils.Tensor(spec.IMAGE_KEYS, prepared.image_keys),
+            pb_utils.Tensor(spec.IMAGE_CACHED, prepared.image_cached),
         ]
         if self.model_spec.anyres:  # the language model packs each image's tiles by its size
-            outputs.append(pb_utils.Tensor(spec.IMAGE_SIZES, image_sizes))
+            outputs.append(pb_utils.Tensor(spec.IMAGE_SIZES, prepared.image_sizes))
         return pb_utils.InferenceResponse(output_tensors=outputs)
+
+    def finalize(self):
+        if self.cache is not None:
+            self.cache.close()
