@@ -139,7 +139,7 @@ INPUTS = (
            default=False),
     Tensor(IN_CACHE_SALT, "BYTES", (1,), "a tenant's secret, at most `max_cache_salt_bytes` bytes: requests reuse "
            "each other's cached KV-cache blocks and image embeddings only when their cache_salts are equal",
-           default=b""),
+           default=""),
 )
 OUTPUTS = (
     Tensor(OUT_TEXT, "BYTES", (1,), "the new text when streaming, else the whole answer; every streamed piece is "
