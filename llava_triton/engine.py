@@ -466,7 +466,7 @@ class Engine:
             if embeds is None:
                 raise InvalidRequestError(
                     f"image {index}: its embeddings left the embedding cache before the request reached the language "
-                    "model (evicted more than embedding_cache_grace_s before); send the request again")
+                    "model (evicted more than embedding_cache_grace_s before); retry later")
             if embeds.shape[0] != plan.tiles[index]:
                 raise InvalidRequestError(f"image {index}: the embedding cache holds {embeds.shape[0]} tiles for it, "
                                           f"its size makes {plan.tiles[index]}")

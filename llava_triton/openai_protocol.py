@@ -198,7 +198,8 @@ UNSUPPORTED_FIELDS = {
     "reasoning_effort": (), "web_search_options": (),
 }
 SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-                    "temperature", "top_p", "seed", "stop", "n", spec.IN_TOP_K, spec.IN_IGNORE_EOS)
+                    "temperature", "top_p", "seed", "stop", "n", spec.IN_TOP_K, spec.IN_IGNORE_EOS,
+                    spec.IN_CACHE_SALT)
 
 
 def parse_chat_request(body: Any, serving: ServingConfig) -> ChatCall:
@@ -239,6 +240,8 @@ def parse_chat_request(body: Any, serving: ServingConfig) -> ChatCall:
         options[spec.IN_SEED] = _integer("seed", fields["seed"])
     if spec.IN_IGNORE_EOS in fields:
         options[spec.IN_IGNORE_EOS] = _boolean(spec.IN_IGNORE_EOS, fields[spec.IN_IGNORE_EOS])
+    if spec.IN_CACHE_SALT in fields:  # as vLLM's: requests share cached prefixes only within one salt
+        options[spec.IN_CACHE_SALT] = _string(spec.IN_CACHE_SALT, fields[spec.IN_CACHE_SALT])
     if "stop" in fields:
         stop = fields["stop"]
         stops = [stop] if isinstance(stop, str) else stop
@@ -416,7 +419,7 @@ INTERNAL_PREFIX = "internal error:"  # llava_triton.triton_utils.triton_error's 
 # The field of the chat request an ensemble input's message is about.
 _PARAMS = {"messages": "messages", "prompt": "messages", "image": "messages", "too many images": "messages",
            "request is": "messages", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
-           "top_k": "top_k", "seed": "seed", "stop": "stop"}
+           "top_k": "top_k", "seed": "seed", "stop": "stop", "cache_salt": "cache_salt"}
 
 
 def triton_error(message: str, images: list[ImageSource] = ()) -> OpenAIError:

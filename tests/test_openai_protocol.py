@@ -76,7 +76,7 @@ def test_a_request_becomes_the_ensembles_inputs():
                       {"type": "image_url", "image_url": {"url": "https://example.com/b.jpg"}}]},
                   {"role": "assistant", "content": "Done."}],
         max_completion_tokens=7, temperature=0.5, top_p=0.9, seed=-3, stop="END", n=1, top_k=4, ignore_eos=True,
-        stream=True, stream_options={"include_usage": True}, user="u1", logprobs=False, tools=[]), SERVING)
+        cache_salt="tenant-7", stream=True, stream_options={"include_usage": True}, user="u1", logprobs=False, tools=[]), SERVING)
     assert call.messages == [{"role": "system", "content": "Be brief."},
                              {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
                                                           {"type": "image"}]},
@@ -84,7 +84,8 @@ def test_a_request_becomes_the_ensembles_inputs():
     assert call.images == [ImageSource("messages[1].content[1].image_url.url", data=base64.b64decode(PNG)),
                            ImageSource("messages[1].content[2].image_url.url", url="https://example.com/b.jpg")]
     assert call.options == {spec.IN_MAX_TOKENS: 7, spec.IN_TEMPERATURE: 0.5, spec.IN_TOP_P: 0.9, spec.IN_SEED: -3,
-                            spec.IN_STOP: ["END"], spec.IN_TOP_K: 4, spec.IN_IGNORE_EOS: True, spec.IN_STREAM: True}
+                            spec.IN_STOP: ["END"], spec.IN_TOP_K: 4, spec.IN_IGNORE_EOS: True, spec.IN_STREAM: True,
+                            spec.IN_CACHE_SALT: "tenant-7"}
     assert call.stream and call.include_usage and not call.continuous_usage
     # Nulls are left out; max_tokens and max_completion_tokens may both be sent when equal.
     plain = parse_chat_request(request(temperature=None, max_tokens=5, max_completion_tokens=5), SERVING)
@@ -107,6 +108,7 @@ def test_a_request_becomes_the_ensembles_inputs():
     ({"stream": True, "stream_options": {"x": 1}}, r"stream_options has unknown fields \['x'\]", "stream_options"),
     ({"top_k": -1}, r"top_k must be in \[0,", "top_k"),
     ({"ignore_eos": 1}, "ignore_eos must be true or false", "ignore_eos"),
+    ({"cache_salt": 7}, "cache_salt must be a string, got an integer", "cache_salt"),
     ({"frobnicate": 1}, "unknown field 'frobnicate'", "frobnicate"),
     ({"logprobs": True}, "logprobs true is not supported by this server", "logprobs"),
     ({"tools": [{"type": "function"}]}, "tools .* is not supported", "tools"),
@@ -192,6 +194,13 @@ def test_responses_in_openais_shapes():
     ("in ensemble 'llava', image 1: not an image (unrecognised data; send JPEG, PNG or WebP)", 400, "messages",
      "messages[0].content[3].image_url.url: not an image (unrecognised data; send JPEG, PNG or WebP)"),
     ("in ensemble 'llava', prompt is 5000 tokens (...)", 400, "messages", None),
+    ("in ensemble 'llava', cache_salt is 300 bytes, more than the limit of 256 (max_cache_salt_bytes)", 400,
+     "cache_salt", None),
+    # A cached image evicted between preprocess and the language model (llava_triton.engine): retry.
+    ("in ensemble 'llava', image 0: its embeddings left the embedding cache before the request reached the "
+     "language model (evicted more than embedding_cache_grace_s before); retry later", 503, None,
+     "messages[0].content[1].image_url.url: its embeddings left the embedding cache before the request reached the "
+     "language model (evicted more than embedding_cache_grace_s before); retry later"),
 ])
 def test_ensemble_errors_get_their_status(message, status, param, shown):
     images = [ImageSource("messages[0].content[1].image_url.url"), ImageSource("messages[0].content[3].image_url.url")]

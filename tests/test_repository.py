@@ -98,7 +98,8 @@ CONTRACT_INPUTS = {spec.IN_PROMPT: (mc.TYPE_STRING, [1]), spec.IN_MESSAGES: (mc.
                    spec.IN_MAX_TOKENS: (mc.TYPE_INT32, [1]), spec.IN_TEMPERATURE: (mc.TYPE_FP32, [1]),
                    spec.IN_TOP_P: (mc.TYPE_FP32, [1]), spec.IN_TOP_K: (mc.TYPE_INT32, [1]),
                    spec.IN_SEED: (mc.TYPE_INT64, [1]), spec.IN_STOP: (mc.TYPE_STRING, [-1]),
-                   spec.IN_STREAM: (mc.TYPE_BOOL, [1]), spec.IN_IGNORE_EOS: (mc.TYPE_BOOL, [1])}
+                   spec.IN_STREAM: (mc.TYPE_BOOL, [1]), spec.IN_IGNORE_EOS: (mc.TYPE_BOOL, [1]),
+                   spec.IN_CACHE_SALT: (mc.TYPE_STRING, [1])}
 CONTRACT_OUTPUTS = {spec.OUT_TEXT: (mc.TYPE_STRING, [1]), spec.OUT_TOKEN_IDS: (mc.TYPE_INT64, [-1]),
                     spec.OUT_PROMPT_TOKENS: (mc.TYPE_INT32, [1]), spec.OUT_COMPLETION_TOKENS: (mc.TYPE_INT32, [1]),
                     spec.OUT_FINISH_REASON: (mc.TYPE_STRING, [1])}
@@ -110,12 +111,14 @@ def test_the_ensemble_has_the_public_contract():
     assert {t.name: (t.data_type, list(t.dims)) for t in ensemble.input} == CONTRACT_INPUTS
     assert all(t.optional for t in ensemble.input)
     assert {t.name: (t.data_type, list(t.dims)) for t in ensemble.output} == CONTRACT_OUTPUTS
-    # preprocess takes all of it; the language model the sampling inputs, and it answers every output.
+    # preprocess takes all of it; the language model the sampling inputs and cache_salt, and it answers every
+    # output.
     assert {t.name: (t.data_type, list(t.dims)) for t in configs[spec.PREPROCESS].input} == CONTRACT_INPUTS
     language_model = {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].input}
-    assert {name: language_model[name] for name in spec.SAMPLING_INPUTS} == {
-        name: CONTRACT_INPUTS[name] for name in spec.SAMPLING_INPUTS}
-    assert set(spec.SAMPLING_INPUTS) == set(CONTRACT_INPUTS) - {spec.IN_PROMPT, spec.IN_MESSAGES, spec.IN_IMAGES}
+    shared = (*spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT)
+    assert {name: language_model[name] for name in shared} == {name: CONTRACT_INPUTS[name] for name in shared}
+    assert set(spec.SAMPLING_INPUTS) == set(CONTRACT_INPUTS) - {spec.IN_PROMPT, spec.IN_MESSAGES, spec.IN_IMAGES,
+                                                                spec.IN_CACHE_SALT}
     assert {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].output} == CONTRACT_OUTPUTS
 
 
