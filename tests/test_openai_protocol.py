@@ -76,7 +76,8 @@ def test_a_request_becomes_the_ensembles_inputs():
                       {"type": "image_url", "image_url": {"url": "https://example.com/b.jpg"}}]},
                   {"role": "assistant", "content": "Done."}],
         max_completion_tokens=7, temperature=0.5, top_p=0.9, seed=-3, stop="END", n=1, top_k=4, ignore_eos=True,
-        cache_salt="tenant-7", stream=True, stream_options={"include_usage": True}, user="u1", logprobs=False, tools=[]), SERVING)
+        cache_salt="tenant-7", stream=True, stream_options={"include_usage": True}, user="u1", logprobs=False,
+        tools=[]), SERVING)
     assert call.messages == [{"role": "system", "content": "Be brief."},
                              {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"},
                                                           {"type": "image"}]},
