@@ -1,7 +1,8 @@
-"""Prefix caching in the engine, without a server: prompt blocks reused only for the same tokens, the
-same images and the same cache_salt, and answers equal to transformers' whether blocks came from the
-cache or not. (The block allocator alone: tests/test_kv_blocks.py; through a real server:
-tests/test_e2e_caches.py.)"""
+"""Prefix caching and the embedding cache in the engine, without a server: prompt blocks reused only for
+the same tokens, the same images and the same cache_salt; cached images read from the embedding cache;
+answers equal to transformers' whether anything came from a cache or not. (The block allocator alone:
+tests/test_kv_blocks.py; the embedding cache alone: tests/test_embedding_cache.py; through a real
+server: tests/test_e2e_caches.py.)"""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from llava_triton import lm_runtime
 from llava_triton.engine import Engine, Metrics
+from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import IMAGE_KEY_BYTES, ServingConfig
 from tests.test_engine import Collect, assert_all_free, engine_parts, hf_greedy, params, prepared, run_until_done
 
@@ -212,3 +214,54 @@ def test_identical_requests_at_once_compute_alone_then_share(parts):
     assert [hits for _, hits in metrics.lookups] == [0, 0, (len(input_ids) - 1) // BLOCK * BLOCK]
     assert sinks[0].token_ids == sinks[1].token_ids == third.token_ids == hf_greedy(hf, input_ids, 6)
     assert_all_free(engine)
+
+
+# -- the embedding cache in the engine ------------------------------------------------------------
+
+def embedding_engine(parts, cache):
+    _, model_spec, tokenizer, _ = parts
+    serving = ServingConfig(kv_block_size=BLOCK, prefix_caching=False)  # every token prefilled: embeddings used
+    return Engine(prepared(parts, serving), tokenizer, model_spec, serving, embedding_cache=cache)
+
+
+def test_a_cached_image_is_read_from_the_embedding_cache(parts):
+    """The first request puts the image's embeddings in the cache; the second sends no tiles, marks the
+    image cached, and answers as transformers does from the pixels."""
+    from llava_triton.embedding_cache import EmbeddingCache
+
+    _, _, _, hf = parts
+    input_ids, pixel_values, image_embeds = image_request(parts, "What is this?", seed=5)
+    cache = EmbeddingCache(1 << 30, grace_s=10.0)
+    engine = embedding_engine(parts, cache)
+    first = run(engine, input_ids, image_embeds, image_keys=key("e"), image_cached=np.array([False]))
+    assert cache.stats().entries == 1
+    second = run(engine, input_ids, None, image_keys=key("e"), image_cached=np.array([True]))
+    assert first.token_ids == second.token_ids == hf_greedy(hf, input_ids, 6, pixel_values=pixel_values)
+    assert cache.stats().hits == 1
+
+
+@pytest.mark.parametrize("case, message", [
+    ("evicted", "image 0: its embeddings left the embedding cache before the request reached the language model"),
+    ("no keys", "image_cached marks images as cached but the request has no image_keys"),
+    ("cache off", "image_cached marks images as cached but the embedding cache is off"),
+    ("bad keys", r"image_keys must be UINT8 \[1, 32\] \(one key per image\), got uint8 \[1, 16\]"),
+    ("flags", r"image_cached must hold one flag per image \(1\), got shape \[2\]"),
+])
+def test_inconsistent_cache_inputs_are_refused_by_name(parts, case, message):
+    from llava_triton.embedding_cache import EmbeddingCache
+
+    input_ids, _, _ = image_request(parts, "What is this?", seed=5)
+    cache = None if case == "cache off" else EmbeddingCache(1 << 30, grace_s=10.0)
+    engine = embedding_engine(parts, cache)
+    inputs = {"image_keys": key("never put"), "image_cached": np.array([True])}
+    if case == "no keys":
+        inputs["image_keys"] = None
+    elif case == "bad keys":
+        inputs["image_keys"] = key("x")[:, :16]
+    elif case == "flags":
+        inputs["image_cached"] = np.array([True, False])
+    refused = []
+    engine.metrics.request_refused = refused.append
+    with pytest.raises(InvalidRequestError, match=message):
+        engine.submit(input_ids, None, params(max_tokens=4), Collect(), **inputs)
+    assert refused == ["invalid"] and not engine.has_work()
