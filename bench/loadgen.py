@@ -168,7 +168,13 @@ def _inputs(workload: Workload):
     from llava_triton.client import build_inputs
 
     return build_inputs(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
-                        temperature=workload.temperature, stream=True, ignore_eos=workload.ignore_eos)
+                        temperature=workload.temperature, stream=True, ignore_eos=workload.ignore_eos,
+                        **_salt(workload))
+
+
+def _salt(workload: Workload) -> dict[str, str]:
+    """A fresh workload's cache_salt for one request (Workload.fresh), else nothing."""
+    return {spec.IN_CACHE_SALT: uuid.uuid4().hex} if workload.fresh else {}
 
 
 # --- asyncio ---------------------------------------------------------------------------------------
@@ -263,7 +269,7 @@ def _run_threads(url: str, workload: Workload, concurrency: int, num_requests: i
             try:
                 for chunk in client.stream(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
                                            temperature=workload.temperature, ignore_eos=workload.ignore_eos,
-                                           timeout=timeout_s):
+                                           timeout=timeout_s, **_salt(workload)):
                     record.add_response(time.perf_counter(), chunk.token_ids, chunk.prompt_tokens,
                                         chunk.completion_tokens, chunk.finish_reason)
             except LlavaError as error:
@@ -290,6 +296,9 @@ def _run_threads(url: str, workload: Workload, concurrency: int, num_requests: i
 
 # --- the OpenAI-compatible endpoint ----------------------------------------------------------------------
 
+SALT_PLACEHOLDER = "0" * 32  # replaced in each request's body by its own salt (as long: uuid4().hex)
+
+
 def openai_body(workload: Workload) -> bytes:
     """W1 as a chat request: the images as data URLs before the question (the turn the gRPC path's prompt
     renders to), streamed, with the token counts in every chunk (continuous_usage_stats) so that each
@@ -301,6 +310,7 @@ def openai_body(workload: Workload) -> bytes:
               for image in workload.images]
     return json.dumps({"model": spec.ENSEMBLE, "max_tokens": workload.max_tokens,
                        "temperature": workload.temperature, "ignore_eos": workload.ignore_eos, "stream": True,
+                       **({spec.IN_CACHE_SALT: SALT_PLACEHOLDER} if workload.fresh else {}),
                        "stream_options": {"include_usage": True, "continuous_usage_stats": True},
                        "messages": [{"role": "user",
                                      "content": [*images, {"type": "text", "text": workload.prompt}]}]}).encode()
@@ -314,7 +324,9 @@ async def _request_openai(client, url: str, body: bytes, timeout_s: float) -> Re
     record = RequestRecord(start=time.perf_counter())
     generated = 0
     try:
-        async with client.stream("POST", url, content=body, headers={"content-type": "application/json"},
+        # A fresh workload's body holds the salt placeholder once: each request gets its own salt.
+        content = body.replace(SALT_PLACEHOLDER.encode(), uuid.uuid4().hex.encode(), 1)
+        async with client.stream("POST", url, content=content, headers={"content-type": "application/json"},
                                  timeout=timeout_s) as response:
             if response.status_code != 200:
                 record.error = f"HTTP {response.status_code}: {(await response.aread())[:300]!r}"

@@ -56,13 +56,18 @@ class Workload:
     prompt_tokens: int | None = None  # what the language model prefills: template + image tokens + question
     image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)  # width, height
     tiles_per_request: int = 1  # vision-encoder tiles the request's images make
+    # Each request carries a cache_salt of its own, so the server's caches (KV-cache prefixes, image
+    # embeddings) find nothing and every request is new to them, as W1 and W2 are defined: the same
+    # bytes sent over and over would otherwise measure cache hits.
+    fresh: bool = True
 
     def describe(self) -> str:
         width, height = self.image_size
         return (f"{self.name}: {len(self.images)} JPEG image(s) of {width}x{height} ({self.tiles_per_request} "
                 f"tile(s) of the vision encoder), a question of {self.question_tokens} tokens ({self.prompt_tokens} "
                 f"prompt tokens with the image tokens and the chat template), {self.max_tokens} tokens out "
-                "(ignore_eos, greedy), streamed")
+                "(ignore_eos, greedy), streamed" + (", each request new to the server's caches (its own cache_salt)"
+                                                     if self.fresh else ""))
 
 
 WORKLOADS = ("W1", "W2")
