@@ -27,7 +27,7 @@ def test_w3_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint, t
     out = tmp_path / "w3"
     argv = ["--checkpoint", str(tiny_checkpoint), "--concurrency", "1", "--rounds", "1", "--turns", str(TURNS),
             "--streams", str(STREAMS), "--images", str(IMAGES), "--output-tokens", str(OUTPUT_TOKENS),
-            "--out", str(out)]
+            "--export-arg=--set=preprocess_instances=1", "--out", str(out)]  # a Python process less to start
     status = w3.main(argv)
     results = json.loads((out / "results.json").read_text())
     failed = [name for name, ok in results["checks"].items() if not ok]
@@ -47,6 +47,7 @@ def test_w3_writes_consistent_results_for_the_tiny_checkpoint(tiny_checkpoint, t
     assert on["serving"]["prefix_caching"] is True and on["serving"]["embedding_cache_bytes"] > 0
     assert off["serving"]["prefix_caching"] is False and off["serving"]["embedding_cache_bytes"] == 0
     assert {**on["serving"], "prefix_caching": False, "embedding_cache_bytes": 0} == off["serving"]
+    assert on["serving"]["preprocess_instances"] == 1  # --export-arg goes to both
 
     for run in (on, off):
         (level,) = run["chats"]
