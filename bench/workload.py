@@ -111,7 +111,7 @@ def w1_pixel_values(checkpoint: Path | str, image: bytes | None = None) -> np.nd
 
 # --- W3: multi-turn chats and streams that share images (the prefix and embedding caches) ------------
 
-# The questions of a W3 chat, one a turn: each about 30 tokens (33 to 36 with the embedded presets'
+# The questions of a W3 chat, one a turn: each about 30 tokens (32 to 36 with the embedded presets'
 # tokenizers), the first one W1's.
 W3_QUESTIONS = (
     QUESTION,
