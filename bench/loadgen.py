@@ -13,6 +13,9 @@ Two implementations of the same loop:
   Each stream then has two Python threads (tritonclient's reader and ours), which at high
   concurrency compete for the GIL and delay the timestamps; `python -m bench.fake_server --check`
   measures both against a fake server whose timings are known.
+
+`run_conversations` (W3, bench.w3) runs multi-turn chats instead, in the "aio" way: each chat sends
+its next turn, the whole history with the answer just streamed, when that answer ends.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.workload import Workload
+from bench.workload import Conversation, Workload
 from llava_triton import spec
 from llava_triton.client import first_int, first_str
 
@@ -377,3 +380,122 @@ def run_level_openai(base_url: str, workload: Workload, concurrency: int, num_re
     if concurrency < 1 or num_requests < 1:
         raise ValueError(f"concurrency and num_requests must be positive, got {concurrency}, {num_requests}")
     return asyncio.run(_run_openai(base_url, workload, concurrency, num_requests, timeout_s))
+
+
+# --- conversations, turn after turn (W3) -------------------------------------------------------------
+
+@dataclass
+class ConversationRecord:
+    """One conversation's turns: each turn's RequestRecord and its answer's text."""
+
+    turns: list[RequestRecord] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ConversationsResult:
+    """Conversations run side by side: every turn's record, and the run's wall and CPU time."""
+
+    conversations: list[ConversationRecord]
+    started: float
+    ended: float
+    cpu_s: float
+
+    @property
+    def wall_s(self) -> float:
+        return self.ended - self.started
+
+    def level(self, turn: int | None = None) -> LevelResult:
+        """As a LevelResult for `summarize`: turn `turn` (1 = the first) of every conversation, timed from
+        the first of them sent to the last one ended; with None, every turn, timed as the whole run."""
+        if turn is None:
+            records = [record for conversation in self.conversations for record in conversation.turns]
+            return LevelResult(len(self.conversations), "aio", records, self.started, self.ended, self.cpu_s)
+        records = [conversation.turns[turn - 1] for conversation in self.conversations
+                   if len(conversation.turns) >= turn]
+        started = min((record.start for record in records), default=self.started)
+        ended = max((record.end for record in records), default=self.ended)
+        return LevelResult(len(self.conversations), "aio", records, started, ended, self.cpu_s)
+
+
+async def _request_aio_text(connection, inputs: list, model: str, timeout_s: float) -> tuple[RequestRecord, str]:
+    """`_request_aio` for a request already built (`inputs`), also returning the answer's text (the
+    streamed pieces joined), which the next turn of a conversation sends back."""
+    import grpc
+    from tritonclient.utils import InferenceServerException
+
+    request = {"model_name": model, "inputs": inputs, "request_id": uuid.uuid4().hex,
+               "parameters": {"triton_enable_empty_final_response": True}}
+
+    async def one_request():
+        yield request
+
+    pieces: list[str] = []
+    record = RequestRecord(start=time.perf_counter())
+    try:
+        async for result, error in connection.stream_infer(one_request(), stream_timeout=timeout_s):
+            now = time.perf_counter()
+            if error is not None:
+                record.error = error.message() if hasattr(error, "message") else str(error)
+                continue
+            record.add_response(now, result.as_numpy(spec.OUT_TOKEN_IDS),
+                                first_int(result.as_numpy(spec.OUT_PROMPT_TOKENS)),
+                                first_int(result.as_numpy(spec.OUT_COMPLETION_TOKENS)),
+                                first_str(result.as_numpy(spec.OUT_FINISH_REASON)))
+            pieces.append(first_str(result.as_numpy(spec.OUT_TEXT)))
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                record.end = now
+    except InferenceServerException as error:
+        record.error = error.message() if hasattr(error, "message") else str(error)
+    except grpc.RpcError as error:
+        record.error = f"{error.code().name}: {error.details()}" if hasattr(error, "code") else str(error)
+    if math.isnan(record.end):
+        record.end = time.perf_counter()
+        record.error = record.error or "the stream ended without a final response"
+    return record, "".join(pieces)
+
+
+async def _run_conversations(url: str, conversations: list[Conversation], max_tokens: int, temperature: float,
+                             ignore_eos: bool, model: str, timeout_s: float) -> ConversationsResult:
+    from tritonclient.grpc import aio as grpcaio
+
+    from llava_triton.client import build_inputs
+
+    connections = [grpcaio.InferenceServerClient(url) for _ in conversations]
+    records = [ConversationRecord() for _ in conversations]
+
+    async def converse(connection, conversation, record: ConversationRecord) -> None:
+        for _ in range(conversation.turns):
+            inputs = build_inputs(None, [conversation.image], messages=conversation.messages(record.answers),
+                                  max_tokens=max_tokens, temperature=temperature, stream=True, ignore_eos=ignore_eos)
+            turn, answer = await _request_aio_text(connection, inputs, model, timeout_s)
+            record.turns.append(turn)
+            if turn.error is not None:
+                break
+            record.answers.append(answer)
+        while len(record.turns) < conversation.turns:  # counted as failed: a turn needs the answer before it
+            now = time.perf_counter()
+            record.turns.append(RequestRecord(start=now, end=now, error="not sent: an earlier turn failed"))
+
+    try:
+        await asyncio.gather(*(connection.is_server_live() for connection in connections))  # connect first
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(converse(*args) for args in zip(connections, conversations, records)))
+        ended, cpu = time.perf_counter(), time.process_time() - cpu
+    finally:
+        await asyncio.gather(*(connection.close() for connection in connections))
+    return ConversationsResult(records, started, ended, cpu)
+
+
+def run_conversations(url: str, conversations: list[Conversation], *, max_tokens: int, temperature: float = 0.0,
+                      ignore_eos: bool = True, model: str = spec.ENSEMBLE,
+                      timeout_s: float = 600.0) -> ConversationsResult:
+    """Run `conversations` (bench.workload.Conversation: an image and a question a turn) side by side, all
+    started together, a gRPC channel each (asyncio, as the "aio" generator): each sends its first turn,
+    reads the streamed answer to the end, then sends the next turn with the whole history (the
+    `messages` input, the image in the first user turn) and so on. A failed turn ends its conversation;
+    the turns not sent are recorded as failed."""
+    if not conversations or max_tokens < 1:
+        raise ValueError(f"need conversations and a positive max_tokens, got {len(conversations)}, {max_tokens}")
+    return asyncio.run(_run_conversations(url, conversations, max_tokens, temperature, ignore_eos, model, timeout_s))
