@@ -7,6 +7,9 @@ supervises it as it does tritonserver; the demo and the tests run one the same w
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import json
 import signal
 import subprocess
 import sys
@@ -15,8 +18,9 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from llava_triton import deploy
+from llava_triton import deploy, spec
 from llava_triton.spec import FrontendConfig
 from llava_triton.triton_install import PROJECT_ROOT
 
@@ -49,8 +53,6 @@ class FrontendProcess:
         return f"http://{host}:{self.port}/v1"
 
     def command(self) -> list[str]:
-        from llava_triton.openai_frontend import frontend_argv
-
         command = [sys.executable, "-m", "llava_triton.openai_frontend", "--triton-url", self.triton_url,
                    "--host", self.host, "--port", str(self.port)]
         if self.model_repository is not None:
@@ -124,3 +126,41 @@ class FrontendProcess:
 
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
+
+
+# The frontend's flags live here, not in openai_frontend, so that the launcher parses them without
+# importing FastAPI.
+
+def _option_flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
+    """A flag per FrontendConfig field (--max-body-bytes, --fetch-image-urls/--no-fetch-image-urls, ...)."""
+    for option in spec.frontend_options():
+        kwargs: dict[str, Any] = {"dest": option.name, "default": option.default,
+                                  "help": f"{option.meaning} (default {json.dumps(option.default)})".replace("%", "%%")}
+        if option.type is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = option.type
+        parser.add_argument(_option_flag(option.name), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> FrontendConfig:
+    return FrontendConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FrontendConfig)})
+
+
+def frontend_argv(config: FrontendConfig) -> list[str]:
+    """The flags that give `config` (those that differ from the defaults), for a child process."""
+    argv = []
+    defaults = FrontendConfig()
+    for option in dataclasses.fields(FrontendConfig):
+        value = getattr(config, option.name)
+        if value == getattr(defaults, option.name):
+            continue
+        if isinstance(value, bool):
+            argv.append(_option_flag(option.name) if value else f"--no-{option.name.replace('_', '-')}")
+        else:
+            argv += [_option_flag(option.name), str(value)]
+    return argv

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import dataclasses
 import ipaddress
 import json
 import logging
@@ -44,6 +43,7 @@ from starlette.types import Receive, Scope, Send
 
 from llava_triton import deploy, spec
 from llava_triton.client import build_inputs, first_int, first_str
+from llava_triton.frontend_process import add_frontend_arguments, config_from_args
 from llava_triton.openai_protocol import (
     SSE_DONE,
     ChatCall,
@@ -421,41 +421,6 @@ def create_app(triton_url: str, config: FrontendConfig, serving: ServingConfig) 
 
 
 # --- command line -------------------------------------------------------------------------------------
-
-
-def _option_flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
-
-
-def add_frontend_arguments(parser: argparse.ArgumentParser) -> None:
-    """A flag per FrontendConfig field (--max-body-bytes, --fetch-image-urls/--no-fetch-image-urls, ...)."""
-    for option in spec.frontend_options():
-        kwargs: dict[str, Any] = {"dest": option.name, "default": option.default,
-                                  "help": f"{option.meaning} (default {json.dumps(option.default)})".replace("%", "%%")}
-        if option.type is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
-        else:
-            kwargs["type"] = option.type
-        parser.add_argument(_option_flag(option.name), **kwargs)
-
-
-def config_from_args(args: argparse.Namespace) -> FrontendConfig:
-    return FrontendConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(FrontendConfig)})
-
-
-def frontend_argv(config: FrontendConfig) -> list[str]:
-    """The flags that give `config` (those that differ from the defaults), for a child process."""
-    argv = []
-    defaults = FrontendConfig()
-    for option in dataclasses.fields(FrontendConfig):
-        value = getattr(config, option.name)
-        if value == getattr(defaults, option.name):
-            continue
-        if isinstance(value, bool):
-            argv.append(_option_flag(option.name) if value else f"--no-{option.name.replace('_', '-')}")
-        else:
-            argv += [_option_flag(option.name), str(value)]
-    return argv
 
 
 def serving_config(model_repository: Path | None) -> ServingConfig:

@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from llava_triton import deploy
-from llava_triton.frontend_process import FrontendProcess
+from llava_triton.frontend_process import FrontendProcess, add_frontend_arguments, config_from_args
 from llava_triton.install_check import check
-from llava_triton.openai_frontend import add_frontend_arguments, config_from_args
 from llava_triton.processes import backend_stub_states, backend_stubs
 from llava_triton.triton_install import PROJECT_ROOT, TritonInstall, TritonNotFoundError, find_triton, server_env
 
