@@ -76,6 +76,10 @@ def test_refusals_are_counted_by_reason(triton_server):
     assert done.wait(30)
     client.stop_stream()
     assert errors and "outside the vocabulary" in errors[0]
+    # The refusal is counted from the outbox's thread, the error sent from Triton's: it may land just after.
+    deadline = time.monotonic() + 10
+    while scrape(triton_server.url_metrics).get(key, 0.0) != before + 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert scrape(triton_server.url_metrics).get(key, 0.0) == before + 1
     # Every family is published (the refusals' once one is counted), with its help text and kind.
     text = urllib.request.urlopen(triton_server.url_metrics, timeout=10).read().decode()
