@@ -114,6 +114,17 @@ def kv_cache_state(metrics_url: str) -> dict[str, float]:
             "kv_cache_usage_ratio": values.get(spec.METRIC_KV_CACHE_USAGE.name, math.nan)}
 
 
+CACHE_COUNTERS = (spec.METRIC_PREFIX_QUERY_TOKENS, spec.METRIC_PREFIX_HIT_TOKENS, spec.METRIC_EMBEDDING_CACHE_HITS,
+                  spec.METRIC_EMBEDDING_CACHE_MISSES, spec.METRIC_EMBEDDING_CACHE_EVICTIONS,
+                  spec.METRIC_EMBEDDING_CACHE_BYTES, spec.METRIC_KV_CACHE_CACHED_BLOCKS)
+
+
+def cache_counters(metrics_url: str) -> dict[str, float]:
+    """The caches' metrics since the server started ({} when it publishes none: caches off)."""
+    values = scrape_metrics(metrics_url)
+    return {metric.name: values[metric.name] for metric in CACHE_COUNTERS if metric.name in values}
+
+
 def wait_kv_cache_empty(metrics_url: str, timeout_s: float) -> tuple[bool, dict[str, float], float]:
     """Poll until no request runs or waits and the KV cache is empty: (returned, last state, seconds)."""
     start = time.monotonic()
@@ -454,6 +465,8 @@ async def run_load(server, mix: Mix, args: argparse.Namespace, log) -> dict[str,
             "baseline_processes": baseline["processes"], "final_processes": final["processes"],
         },
         "kv_cache_after_load": {"returned": returned, "seconds_to_empty": kv_seconds, **kv_state},
+        # The mix sends its images again and again: with the caches on they must be found.
+        "caches": await asyncio.to_thread(cache_counters, server.url_metrics),
         "samples": samples,
     }
 
@@ -475,6 +488,10 @@ def verdict(report: dict[str, Any], max_memory_growth: float) -> list[str]:
     if not growth <= max_memory_growth:
         failures.append(f"server memory grew by {growth:.1%} (limit {max_memory_growth:.0%}): "
                         "RssAnon + RssFile of tritonserver and its stubs, plus their shared memory")
+    caches = report.get("caches") or {}
+    hits = caches.get(spec.METRIC_PREFIX_HIT_TOKENS.name, 0) + caches.get(spec.METRIC_EMBEDDING_CACHE_HITS.name, 0)
+    if caches.get(spec.METRIC_PREFIX_QUERY_TOKENS.name) and not hits:
+        failures.append("the caches found nothing although the mix sends its images again and again")
     if not report["kv_cache_after_load"]["returned"]:
         failures.append(f"KV-cache space not returned after the load: {report['kv_cache_after_load']}")
     if not report["after"]["ready"]:
@@ -501,6 +518,8 @@ def write_markdown(path: Path, report: dict[str, Any]) -> None:
     ]
     for kind, results in load["by_kind"].items():
         lines.append(f"| {kind} | {', '.join(f'{n} {r}' for r, n in results.items())} |")
+    for name, value in (report.get("caches") or {}).items():
+        lines.append(f"| `{name}` at the end | {value:,.0f} |")
     lines += [
         f"| wrong answers | {load['wrong_answers']} |",
         f"| unexpected errors | {load['unexpected_errors']} |",

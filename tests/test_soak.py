@@ -70,6 +70,9 @@ def test_soak_report_is_well_formed(soak):
 
     kv = report["kv_cache_after_load"]
     assert kv["returned"] and kv["running"] == kv["waiting"] == kv["kv_cache_usage_ratio"] == 0
+    # The mix repeats its images: with the caches on (the default) both found them.
+    caches = report["caches"]
+    assert caches[spec.METRIC_PREFIX_HIT_TOKENS.name] > 0 and caches[spec.METRIC_EMBEDDING_CACHE_HITS.name] > 0
     assert report["after"] == {"ready": True, "answer_correct": True, "detail": ""}
 
     samples = report["samples"]
@@ -86,9 +89,11 @@ def made_up_report(**changes) -> dict:
         "memory": {"growth": 0.01},
         "kv_cache_after_load": {"returned": True},
         "after": {"ready": True, "answer_correct": True, "detail": ""},
+        "caches": {spec.METRIC_PREFIX_QUERY_TOKENS.name: 100, spec.METRIC_PREFIX_HIT_TOKENS.name: 40,
+                   spec.METRIC_EMBEDDING_CACHE_HITS.name: 3},
     }
     for path, value in changes.items():
-        section, key = path.split("__")
+        section, key = path.split("__", 1)
         report[section][key] = value
     return report
 
@@ -102,6 +107,8 @@ def made_up_report(**changes) -> dict:
     ({"kv_cache_after_load__returned": False}, "KV-cache space not returned"),
     ({"after__ready": False}, "not ready after the load"),
     ({"after__answer_correct": False}, "not answered correctly"),
+    ({"caches__llava_prefix_cache_hit_tokens_total": 0, "caches__llava_embedding_cache_hits_total": 0},
+     "the caches found nothing"),
 ])
 def test_soak_verdict_fails_on_each_condition(changes, reason):
     assert verdict(made_up_report(), 0.10) == []
