@@ -642,6 +642,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": load_summary,
         "memory": result["memory"],
         "kv_cache_after_load": result["kv_cache_after_load"],
+        "caches": result["caches"],
         "after": after,
         "examples": _examples(result["outcomes"]),
         "samples": result["samples"],
