@@ -255,3 +255,42 @@ def test_prepared_language_model_replays_graphs_that_match_eager():
         replayed = runtime.decode_step(ids, positions, rows, 6).clone()  # batch 2, length 6 -> 64
         eager = model.decode(ids, positions, rows, 6)
     torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("dtype, kv_cache_dtype", [(torch.float32, "auto"), (torch.bfloat16, "fp8_e4m3")])
+def test_prefix_cached_prompts_on_the_gpu_answer_as_a_full_prefill(dtype, kv_cache_dtype, tiny_checkpoint, tmp_path):
+    """The engine on a GPU as served (fused, compiled, CUDA graphs), the embedded default, with prefix
+    caching: in float32 a prompt whose first blocks come from the cache answers as a full prefill does;
+    with an FP8 KV cache (cached blocks read back through the gather) it runs and reuses them (its
+    rounding differs from a full prefill's, so its tokens are not compared)."""
+    from test_engine import Collect, params, run_until_done
+
+    from export.language_model import export_language_model
+    from llava_triton.engine import Engine
+    from llava_triton.lm_runtime import prepare_language_model
+    from llava_triton.processor import load_processor
+    from llava_triton.spec import ModelSpec, ServingConfig
+
+    lm_dir = export_language_model(tiny_checkpoint, tmp_path / "lm")
+    spec = ModelSpec.from_pretrained(tiny_checkpoint)
+    tokenizer = load_processor(tiny_checkpoint).tokenizer
+    prompt = torch.tensor(tokenizer("USER: Tell me a long story about the sea, the sky, the moon and the stars, "
+                                    "and about the ships that sail at night. ASSISTANT:")["input_ids"])
+    answers = {}
+    for caching in (True, False):
+        model = LlamaForCausalLM.from_pretrained(lm_dir, device="cuda", dtype=dtype)
+        serving = ServingConfig(max_num_seqs=4, max_seq_len=256, prefix_caching=caching, kv_cache_dtype=kv_cache_dtype)
+        engine = Engine(prepare_language_model(model, spec, serving), tokenizer, spec, serving)
+        runs = []
+        for _ in range(2):
+            sink = Collect()
+            engine.submit(prompt, None, params(max_tokens=8, ignore_eos=True), sink)
+            run_until_done(engine, [sink])
+            assert sink.errors == []
+            runs.append(sink.token_ids)
+        answers[caching] = runs
+        full_blocks = len(prompt) // serving.kv_block_size
+        assert engine.blocks.num_cached == (full_blocks if caching else 0) and full_blocks >= 2
+        assert all(len(run) == 8 for run in runs)
+    if dtype == torch.float32:
+        assert answers[True][0] == answers[True][1] == answers[False][0] == answers[False][1]
