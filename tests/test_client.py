@@ -212,7 +212,7 @@ def test_generate_sends_every_option_with_its_dtype(client, images, tmp_path):
     image_path.write_bytes(images[1])
     completion = client.generate("<image><image> Describe.", [images[0], image_path], max_tokens=100_000,
                                  temperature=0.5, top_p=0.9, top_k=40, seed=1234, stop=["\n\n", "END"],
-                                 stream=True, ignore_eos=True)
+                                 stream=True, ignore_eos=True, cache_salt="tenant-é")
     received = received_by_model(completion.text)
     assert set(received) == {t.name for t in spec.INPUTS} - {spec.IN_MESSAGES}  # a prompt, so no messages
     assert received[spec.IN_PROMPT] == {"value": ["<image><image> Describe."], "dtype": "object", "shape": [1]}
@@ -227,6 +227,7 @@ def test_generate_sends_every_option_with_its_dtype(client, images, tmp_path):
     assert received[spec.IN_STOP] == {"value": ["\n\n", "END"], "dtype": "object", "shape": [2]}
     assert received[spec.IN_STREAM] == {"value": [True], "dtype": "bool", "shape": [1]}
     assert received[spec.IN_IGNORE_EOS] == {"value": [True], "dtype": "bool", "shape": [1]}
+    assert received[spec.IN_CACHE_SALT] == {"value": ["tenant-é"], "dtype": "object", "shape": [1]}
     assert completion.prompt_tokens == len("<image><image> Describe.") + 2 * IMAGE_PROMPT_TOKENS
     assert completion.completion_tokens == len(completion.text)
     assert completion.token_ids == [ord(c) for c in completion.text]
@@ -421,7 +422,7 @@ def test_perf_input_entry_leaves_unset_options_out():
 
 def test_inputs_follow_the_contract(images):
     arrays = input_arrays("hi", images, max_tokens=4, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop="END",
-                          stream=False, ignore_eos=True)
+                          stream=False, ignore_eos=True, cache_salt="t")
     assert list(arrays) == [t.name for t in spec.INPUTS if t.name != spec.IN_MESSAGES]
     # messages instead of a prompt: a list of turns goes as its JSON, a string as it is.
     turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "é?"}]}]
