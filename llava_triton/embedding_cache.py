@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
+import os
 import secrets
 import threading
 import time
@@ -50,9 +51,13 @@ CLOSED = 2  # the LM closed it (and unlinked it): readers see misses
 SHARED = 3  # a second LM instance found it: an image may be cached in one instance and not the other
 
 _MAGIC = int.from_bytes(b"LLVEMBDR", "little")
-_VERSION = 1
+_VERSION = 2
+# `pid`: the creating LM process, so that a directory whose LM died without closing it (killed) is
+# found and removed (`remove_stale_directories`).
 _HEADER = np.dtype([("magic", "<u8"), ("version", "<u4"), ("state", "<u4"), ("capacity", "<u8"),
-                    ("secret", "u1", (SECRET_BYTES,)), ("reserved", "u1", (8,))])  # 64 bytes
+                    ("secret", "u1", (SECRET_BYTES,)), ("pid", "<u8")])  # 64 bytes
+_SHM_DIR = Path("/dev/shm")
+_NAME_PREFIX = "llava-"
 # An entry is valid when height > 0; an unused or unpublished one is all zeros. `seq` is the seqlock's
 # counter: odd while the writer is changing the entry.
 _ENTRY = np.dtype([("seq", "<u8"), ("key", "u1", (IMAGE_KEY_BYTES,)), ("height", "<i8"), ("width", "<i8")])
@@ -129,6 +134,40 @@ def _open_segment(name: str) -> SharedMemory | None:
     return shm
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_directories() -> list[str]:
+    """Unlink the directories (in /dev/shm) whose creating LM process is gone without closing them: a
+    killed LM's resource tracker may die with it and leave its segment behind. Returns their names."""
+    removed = []
+    for path in sorted(_SHM_DIR.glob(f"{_NAME_PREFIX}*")) if _SHM_DIR.is_dir() else []:
+        shm = _open_segment(path.name)
+        if shm is None:
+            continue
+        try:
+            if not Directory._valid(shm):
+                continue
+            header = np.ndarray((1,), dtype=_HEADER, buffer=shm.buf)
+            pid = int(header["pid"][0])
+            del header
+            if pid and not _alive(pid):
+                path.unlink(missing_ok=True)  # shm_unlink, without the resource tracker's bookkeeping
+                removed.append(path.name)
+        finally:
+            shm.close()
+    for name in removed:
+        log.warning("removed embedding-cache directory %r: the language model that made it is gone", name)
+    return removed
+
+
 class Directory:
     """Which image keys the LM's cache holds, with each image's (height, width): a fixed-size table in
     shared memory that one process (the LM) writes and many (preprocess) read.
@@ -168,6 +207,7 @@ class Directory:
         if capacity < 1:
             raise ValueError(f"a directory needs at least 1 entry, got capacity {capacity}")
         size = _HEADER.itemsize + capacity * _ENTRY.itemsize
+        remove_stale_directories()
         deadline = time.monotonic() + _JOIN_TIMEOUT_S
         while True:
             try:
@@ -187,6 +227,7 @@ class Directory:
         header["version"] = _VERSION
         header["capacity"] = capacity
         header["secret"] = np.frombuffer(secret, dtype=np.uint8)
+        header["pid"] = os.getpid()
         header["state"] = OPEN
         header["magic"] = _MAGIC  # last: a reader that sees the magic sees the rest of the header
         del header  # a view of shm.buf would keep close() from releasing the mapping

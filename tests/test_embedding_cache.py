@@ -592,3 +592,30 @@ def test_the_cache_refuses_bad_arguments():
     with pytest.raises(ValueError, match=r"must be \(tiles, tokens, hidden\), got shape \[16, 16\]"):
         cache.put(random_key(), embeds()[0], 1, 1)
     assert cache.stats().entries == 0
+
+
+def test_a_directory_whose_language_model_died_is_removed():
+    """A killed LM may leave its segment behind (its resource tracker killed with it): the next LM to
+    create a directory removes it, and leaves a live one alone."""
+    import subprocess
+    import sys
+    import uuid
+    from pathlib import Path
+
+    from llava_triton.embedding_cache import Directory, remove_stale_directories
+
+    dead, live = f"llava-{uuid.uuid4().hex[:16]}", f"llava-{uuid.uuid4().hex[:16]}"
+    # A child creates a directory and is killed before closing it (SIGKILL: no clean-up of any kind).
+    script = ("import os, signal, sys\nfrom multiprocessing import resource_tracker\n"
+              "from llava_triton.embedding_cache import Directory\n"
+              f"d = Directory.create({dead!r}, capacity=8)\n"
+              "resource_tracker.unregister(d._shm._name, 'shared_memory')  # as if the tracker died too\n"
+              "os.kill(os.getpid(), signal.SIGKILL)\n")
+    subprocess.run([sys.executable, "-c", script], check=False, timeout=60)
+    assert Path("/dev/shm", dead).exists()
+    mine = Directory.create(live, capacity=8)
+    try:
+        assert not Path("/dev/shm", dead).exists()  # create() swept it
+        assert dead not in remove_stale_directories() and Path("/dev/shm", live).exists()
+    finally:
+        mine.close()
