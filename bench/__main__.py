@@ -178,6 +178,19 @@ def git_commit() -> str | None:
     return run.stdout.strip() or None
 
 
+def take_checkpoint(checkpoint: Path | None, preset: str, clock: Clock) -> tuple[Path, str]:
+    """(the checkpoint, resolved; what it is): `checkpoint` as given, or the preset built into build/."""
+    if checkpoint is None:
+        from llava_triton.checkpoint import build_checkpoint
+
+        built = build_checkpoint(preset, ROOT / "build" / f"{preset}-llava", log=clock.log)
+        return Path(built).resolve(), f"preset {preset}, seeded random weights"
+    stamp = checkpoint / "llava_triton_build.json"
+    description = (f"preset {json.loads(stamp.read_text()).get('preset')}, seeded random weights"
+                   if stamp.is_file() else "Hugging Face checkpoint")
+    return Path(checkpoint).resolve(), description
+
+
 def export_repository(checkpoint: Path, repository: Path, extra: list[str], log_path: Path, clock: Clock) -> None:
     command = [sys.executable, "-m", "export", "--model", str(checkpoint), "--output", str(repository),
                "--engine", "pytorch", *extra]
@@ -297,17 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     from llava_triton.spec import ModelSpec, full_hf_config, read_spec
 
     # Checkpoint and model repository.
-    if args.checkpoint is None:
-        from llava_triton.checkpoint import build_checkpoint
-
-        checkpoint = build_checkpoint(args.preset, ROOT / "build" / f"{args.preset}-llava", log=clock.log)
-        description = f"preset {args.preset}, seeded random weights"
-    else:
-        checkpoint = args.checkpoint
-        stamp = checkpoint / "llava_triton_build.json"
-        description = (f"preset {json.loads(stamp.read_text()).get('preset')}, seeded random weights"
-                       if stamp.is_file() else "Hugging Face checkpoint")
-    checkpoint = Path(checkpoint).resolve()
+    checkpoint, description = take_checkpoint(args.checkpoint, args.preset, clock)
     repository = args.repository.resolve()
     if args.no_export:
         if not (repository / spec.ENSEMBLE / "config.pbtxt").is_file():

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import json
 import math
 import os
 import platform
@@ -39,7 +38,17 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from bench.__main__ import ROOT, Clock, cpu_model, export_repository, git_commit, gpu_name, print_report, serving_with
+from bench.__main__ import (
+    ROOT,
+    Clock,
+    cpu_model,
+    export_repository,
+    git_commit,
+    gpu_name,
+    print_report,
+    serving_with,
+    take_checkpoint,
+)
 from bench.report import NA, _fmt
 from llava_triton import spec
 
@@ -397,17 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     from bench.workload import w3
     from llava_triton.spec import read_spec
 
-    if args.checkpoint is None:
-        from llava_triton.checkpoint import build_checkpoint
-
-        checkpoint = build_checkpoint(args.preset, ROOT / "build" / f"{args.preset}-llava", log=clock.log)
-        description = f"preset {args.preset}, seeded random weights"
-    else:
-        checkpoint = args.checkpoint
-        stamp = checkpoint / "llava_triton_build.json"
-        description = (f"preset {json.loads(stamp.read_text()).get('preset')}, seeded random weights"
-                       if stamp.is_file() else "Hugging Face checkpoint")
-    checkpoint = Path(checkpoint).resolve()
+    checkpoint, description = take_checkpoint(args.checkpoint, args.preset, clock)
     workload = w3(checkpoint, args.output_tokens)
     clock.log(workload.describe())
 
