@@ -147,20 +147,21 @@ class Sequence:
 
 
 def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | None, spec: ModelSpec,
-                 image_input: str = IMAGE_EMBEDS) -> int:
-    """How many images input_ids refers to, checked against the image tensor sent with it: the
-    image embeddings, or the vision encoder's features (`image_input` IMAGE_FEATURES) when the
-    engine runs the projector."""
+                 image_input: str = IMAGE_EMBEDS, cached: np.ndarray | None = None) -> int:
+    """How many LLaVA-1.5 images (one tile each) input_ids refers to, checked against the image tensor
+    sent with it: the image embeddings, or the vision encoder's features (`image_input` IMAGE_FEATURES)
+    when the engine runs the projector; `cached`: the images it leaves out (see `plan_images`)."""
     image_tokens = int(image_token_mask(input_ids, spec).sum())
     if image_tokens % spec.num_image_tokens:
         raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, not a multiple of "
                                   f"{spec.num_image_tokens} per image")
     num_images = image_tokens // spec.num_image_tokens
+    sent = _sent_tiles((1,) * num_images, cached)
     available = 0 if image_embeds_shape is None else image_embeds_shape[0]
-    if num_images > available:
-        sent = "image embeddings" if image_input == IMAGE_EMBEDS else "images' features"
-        raise InvalidRequestError(f"the prompt refers to {num_images} images but {available} {sent} were sent")
-    if num_images:
+    if sent > available:
+        what = "image embeddings" if image_input == IMAGE_EMBEDS else "images' features"
+        raise InvalidRequestError(f"the prompt refers to {sent} images but {available} {what} were sent")
+    if sent:
         check_image_tensor_shape(image_embeds_shape, spec, image_input)
     return num_images
 
@@ -209,20 +210,9 @@ def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | N
     image tensor hold. `cached` (N,) bool: the images whose tiles image_embeds leaves out (read from
     the embedding cache)."""
     if not spec.anyres:
-        is_image = image_token_mask(input_ids, spec)
-        image_tokens = int(is_image.sum())
-        if image_tokens % spec.num_image_tokens:
-            raise InvalidRequestError(f"input_ids holds {image_tokens} image tokens, not a multiple of "
-                                      f"{spec.num_image_tokens} per image")
-        num_images = image_tokens // spec.num_image_tokens
-        sent = _sent_tiles((1,) * num_images, cached)
-        available = 0 if image_embeds_shape is None else image_embeds_shape[0]
-        if sent > available:
-            what = "image embeddings" if image_input == IMAGE_EMBEDS else "images' features"
-            raise InvalidRequestError(f"the prompt refers to {sent} images but {available} {what} were sent")
-        if sent:
-            check_image_tensor_shape(image_embeds_shape, spec, image_input)
-        return ImagePlan((1,) * num_images, (spec.num_image_tokens,) * num_images, None, sent)
+        num_images = count_images(input_ids, image_embeds_shape, spec, image_input, cached)
+        tiles = (1,) * num_images
+        return ImagePlan(tiles, (spec.num_image_tokens,) * num_images, None, _sent_tiles(tiles, cached))
     is_image = image_token_mask(input_ids, spec)
     sizes = np.zeros((0, 2), dtype=np.int64) if image_sizes is None else np.asarray(image_sizes)
     if sizes.ndim != 2 or sizes.shape[1] != 2 or not np.issubdtype(sizes.dtype, np.integer):
