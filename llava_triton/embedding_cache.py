@@ -149,12 +149,10 @@ def remove_stale_directories() -> list[str]:
     killed LM's resource tracker may die with it and leave its segment behind. Returns their names."""
     removed = []
     for path in sorted(_SHM_DIR.glob(f"{_NAME_PREFIX}*")) if _SHM_DIR.is_dir() else []:
-        shm = _open_segment(path.name)
+        shm = Directory._open_valid(path.name)
         if shm is None:
             continue
         try:
-            if not Directory._valid(shm):
-                continue
             header = np.ndarray((1,), dtype=_HEADER, buffer=shm.buf)
             pid = int(header["pid"][0])
             del header
@@ -237,11 +235,8 @@ class Directory:
     @classmethod
     def _join(cls, name: str) -> Directory | None:
         """Another LM's directory, now SHARED; None while it is not there or not yet written."""
-        shm = _open_segment(name)
+        shm = cls._open_valid(name)
         if shm is None:
-            return None
-        if not cls._valid(shm):
-            shm.close()
             return None
         directory = cls(shm, _JOINED, name, cls._read_secret(shm))
         directory._header["state"] = SHARED
@@ -253,13 +248,17 @@ class Directory:
     def attach(cls, name: str) -> Directory | None:
         """A reader's view of the LM's directory; None where there is none (no such segment, or not one
         this version wrote)."""
+        shm = cls._open_valid(name)
+        return None if shm is None else cls(shm, _READER, name, cls._read_secret(shm))
+
+    @classmethod
+    def _open_valid(cls, name: str) -> SharedMemory | None:
+        """The segment `name` if it holds a directory of this version, else None (closed again)."""
         shm = _open_segment(name)
-        if shm is None:
-            return None
-        if not cls._valid(shm):
+        if shm is not None and not cls._valid(shm):
             shm.close()
             return None
-        return cls(shm, _READER, name, cls._read_secret(shm))
+        return shm
 
     @staticmethod
     def _valid(shm: SharedMemory) -> bool:

@@ -550,10 +550,8 @@ class Preprocessor:
         ids = self.tokenize(prompt, len(images), messages=messages)
         keys = None if cache is None else cache.keys(images, cache_salt)
         known = [None] * len(images) if keys is None else [cache.lookup(key) for key in keys]
-        decoded = {index: image for index, image in zip(
-            [i for i, size in enumerate(known) if size is None],
-            self.decode_images([data for data, size in zip(images, known) if size is None],
-                               [i for i, size in enumerate(known) if size is None]))}
+        missing = [index for index, size in enumerate(known) if size is None]
+        decoded = dict(zip(missing, self.decode_images([images[index] for index in missing], missing)))
         sizes = [size if size is not None else (decoded[i].height, decoded[i].width) for i, size in enumerate(known)]
         if self.spec.anyres:
             layouts = self.layouts_for_sizes(sizes, [size is None for size in known])
