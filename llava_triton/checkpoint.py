@@ -39,7 +39,8 @@ from typing import Any
 
 from llava_triton import preset_tokenizers
 from llava_triton.preset_tokenizers import CORPUS_FILE, PRESETS_DIR, write_json, write_tokenizer
-from llava_triton.spec import IMAGE_TOKEN, ModelSpec
+from llava_triton.processor import VIDEO_PROCESSOR_FILE
+from llava_triton.spec import IMAGE_TOKEN, VIDEO_TOKEN, ModelSpec
 
 STAMP_FILE = "llava_triton_build.json"
 DEFAULT_PRESET = "tiny"
@@ -112,7 +113,9 @@ def is_built(preset: str, output: Path) -> bool:
 
 # Per model_type: the transformers classes of the config, the model and the processor.
 MODEL_CLASSES = {"llava": ("LlavaConfig", "LlavaForConditionalGeneration", "LlavaProcessor"),
-                 "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlavaNextProcessor")}
+                 "llava_next": ("LlavaNextConfig", "LlavaNextForConditionalGeneration", "LlavaNextProcessor"),
+                 "llava_next_video": ("LlavaNextVideoConfig", "LlavaNextVideoForConditionalGeneration",
+                                      "LlavaNextVideoProcessor")}
 
 
 def processor_class(spec: ModelSpec) -> str:
@@ -144,11 +147,34 @@ def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
     }
 
 
+def video_processor_config(spec: ModelSpec) -> dict[str, Any]:
+    """video_preprocessor_config.json of llava-hf/LLaVA-NeXT-Video-7B-hf with this checkpoint's image size."""
+    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
+
+    return {
+        "video_processor_type": "LlavaNextVideoVideoProcessor",
+        "processor_class": processor_class(spec),
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": spec.image_size},
+        "resample": int(PILImageResampling.BICUBIC),
+        "do_center_crop": True,
+        "crop_size": {"height": spec.image_size, "width": spec.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_std": list(OPENAI_CLIP_STD),
+        "do_sample_frames": False,
+    }
+
+
 def processor_config(spec: ModelSpec) -> dict[str, Any]:
     """processor_config.json in llava-hf's flat form (the image processor in its own file)."""
     return {
         "processor_class": processor_class(spec),
         "image_token": IMAGE_TOKEN,
+        **({"video_token": VIDEO_TOKEN} if spec.videos else {}),
         "patch_size": spec.patch_size,
         # CLIP's CLS token: LlavaProcessor adds it, then drops one again for the "default" strategy.
         "num_additional_image_tokens": 1,
@@ -221,6 +247,8 @@ def build_checkpoint(preset: str, output: Path, *, force: bool = False, device: 
         write_tokenizer(data, staging, processor_class(spec))
         write_json(staging / "preprocessor_config.json", image_processor_config(spec))
         write_json(staging / "processor_config.json", processor_config(spec))
+        if spec.videos:
+            write_json(staging / VIDEO_PROCESSOR_FILE, video_processor_config(spec))
         _build_model(data, staging, device, log)
         write_json(staging / STAMP_FILE, {"preset": preset, "hash": digest})
         _apply_umask(staging)

@@ -26,7 +26,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from llava_triton.spec import IMAGE_TOKEN
+from llava_triton.spec import IMAGE_TOKEN, VIDEO_TOKEN
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 CORPUS_FILE = PRESETS_DIR / "corpus.txt"
@@ -47,6 +47,7 @@ CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{ message['content'] + ' ' }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\\n' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '" + VIDEO_TOKEN + "\\n' }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] + ' ' }}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- endfor -%}"
@@ -63,6 +64,7 @@ MISTRAL_CHAT_TEMPLATE = (
     "{%- if message['content'] is string -%}{{ message['content'] }}"
     "{%- else -%}{%- for item in message['content'] -%}"
     "{%- if item['type'] == 'image' -%}{{ '" + IMAGE_TOKEN + "\n' }}"
+    "{%- elif item['type'] == 'video' -%}{{ '" + VIDEO_TOKEN + "\n' }}"
     "{%- elif item['type'] == 'text' -%}{{ item['text'] }}{%- if not loop.last -%}{{ ' ' }}{%- endif -%}"
     "{%- endif -%}{%- endfor -%}{%- endif -%}"
     "{%- if message['role'] == 'user' -%}{{ ' [/INST]' }}{%- elif message['role'] == 'assistant' -%}{{ '</s>' }}"
@@ -97,11 +99,21 @@ def _sizes(preset: dict[str, Any]) -> tuple[int, int, int]:
     trained = int(preset["tokenizer"]["bpe_vocab_size"])
     image_token_index = int(config["image_token_index"])
     vocab_size = int(config["text_config"]["vocab_size"])
-    if trained > image_token_index:
-        raise ValueError(f"bpe_vocab_size {trained} must not exceed image_token_index {image_token_index}")
-    if image_token_index >= vocab_size:
-        raise ValueError(f"image_token_index {image_token_index} must be below vocab_size {vocab_size}")
+    for name, token_id in _media_tokens(preset).items():
+        if trained > token_id:
+            raise ValueError(f"bpe_vocab_size {trained} must not exceed the id of {name}, {token_id}")
+        if token_id >= vocab_size:
+            raise ValueError(f"{name}'s id {token_id} must be below vocab_size {vocab_size}")
     return trained, image_token_index, vocab_size
+
+
+def _media_tokens(preset: dict[str, Any]) -> dict[str, int]:
+    """`<image>` (and LLaVA-NeXT-Video's `<video>`) with the ids the config gives them."""
+    config = preset["config"]
+    tokens = {IMAGE_TOKEN: int(config["image_token_index"])}
+    if "video_token_index" in config:
+        tokens[VIDEO_TOKEN] = int(config["video_token_index"])
+    return tokens
 
 
 def _corpus() -> list[str]:
@@ -133,19 +145,22 @@ def _byte_level(preset: dict[str, Any]):
         raise RuntimeError("BPE training did not put the special tokens at ids 0..3")
 
     # Every id the model can emit decodes: placeholders up to vocab_size.
-    _pad_vocabulary(vocab, {image_token_index: IMAGE_TOKEN}, vocab_size)
+    media = _media_tokens(preset)
+    _pad_vocabulary(vocab, {token_id: name for name, token_id in media.items()}, vocab_size)
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens(_added([*special, IMAGE_TOKEN]))  # they keep their vocabulary ids
+    tokenizer.add_special_tokens(_added([*special, *media]))  # they keep their vocabulary ids
     # Llama prepends BOS to every encoded text; the chat template therefore does not write it.
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, special.index(BOS))])
-    if tokenizer.token_to_id(IMAGE_TOKEN) != image_token_index or tokenizer.get_vocab_size() != vocab_size:
+    if any(tokenizer.token_to_id(name) != token_id for name, token_id in media.items()) \
+            or tokenizer.get_vocab_size() != vocab_size:
         raise RuntimeError("padded tokenizer does not match the config's image_token_index / vocab_size")
     return TokenizersBackend(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens={"image_token": IMAGE_TOKEN, **({"video_token": VIDEO_TOKEN} if VIDEO_TOKEN in media
+                                                             else {})},
         model_max_length=int(config["text_config"]["max_position_embeddings"]), chat_template=chat_template(preset))
 
 
@@ -168,9 +183,10 @@ def _write_sentencepiece(preset: dict[str, Any], directory: Path, processor_clas
     config = preset["config"]
     bpe_vocab_size, image_token_index, _ = _sizes(preset)
     pad_token_id = int(config["pad_token_id"])
-    if pad_token_id <= image_token_index:
-        raise ValueError(f"pad_token_id {pad_token_id} must follow image_token_index {image_token_index} "
-                         "(`<pad>` is added after `<image>`, as in llava-hf's tokenizers)")
+    media = _media_tokens(preset)
+    if pad_token_id <= max(media.values()):
+        raise ValueError(f"pad_token_id {pad_token_id} must follow {' and '.join(media)} "
+                         "(`<pad>` is added after them, as in llava-hf's tokenizers)")
     special = [UNK, BOS, EOS]
 
     # Training splits at spaces (SentencePiece's split_by_whitespace), so no merge crosses a word
@@ -187,7 +203,8 @@ def _write_sentencepiece(preset: dict[str, Any], directory: Path, processor_clas
     vocab, merges = _vocab_and_merges(trained)
     if [vocab.get(t) for t in (*special, *BYTE_TOKENS)] != list(range(len(special) + len(BYTE_TOKENS))):
         raise RuntimeError("BPE training did not put <unk> <s> </s> and the byte tokens at ids 0..258")
-    _pad_vocabulary(vocab, {image_token_index: IMAGE_TOKEN, pad_token_id: PAD}, pad_token_id + 1)
+    _pad_vocabulary(vocab, {**{token_id: name for name, token_id in media.items()}, pad_token_id: PAD},
+                    pad_token_id + 1)
 
     tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True))
     tokenizer.normalizer = normalizer
@@ -195,8 +212,9 @@ def _write_sentencepiece(preset: dict[str, Any], directory: Path, processor_clas
         decoders.Replace(SPIECE_UNDERLINE, " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1", special_tokens=[(BOS, 1)])
-    tokenizer.add_special_tokens(_added([*special, IMAGE_TOKEN, PAD]))
-    if tokenizer.token_to_id(IMAGE_TOKEN) != image_token_index or tokenizer.token_to_id(PAD) != pad_token_id:
+    tokenizer.add_special_tokens(_added([*special, *media, PAD]))
+    if any(tokenizer.token_to_id(name) != token_id for name, token_id in media.items()) \
+            or tokenizer.token_to_id(PAD) != pad_token_id:
         raise RuntimeError("padded tokenizer does not match the config's image_token_index / pad_token_id")
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -205,7 +223,7 @@ def _write_sentencepiece(preset: dict[str, Any], directory: Path, processor_clas
     def entry(token: str) -> dict[str, Any]:
         return {"content": token, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
 
-    added = {str(vocab[t]): {**entry(t), "special": True} for t in (*special, IMAGE_TOKEN, PAD)}
+    added = {str(vocab[t]): {**entry(t), "special": True} for t in (*special, *media, PAD)}
     write_json(directory / "tokenizer_config.json", {
         "add_bos_token": True, "add_eos_token": False, "add_prefix_space": None, "added_tokens_decoder": added,
         "bos_token": BOS, "clean_up_tokenization_spaces": False, "eos_token": EOS, "legacy": False,

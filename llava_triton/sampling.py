@@ -37,20 +37,21 @@ class SamplingParams:
         """Build from the request's optional tensors (missing ones are None), refusing absurd values."""
         # Left out: None, which resolve_max_tokens turns into default_max_tokens or the room left, whichever
         # is less (an explicit value past the room is refused instead).
-        max_tokens = _scalar(inputs, spec.IN_MAX_TOKENS, np.integer)
+        max_tokens = scalar_input(inputs, spec.IN_MAX_TOKENS, np.integer)
         if max_tokens is not None and max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {max_tokens}")
-        temperature = _scalar(inputs, spec.IN_TEMPERATURE, np.floating, _default(spec.IN_TEMPERATURE, serving))
+        temperature = scalar_input(inputs, spec.IN_TEMPERATURE, np.floating,
+                                   input_default(spec.IN_TEMPERATURE, serving))
         if not math.isfinite(temperature) or not 0.0 <= temperature <= _MAX_TEMPERATURE:
             raise InvalidRequestError(
                 f"temperature must be a finite number in [0, {_MAX_TEMPERATURE:g}], got {temperature}")
-        top_p = _scalar(inputs, spec.IN_TOP_P, np.floating, _default(spec.IN_TOP_P, serving))
+        top_p = scalar_input(inputs, spec.IN_TOP_P, np.floating, input_default(spec.IN_TOP_P, serving))
         if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
             raise InvalidRequestError(f"top_p must be in (0, 1], got {top_p}")
-        top_k = _scalar(inputs, spec.IN_TOP_K, np.integer, _default(spec.IN_TOP_K, serving))
+        top_k = scalar_input(inputs, spec.IN_TOP_K, np.integer, input_default(spec.IN_TOP_K, serving))
         if top_k < 0:
             raise InvalidRequestError(f"top_k must be 0 (off) or positive, got {top_k}")
-        seed = _scalar(inputs, spec.IN_SEED, np.integer, _default(spec.IN_SEED, serving))
+        seed = scalar_input(inputs, spec.IN_SEED, np.integer, input_default(spec.IN_SEED, serving))
         if seed is not None and seed < 0:
             raise InvalidRequestError(f"seed must be non-negative, got {seed}")
         return cls(
@@ -60,8 +61,9 @@ class SamplingParams:
             top_k=int(top_k),
             seed=None if seed is None else int(seed),
             stop=_stop_strings(inputs.get(spec.IN_STOP), serving),
-            stream=bool(_scalar(inputs, spec.IN_STREAM, np.bool_, _default(spec.IN_STREAM, serving))),
-            ignore_eos=bool(_scalar(inputs, spec.IN_IGNORE_EOS, np.bool_, _default(spec.IN_IGNORE_EOS, serving))),
+            stream=bool(scalar_input(inputs, spec.IN_STREAM, np.bool_, input_default(spec.IN_STREAM, serving))),
+            ignore_eos=bool(scalar_input(inputs, spec.IN_IGNORE_EOS, np.bool_,
+                                         input_default(spec.IN_IGNORE_EOS, serving))),
         )
 
     def resolve_max_tokens(self, prompt_tokens: int, context_length: int, serving: ServingConfig) -> int:
@@ -80,12 +82,12 @@ class SamplingParams:
         return self.max_tokens
 
 
-def _default(name: str, serving: ServingConfig):
+def input_default(name: str, serving: ServingConfig):
     """What a request that leaves the input out gets (spec.INPUTS says)."""
     return spec.INPUTS_BY_NAME[name].default_value(serving)
 
 
-def _scalar(inputs, name, kind, default=None):
+def scalar_input(inputs, name, kind, default=None):
     value = inputs.get(name)
     if value is None:
         return default

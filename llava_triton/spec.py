@@ -42,6 +42,9 @@ IN_STOP = "stop"
 IN_STREAM = "stream"
 IN_IGNORE_EOS = "ignore_eos"
 IN_CACHE_SALT = "cache_salt"
+IN_VIDEOS = "videos"
+IN_NUM_FRAMES = "num_frames"
+IN_FPS = "fps"
 OUT_TEXT = "text"
 OUT_TOKEN_IDS = "token_ids"
 OUT_PROMPT_TOKENS = "prompt_tokens"
@@ -56,6 +59,10 @@ PIXEL_VALUES = "pixel_values"  # [num_tiles, 3, image_size, image_size]
 IMAGE_FEATURES = "image_features"  # [num_tiles, num_image_tokens, vision_hidden_size]
 IMAGE_EMBEDS = "image_embeds"  # [num_tiles, num_image_tokens, text_hidden_size]
 IMAGE_SIZES = "image_sizes"  # LLaVA-NeXT only: INT64 [num_images, 2], each image's (height, width) as decoded
+# LLaVA-NeXT-Video only: INT64 [num_videos], the frames sampled from each video. A video's frames are
+# tiles of pixel_values after every image's tiles, video after video; the language model pools each
+# frame's features (spatial_pool_stride) before projecting them, so such exports project there.
+VIDEO_FRAMES = "video_frames"
 # Each image's content key (llava_triton.embedding_cache.image_key): UINT8 [num_images, IMAGE_KEY_BYTES];
 # no rows: the request's images are neither cached nor shared.
 IMAGE_KEYS = "image_keys"
@@ -65,8 +72,13 @@ IMAGE_CACHED = "image_cached"
 IMAGE_KEY_BYTES = 32
 
 IMAGE_TOKEN = "<image>"
-# The checkpoint architectures served: LLaVA-1.5 (one 336x336 tile an image) and LLaVA-NeXT (anyres tiles).
-MODEL_TYPES = ("llava", "llava_next")
+VIDEO_TOKEN = "<video>"
+# The checkpoint architectures served: LLaVA-1.5 (one 336x336 tile an image), LLaVA-NeXT (anyres tiles)
+# and LLaVA-NeXT-Video (LLaVA-NeXT's images, and videos: sampled frames, each a tile pooled 2x2).
+MODEL_TYPES = ("llava", "llava_next", "llava_next_video")
+# LLaVA-NeXT-Video's pooling of a frame's feature grid (transformers' LlavaNextVideoPooler): "conv" has
+# weights of its own and is not served.
+SPATIAL_POOL_MODES = ("average", "max")
 # LLaVA-NeXT's `image_newline` embedding, saved in the language model's version directory (it packs the tiles).
 IMAGE_NEWLINE_FILE = "image_newline.safetensors"
 SPEC_FILE = "llava_triton_spec.json"  # written by export next to each model's artifacts
@@ -111,7 +123,7 @@ class Tensor:
 
 # The roles of a `messages` turn, and the content parts of one (llava_triton.preprocess.parse_messages).
 ROLES = ("system", "user", "assistant")
-PART_TEXT, PART_IMAGE = "text", "image"
+PART_TEXT, PART_IMAGE, PART_VIDEO = "text", "image", "video"
 
 INPUTS = (
     Tensor(IN_PROMPT, "BYTES", (1,), "the user message (UTF-8); `<image>` marks where each image goes, with no tag "
@@ -122,6 +134,15 @@ INPUTS = (
            "most `max_messages` turns and `max_messages_bytes` bytes", instead_of=IN_PROMPT),
     Tensor(IN_IMAGES, "BYTES", (-1,), "encoded JPEG, PNG or WebP images, zero or more (at most "
            "`max_images_per_request`)", default=()),
+    Tensor(IN_VIDEOS, "BYTES", (-1,), "encoded videos, zero or more (at most `max_videos_per_request`), "
+           "LLaVA-NeXT-Video checkpoints only: MP4 or QuickTime, WebM or Matroska with H.264, HEVC, VP8, VP9, "
+           "AV1 or MPEG-4 video; `<video>` marks where each goes (with no tag: first, after the images)",
+           default=()),
+    Tensor(IN_NUM_FRAMES, "INT32", (1,), "frames sampled from each video, uniformly over its length (a shorter "
+           "video gives all its frames); at most `max_frames_per_request` in all",
+           serving_default="default_num_frames"),
+    Tensor(IN_FPS, "FP32", (1,), "when above 0: frames sampled at this rate (per second of video) instead of "
+           "num_frames, at most 60", default=0.0),
     Tensor(IN_MAX_TOKENS, "INT32", (1,), "tokens to generate; a value past the context (`max_seq_len`) is refused, "
            "the default is cut to the room left", serving_default="default_max_tokens"),
     Tensor(IN_TEMPERATURE, "FP32", (1,), "0 = greedy; otherwise sampling, in [0, 100]",
@@ -154,7 +175,7 @@ INPUTS_BY_NAME = {tensor.name: tensor for tensor in INPUTS}
 
 # What the request asks about (preprocess alone reads them), and the sampling inputs, shared by
 # preprocess (early validation) and language_model.
-REQUEST_INPUTS = (IN_PROMPT, IN_MESSAGES, IN_IMAGES)
+REQUEST_INPUTS = (IN_PROMPT, IN_MESSAGES, IN_IMAGES, IN_VIDEOS, IN_NUM_FRAMES, IN_FPS)
 SAMPLING_INPUTS = tuple(tensor.name for tensor in INPUTS if tensor.name not in (*REQUEST_INPUTS, IN_CACHE_SALT))
 
 
@@ -234,24 +255,41 @@ class ModelSpec:
     model_type: str = "llava"  # one of MODEL_TYPES
     # LLaVA-NeXT: the (height, width) resolutions an image may be tiled to, multiples of image_size.
     image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    # LLaVA-NeXT-Video: the `<video>` token, and how a frame's feature grid is pooled before the projector.
+    video_token_index: int = -1
+    spatial_pool_mode: str = ""  # one of SPATIAL_POOL_MODES
+    spatial_pool_stride: int = 0
     num_patches: int = field(init=False)
     num_image_tokens: int = field(init=False)  # of one tile (a LLaVA-1.5 image is one tile)
+    num_frame_tokens: int = field(init=False)  # of one pooled video frame (0: no videos)
 
     def __post_init__(self) -> None:
         if self.model_type not in MODEL_TYPES:
             raise ValueError(f"unsupported model_type {self.model_type!r}; served: {one_of(MODEL_TYPES)}")
         if self.anyres:
             if not self.image_grid_pinpoints:
-                raise ValueError("a llava_next checkpoint needs image_grid_pinpoints")
+                raise ValueError(f"a {self.model_type} checkpoint needs image_grid_pinpoints")
             for height, width in self.image_grid_pinpoints:
                 if height <= 0 or width <= 0 or height % self.image_size or width % self.image_size:
                     raise ValueError(f"image_grid_pinpoints entry {[height, width]} is not a multiple of the "
                                      f"vision tower's image_size {self.image_size}")
             if self.vision_feature_select_strategy != "default":
                 # transformers' LlavaNextModel.pack_image_features cannot reshape a tile's CLS token either.
-                raise ValueError("llava_next needs vision_feature_select_strategy 'default'")
+                raise ValueError(f"{self.model_type} needs vision_feature_select_strategy 'default'")
         elif self.image_grid_pinpoints:
             raise ValueError("image_grid_pinpoints is for llava_next checkpoints only")
+        if self.videos:
+            if self.spatial_pool_mode not in SPATIAL_POOL_MODES:
+                raise ValueError(f"unsupported spatial_pool_mode {self.spatial_pool_mode!r}; served: "
+                                 f"{one_of(SPATIAL_POOL_MODES)}")
+            if not 1 <= self.spatial_pool_stride <= self.image_size // self.patch_size:
+                raise ValueError(f"spatial_pool_stride {self.spatial_pool_stride} must be in [1, the feature grid's "
+                                 f"{self.image_size // self.patch_size}]")
+            if not 0 <= self.video_token_index or self.video_token_index == self.image_token_index:
+                raise ValueError(f"video_token_index {self.video_token_index} must be an id other than the image "
+                                 "token's")
+        elif self.spatial_pool_mode or self.spatial_pool_stride or self.video_token_index != -1:
+            raise ValueError("video_token_index and spatial_pool_* are for llava_next_video checkpoints only")
         if self.image_size % self.patch_size:
             raise ValueError(f"image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -263,6 +301,9 @@ class ModelSpec:
         # "default" drops the CLS token, "full" keeps it (transformers' LlavaModel.get_image_features).
         extra = 0 if self.vision_feature_select_strategy == "default" else 1
         object.__setattr__(self, "num_image_tokens", num_patches + extra)
+        # nn.AvgPool2d / MaxPool2d with kernel = stride = spatial_pool_stride: the grid shrinks by floor division.
+        pooled = (self.image_size // self.patch_size) // self.spatial_pool_stride if self.videos else 0
+        object.__setattr__(self, "num_frame_tokens", pooled * pooled)
 
     @classmethod
     def from_hf_config(cls, config: dict[str, Any]) -> ModelSpec:
@@ -291,7 +332,11 @@ class ModelSpec:
                             or config.get("dtype") or "float32"),
             model_type=model_type,
             image_grid_pinpoints=tuple((int(h), int(w)) for h, w in config.get("image_grid_pinpoints") or ())
-            if model_type == "llava_next" else (),
+            if model_type in ("llava_next", "llava_next_video") else (),
+            **({} if model_type != "llava_next_video" else dict(
+                video_token_index=int(config.get("video_token_index", config.get("video_token_id"))),
+                spatial_pool_mode=str(config.get("spatial_pool_mode", "average")),
+                spatial_pool_stride=int(config.get("spatial_pool_stride", 2)))),
         )
 
     @classmethod
@@ -300,8 +345,13 @@ class ModelSpec:
 
     @property
     def anyres(self) -> bool:
-        """LLaVA-NeXT: images become a variable number of tiles (llava_triton.anyres)."""
-        return self.model_type == "llava_next"
+        """LLaVA-NeXT (and -Video): images become a variable number of tiles (llava_triton.anyres)."""
+        return self.model_type in ("llava_next", "llava_next_video")
+
+    @property
+    def videos(self) -> bool:
+        """LLaVA-NeXT-Video: the model takes videos as well as images."""
+        return self.model_type == "llava_next_video"
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
@@ -333,7 +383,9 @@ RENAMED_OPTIONS = {"decode_weight_dtype": "lm_weight_dtype (FP8 weights for pref
 # Serving options that must be positive (ServingConfig refuses 0 and below; so does the chart's schema).
 POSITIVE_OPTIONS = ("max_images_per_request", "max_image_tiles", "max_image_tokens", "max_image_bytes",
                     "max_image_pixels", "max_prompt_bytes", "max_messages", "max_messages_bytes",
-                    "max_cache_salt_bytes", "default_max_tokens", "vision_max_batch_size", "max_num_seqs",
+                    "max_cache_salt_bytes", "max_videos_per_request", "max_video_bytes", "max_video_duration_s",
+                    "max_video_frames", "max_video_pixels", "max_frames_per_request", "max_video_tokens",
+                    "default_num_frames", "default_max_tokens", "vision_max_batch_size", "max_num_seqs",
                     "prefill_chunk_tokens",
                     "kv_block_size", "max_queue_size", "max_request_bytes", "queue_timeout_us",
                     "preprocess_instances", "vision_instances", "language_model_instances")
@@ -373,6 +425,18 @@ class ServingConfig:
     max_request_bytes: int = _option(32 * 1024 * 1024, "bytes of one request's images and prompt (or messages) "
                                      "together")
     max_cache_salt_bytes: int = _option(256, "bytes of a request's cache_salt")
+    # Videos (LLaVA-NeXT-Video): every limit is checked from the container's header, before decoding, where
+    # the container says; frame counts a header leaves out are counted by reading packets (no decoding).
+    max_videos_per_request: int = _option(1, "videos per request")
+    max_video_bytes: int = _option(32 * 1024 * 1024, "bytes of one encoded video")
+    max_video_duration_s: float = _option(600.0, "seconds of one video")
+    max_video_frames: int = _option(36_000, "frames of one video (all of them, not only those sampled)")
+    max_video_pixels: int = _option(3840 * 2160, "width x height of a video's frames")
+    max_frames_per_request: int = _option(32, "frames sampled from a request's videos, all together (each is "
+                                          "a vision-encoder tile)")
+    max_video_tokens: int = _option(4608, "video tokens of one request, all its videos together")
+    default_num_frames: int = _option(16, "frames sampled from each video of a request that sends no num_frames "
+                                      "and no fps")
     max_stop_strings: int = _option(16, "stop strings per request")
     max_stop_string_bytes: int = _option(256, "bytes of one stop string")
     # Sampling defaults: what the server uses when a request leaves the input out (INPUTS).
@@ -619,13 +683,14 @@ def full_hf_config(checkpoint: str | Path) -> dict[str, Any]:
     Published configs omit fields left at their default (llava-1.5-7b-hf's text_config has no
     hidden_size), so read them through transformers' LlavaConfig, never with remote code.
     """
-    from transformers import LlavaConfig, LlavaNextConfig
+    from transformers import LlavaConfig, LlavaNextConfig, LlavaNextVideoConfig
 
     path = Path(checkpoint)
     raw = json.loads((path / "config.json").read_text())
-    config_classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig}
+    config_classes = {"llava": LlavaConfig, "llava_next": LlavaNextConfig, "llava_next_video": LlavaNextVideoConfig}
     if raw.get("model_type") not in config_classes:
-        raise ValueError(f"{path / 'config.json'} is not a LLaVA-1.5 or LLaVA-NeXT checkpoint (model_type "
+        raise ValueError(f"{path / 'config.json'} is not a LLaVA-1.5, LLaVA-NeXT or LLaVA-NeXT-Video checkpoint "
+                         "(model_type "
                          f"{raw.get('model_type')!r}; served: {one_of(MODEL_TYPES)})")
     return config_classes[raw["model_type"]].from_pretrained(path).to_dict()
 
