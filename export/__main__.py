@@ -40,13 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, default=None,
-                        help="Hugging Face LLaVA checkpoint directory (LlavaForConditionalGeneration or "
-                             "LlavaNextForConditionalGeneration, safetensors, "
+                        help="Hugging Face LLaVA checkpoint directory (LlavaForConditionalGeneration, "
+                             "LlavaNextForConditionalGeneration or LlavaNextVideoForConditionalGeneration, "
+                             "safetensors, "
                              "tokenizer with chat template). Default: build the embedded default checkpoint.")
     parser.add_argument("--preset", default="tiny",
                         help="preset of the checkpoint built when --model is not given (default: tiny; tiny-next "
-                             "and tiny-next-mistral are LLaVA-NeXT; llava-1.5-7b and llava-v1.6-mistral-7b build the "
-                             "full architectures with random weights)")
+                             "and tiny-next-mistral are LLaVA-NeXT, tiny-next-video LLaVA-NeXT-Video; llava-1.5-7b, "
+                             "llava-v1.6-mistral-7b and llava-next-video-7b build the full architectures with random "
+                             "weights)")
     parser.add_argument("--checkpoint-dir", type=Path, default=None,
                         help="where the built checkpoint goes (default: build/<preset>-llava)")
     parser.add_argument("--output", type=Path, default=ROOT / "model_repository",
@@ -93,13 +95,19 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     engine = "pytorch" if args.engine == "auto" else args.engine  # tensorrt only when asked for: never run
+    overrides = _parse_set(args.set)
+    if model.videos and "projector_placement" not in overrides:
+        # LLaVA-NeXT-Video pools each frame's features before the projector: the language model does both.
+        overrides["projector_placement"] = "language_model"
     try:
         serving = ServingConfig.from_dict({
             "device": device, "dtype": dtype, "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
-            **_parse_set(args.set)})
+            **overrides})
     except ValueError as error:  # a value out of range: the message names the field
         raise SystemExit(f"--set: {error}") from None
     tiles = f"LLaVA-NeXT tiles on {len(model.image_grid_pinpoints)} pinpoints, " if model.anyres else ""
+    if model.videos:
+        tiles += f"videos at {model.num_frame_tokens} tokens a frame (projector in the language model), "
     progress(f"checkpoint {checkpoint}: {tiles}{model.num_image_tokens} image tokens per tile, context "
              f"{model.max_position_embeddings}; engine {engine}, device {device}, dtype {dtype}")
 

@@ -65,7 +65,7 @@ def export_language_model(checkpoint: Path, output_dir: Path) -> Path:
                     state[new] = f.get_tensor(key)
                 elif key in IMAGE_NEWLINE_KEYS:
                     newline = f.get_tensor(key)
-    if config.get("model_type") == "llava_next":
+    if config.get("model_type") in ("llava_next", "llava_next_video"):
         if newline is None:
             raise ValueError(f"{checkpoint} is a LLaVA-NeXT checkpoint without image_newline "
                              f"({' or '.join(IMAGE_NEWLINE_KEYS)})")

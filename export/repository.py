@@ -81,6 +81,11 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
     # LLaVA-NeXT: preprocess tells the language model each image's size, from which it packs the tiles.
     anyres = model.anyres
     image_sizes = (spec.IMAGE_SIZES,) if anyres else ()
+    # LLaVA-NeXT-Video: and how many frames each video's tiles are (their features are pooled there).
+    video_frames = (spec.VIDEO_FRAMES,) if model.videos else ()
+    if model.videos and not serving.projector_in_language_model:
+        raise ValueError("a llava_next_video model pools each frame's features before the projector, which the "
+                         "language model does: export it with projector_placement language_model")
     # Each image's content key, and whether its tiles were left out (the embedding cache holds it).
     image_cache = (spec.IMAGE_KEYS, spec.IMAGE_CACHED)
 
@@ -91,7 +96,8 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
                 _output(spec.PIXEL_VALUES, wire, [-1, *pixel_dims]),
                 _output(spec.IMAGE_KEYS, mc.TYPE_UINT8, [-1, spec.IMAGE_KEY_BYTES]),
                 _output(spec.IMAGE_CACHED, mc.TYPE_BOOL, [-1]),
-                *([_output(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2])] if anyres else [])],
+                *([_output(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2])] if anyres else []),
+                *[_output(name, mc.TYPE_INT64, [-1]) for name in video_frames]],
         # Image decoding is CPU work whatever the device: several CPU instances.
         instance_group=_instances(serving.preprocess_instances, serving, cpu_only=True),
     )
@@ -128,6 +134,7 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         input=[_input(spec.INPUT_IDS, mc.TYPE_INT64, [-1]),
                _input(image_input, wire, [-1, *(features_dims if in_language_model else embeds_dims)], optional=True),
                *([_input(spec.IMAGE_SIZES, mc.TYPE_INT64, [-1, 2], optional=True)] if anyres else []),
+               *[_input(name, mc.TYPE_INT64, [-1], optional=True) for name in video_frames],
                _input(spec.IMAGE_KEYS, mc.TYPE_UINT8, [-1, spec.IMAGE_KEY_BYTES], optional=True),
                _input(spec.IMAGE_CACHED, mc.TYPE_BOOL, [-1], optional=True),
                *contract_inputs((*spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT))],
@@ -150,12 +157,12 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         ensemble_scheduling=mc.ModelEnsembling(step=[
             # Sampling inputs go to preprocess too, so bad values are refused before any image work.
             step(spec.PREPROCESS, same_names(*(t.name for t in spec.INPUTS)),
-                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES, *image_cache, *image_sizes)),
+                 same_names(spec.INPUT_IDS, spec.PIXEL_VALUES, *image_cache, *image_sizes, *video_frames)),
             step(spec.VISION_ENCODER, same_names(spec.PIXEL_VALUES), same_names(spec.IMAGE_FEATURES)),
             *([] if in_language_model else [
                 step(spec.PROJECTOR, same_names(spec.IMAGE_FEATURES), same_names(spec.IMAGE_EMBEDS))]),
             step(spec.LANGUAGE_MODEL, same_names(spec.INPUT_IDS, image_input, *image_cache, *image_sizes,
-                                                 *spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT),
+                                                 *video_frames, *spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT),
                  same_names(*(t.name for t in spec.OUTPUTS))),
         ]),
     )

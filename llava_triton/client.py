@@ -86,15 +86,16 @@ class Completion:
     finish_reason: str = ""
 
 
-def _read_image(image: ImageLike) -> bytes:
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    return Path(image).read_bytes()
+def _read_file(item: ImageLike) -> bytes:
+    """An image's or a video's encoded bytes, given as bytes or as a path to the file."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    return Path(item).read_bytes()
 
 
 def _element(name: str, value: Any) -> Any:
-    if name == spec.IN_IMAGES:
-        return _read_image(value)
+    if name in (spec.IN_IMAGES, spec.IN_VIDEOS):
+        return _read_file(value)
     if name == spec.IN_MESSAGES and not isinstance(value, (str, bytes)):
         value = json.dumps(value, ensure_ascii=False)  # the turns as a list: sent as their JSON
     return value.encode("utf-8") if isinstance(value, str) else value
@@ -106,7 +107,8 @@ def input_arrays(prompt: str | None, images: Sequence[ImageLike] | ImageLike = (
 
     `images` are encoded image bytes or paths to image files; `options` are the other inputs by
     name (max_tokens=64, stop=["###"], ...; messages=[...] in place of a prompt, a list of turns or
-    their JSON). Unset ones (None, or an empty list) are left out, so the server's defaults apply.
+    their JSON; videos=[...], encoded video bytes or paths, with num_frames= or fps=). Unset ones (None,
+    or an empty list) are left out, so the server's defaults apply.
     """
     unknown = set(options) - set(OPTIONS)
     if unknown:
@@ -174,7 +176,7 @@ def add_input_arguments(parser: argparse.ArgumentParser, defaults: Mapping[str, 
         notes = [note for note in ("repeatable" if tensor.repeated else "", _default_help(tensor, defaults)) if note]
         help_text = tensor.meaning.replace("`", "") + (f" ({'; '.join(notes)})" if notes else "")
         options: dict[str, Any] = {"dest": tensor.name, "help": help_text.replace("%", "%%")}
-        if tensor.name == spec.IN_IMAGES:
+        if tensor.name in (spec.IN_IMAGES, spec.IN_VIDEOS):
             options.update(action="append", default=[], type=Path, metavar="FILE")
         elif tensor.repeated:
             options.update(action="append", default=[])
@@ -198,6 +200,9 @@ def request_from_args(parser: argparse.ArgumentParser,
     for image in getattr(args, spec.IN_IMAGES):
         if not image.is_file():
             parser.error(f"image file not found: {image}")
+    for video in getattr(args, spec.IN_VIDEOS):
+        if not video.is_file():
+            parser.error(f"video file not found: {video}")
     options = {name: getattr(args, name) for name in OPTIONS if getattr(args, name) not in (None, [])}
     return getattr(args, spec.IN_PROMPT), getattr(args, spec.IN_IMAGES), options
 

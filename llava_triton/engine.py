@@ -49,6 +49,7 @@ from .spec import (
     REFUSED_INVALID,
     REFUSED_QUEUE_FULL,
     REFUSED_QUEUE_TIMEOUT,
+    VIDEO_FRAMES,
     ModelSpec,
     ServingConfig,
     language_model_image_input,
@@ -127,6 +128,7 @@ class Sequence:
     image_keys: list[bytes] | None = None  # each image's content key (embedding_cache.image_key)
     # Images read from the embedding cache: index → (tiles, num_image_tokens, text_hidden_size) on the device.
     cached_embeds: dict[int, torch.Tensor] = field(default_factory=dict)
+    video_frames: tuple[int, ...] = ()  # LLaVA-NeXT-Video: each video's frames, whose rows follow the images'
     block_hashes: list[bytes] = field(default_factory=list)  # each full prompt block's (kv_blocks.prefix_block_hashes)
     registered: int = 0  # leading blocks registered in the prefix cache (or taken from it)
 
@@ -240,6 +242,46 @@ def plan_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | N
     return ImagePlan(tiles, tuple(layout.num_image_tokens for layout in layouts), pack_index(layouts), sent)
 
 
+def plan_videos(input_ids: torch.Tensor, video_frames: np.ndarray | None, spec: ModelSpec,
+                serving: ServingConfig) -> tuple[int, ...]:
+    """LLaVA-NeXT-Video: each video's frames (`video_frames`, V int64), checked against the limits (the
+    language model can be called directly) and against the prompt's `<video>` tokens, num_frame_tokens
+    a frame."""
+    frames = np.zeros(0, dtype=np.int64) if video_frames is None else np.asarray(video_frames)
+    if frames.size and not spec.videos:
+        raise InvalidRequestError(f"this model ({spec.model_type}) takes no videos, but {VIDEO_FRAMES} was sent")
+    if not spec.videos:
+        return ()
+    if frames.ndim != 1 or not np.issubdtype(frames.dtype, np.integer):
+        raise InvalidRequestError(f"{VIDEO_FRAMES} must be INT64 [n], got {frames.dtype} {list(frames.shape)}")
+    if len(frames) > serving.max_videos_per_request:
+        raise InvalidRequestError(f"{VIDEO_FRAMES} holds {len(frames)} videos, more than max_videos_per_request "
+                                  f"({serving.max_videos_per_request})")
+    if bool((frames < 1).any()) or int(frames.sum()) > serving.max_frames_per_request:
+        raise InvalidRequestError(f"{VIDEO_FRAMES} must hold at least 1 frame a video and at most "
+                                  f"max_frames_per_request ({serving.max_frames_per_request}) in all, got "
+                                  f"{frames.tolist()}")
+    video_tokens = int((input_ids.numpy() == spec.video_token_index).sum())
+    expected = int(frames.sum()) * spec.num_frame_tokens
+    if video_tokens != expected:
+        raise InvalidRequestError(f"input_ids holds {video_tokens} video tokens, the {len(frames)} videos of "
+                                  f"{VIDEO_FRAMES} make {expected} ({spec.num_frame_tokens} a frame)")
+    return tuple(int(count) for count in frames)
+
+
+def pool_frames(features: torch.Tensor, spec: ModelSpec) -> torch.Tensor:
+    """(frames, grid * grid, C) → (frames, num_frame_tokens, C): each frame's feature grid pooled with a
+    spatial_pool_stride window and stride, as transformers' LlavaNextVideoPooler (before the projector)."""
+    frames, tokens, channels = features.shape
+    side = spec.image_size // spec.patch_size
+    if tokens != side * side:
+        raise ValueError(f"a frame's features hold {tokens} tokens, not a {side}x{side} grid")
+    grid = features.view(frames, side, side, channels).permute(0, 3, 1, 2)
+    pool = torch.nn.functional.avg_pool2d if spec.spatial_pool_mode == "average" else torch.nn.functional.max_pool2d
+    stride = spec.spatial_pool_stride
+    return pool(grid, kernel_size=stride, stride=stride).flatten(2).transpose(1, 2)
+
+
 def _sent_tiles(tiles: tuple[int, ...], cached: np.ndarray | None) -> int:
     if cached is None:
         return sum(tiles)
@@ -278,6 +320,9 @@ class Engine:
         if (projector is not None) != serving.projector_in_language_model:
             raise ValueError(f"projector_placement {serving.projector_placement!r} "
                              + ("needs the projector" if projector is None else "takes no projector"))
+        if spec.videos and projector is None:
+            raise ValueError("a llava_next_video model pools frames before the projector: it needs "
+                             "projector_placement language_model")
         if runtime.max_seq_len != serving.token_limit(spec):
             raise ValueError(f"the language model was prepared for sequences of {runtime.max_seq_len} tokens, "
                              f"the serving config allows {serving.token_limit(spec)}")
@@ -312,12 +357,15 @@ class Engine:
     # -- requests in ----------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
                sink: Sink, image_sizes: np.ndarray | None = None, image_keys: np.ndarray | None = None,
-               image_cached: np.ndarray | None = None, cache_salt: bytes = b"") -> Sequence:
+               image_cached: np.ndarray | None = None, cache_salt: bytes = b"",
+               video_frames: np.ndarray | None = None) -> Sequence:
         """Validate and queue one request (thread-safe). Raises InvalidRequestError / ServerBusyError.
         `image_sizes`: LLaVA-NeXT's (N, 2) heights and widths, which say how the tiles are packed.
         `image_keys` (N, IMAGE_KEY_BYTES) uint8: each image's content key; `image_cached` (N,) bool: the
         images whose tiles image_embeds leaves out, to be read from the embedding cache.
-        `cache_salt`: the request shares cached blocks only with requests of the same salt."""
+        `cache_salt`: the request shares cached blocks only with requests of the same salt.
+        `video_frames` (V,) int64: LLaVA-NeXT-Video's frames per video, whose features follow the sent
+        images' tiles in image_embeds (the vision encoder's features: such models project here)."""
         try:
             # Whether image_embeds is finite is checked at prefill, on the device (_embed_prompt): done
             # here, on the CPU in float16, it was about half of the 15-75 ms a request that Triton's
@@ -326,20 +374,29 @@ class Engine:
             plan = plan_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes,
                                self.spec, self.serving, self.image_input, cached)
             keys = check_image_keys(image_keys, plan.num_images)
+            frames = plan_videos(input_ids, video_frames, self.spec, self.serving)
+            rows = plan.sent_tiles + sum(frames)
+            available = 0 if image_embeds is None else int(image_embeds.shape[0])
+            if rows > available:
+                raise InvalidRequestError(f"the images' {plan.sent_tiles} tiles and the videos' {sum(frames)} frames "
+                                          f"need {rows} rows of {self.image_input}, it holds {available}")
+            if frames:
+                check_image_tensor_shape(tuple(image_embeds.shape), self.spec, self.image_input)
             cached_embeds = self._read_cached_embeds(plan, keys, cached)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
             self._check_fits_cache(int(input_ids.shape[0]), max_tokens)
             block_hashes = []
             if self.serving.prefix_caching:
                 block_hashes = prefix_block_hashes(input_ids.numpy(), self.blocks.block_size, prefix_root(cache_salt),
-                                                   self.spec.image_token_index, plan.tokens, keys)
+                                                   self.spec.image_token_index, plan.tokens, keys,
+                                                   self.spec.video_token_index if frames else None)
         except InvalidRequestError:
             self.metrics.request_refused(REFUSED_INVALID)
             raise
-        seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:plan.sent_tiles] if plan.sent_tiles else None,
+        seq = Sequence(input_ids=input_ids, image_embeds=image_embeds[:rows] if rows else None,
                        params=params, max_tokens=max_tokens, sink=sink, image_index=plan.index,
                        image_tiles=plan.tiles, image_sizes=image_sizes, image_keys=keys, cached_embeds=cached_embeds,
-                       block_hashes=block_hashes)
+                       video_frames=frames, block_hashes=block_hashes)
         with self._cond:
             # Requests that a free block-table row will take at the next step are not queued, whatever
             # burst they arrived in: only those beyond the free rows count against the limit (blocks
@@ -512,10 +569,10 @@ class Engine:
         seq.inputs_embeds = seq.image_embeds = seq.image_index = None
         seq.cached_embeds = {}
 
-    def _image_embeds(self, seq: Sequence) -> torch.Tensor:
-        """(tiles, num_image_tokens, text_hidden_size) on the device in the model's dtype: every image's
-        tiles in prompt order, the sent ones (checked, cast, projected) and those read from the embedding
-        cache; each sent image with a key is put in the cache."""
+    def _media_embeds(self, seq: Sequence) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The request's image embeddings (`_image_embeds`) and LLaVA-NeXT-Video's video embeddings
+        ((frames x num_frame_tokens, text_hidden_size): every frame's features pooled, then projected,
+        video after video), on the device in the model's dtype."""
         sent = None
         if seq.image_embeds is not None:
             # Upload in the wire dtype (FP16 is half of FP32), then check and convert on the device.
@@ -523,8 +580,24 @@ class Engine:
             if not bool(torch.isfinite(sent).all()):
                 raise InvalidRequestError(f"{self.image_input} holds NaN or infinite values")
             sent = sent.to(self.dtype)
-            if self.projector is not None:  # features in: (n, num_image_tokens, vision_hidden) -> text_hidden
-                sent = self.projector(sent)
+        videos = None
+        if seq.video_frames:
+            # Pooled before the projector, as transformers' get_video_features: the projector then
+            # runs on a quarter of the tokens (spatial_pool_stride 2).
+            frames = sum(seq.video_frames)
+            videos = self.projector(pool_frames(sent[sent.shape[0] - frames:], self.spec))
+            videos = videos.reshape(-1, videos.shape[-1])
+            sent = sent[: sent.shape[0] - frames]
+        images = self._image_embeds(seq, sent) if seq.image_tiles else None
+        return images, videos
+
+    def _image_embeds(self, seq: Sequence, sent: torch.Tensor | None) -> torch.Tensor:
+        """(tiles, num_image_tokens, text_hidden_size) on the device in the model's dtype: every image's
+        tiles in prompt order, the sent ones (`sent`: checked and cast, projected here) and those read
+        from the embedding cache; each sent image with a key is put in the cache."""
+        if sent is not None and sent.shape[0] and self.projector is not None:
+            # features in: (n, num_image_tokens, vision_hidden) -> text_hidden
+            sent = self.projector(sent)
         parts, offset, misses = [], 0, 0
         for index, tiles in enumerate(seq.image_tiles):
             part = seq.cached_embeds.get(index)
@@ -547,12 +620,17 @@ class Engine:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _embed_prompt(self, seq: Sequence) -> torch.Tensor:
-        """(1, T, C): token embeddings with the image embeddings at the image-token positions."""
+        """(1, T, C): token embeddings with the image (and video) embeddings at the image-token (and
+        video-token) positions."""
         ids = seq.input_ids.to(self.device)
         is_image = ids == self.spec.image_token_index
         embeds = self.model.embed(torch.where(is_image, 0, ids))
-        if seq.image_tiles:
-            image_embeds = self._image_embeds(seq).reshape(-1, embeds.shape[-1])
+        image_embeds, video_embeds = self._media_embeds(seq)
+        if video_embeds is not None:
+            # In order, as transformers' masked_scatter: video j's frames fill the j-th run of video tokens.
+            embeds[ids == self.spec.video_token_index] = video_embeds
+        if image_embeds is not None:
+            image_embeds = image_embeds.reshape(-1, embeds.shape[-1])
             if seq.image_index is not None:
                 # LLaVA-NeXT: each image's base tile, then its grid unpadded with a newline after each
                 # row (anyres.pack_index), as one gather on the device.

@@ -43,7 +43,8 @@ def prefix_root(cache_salt: bytes) -> bytes:
 
 
 def prefix_block_hashes(input_ids: np.ndarray, block_size: int, root: bytes, image_token_index: int,
-                        image_token_counts: Sequence[int], image_keys: Sequence[bytes] | None) -> list[bytes]:
+                        image_token_counts: Sequence[int], image_keys: Sequence[bytes] | None,
+                        stop_token: int | None = None) -> list[bytes]:
     """The hash of each full block of a prompt, input_ids (T,) int64 with `<image>` expanded: block i's
     is blake2b(block i-1's hash, its token ids, which image each of its image tokens belongs to, and
     the content key of each of those images), so equal hashes mean equal blocks and equal everything
@@ -52,6 +53,8 @@ def prefix_block_hashes(input_ids: np.ndarray, block_size: int, root: bytes, ima
     image_token_counts[j]: image j's run of image tokens (in prompt order); image_keys[j]: its content
     key (llava_triton.embedding_cache.image_key). Without keys the chain stops before the first block
     that holds an image token: nothing then says which image it was, and such a block is never shared.
+    The chain also stops before the first block that holds `stop_token` (a `<video>` token: videos have
+    no content key).
     """
     ids = np.ascontiguousarray(input_ids, dtype=np.int64)
     is_image = ids == image_token_index
@@ -66,6 +69,8 @@ def prefix_block_hashes(input_ids: np.ndarray, block_size: int, root: bytes, ima
     hashes, parent = [], root
     for start in range(0, len(ids) - block_size + 1, block_size):
         block = slice(start, start + block_size)
+        if stop_token is not None and bool((ids[block] == stop_token).any()):
+            break
         digest = hashlib.blake2b(parent, digest_size=HASH_BYTES, person=b"llava-kv-block")
         digest.update(ids[block].tobytes())
         if is_image[block].any():

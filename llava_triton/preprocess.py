@@ -39,21 +39,35 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 from llava_triton.anyres import TileLayout, tile_layout
 from llava_triton.embedding_cache import CLOSED, Directory, image_key
 from llava_triton.errors import InvalidRequestError
-from llava_triton.processor import load_processor
+from llava_triton.processor import load_processor, video_processor_config
+from llava_triton.sampling import scalar_input
 from llava_triton.spec import (
     IMAGE_KEY_BYTES,
     IMAGE_TOKEN,
+    IN_FPS,
     IN_MESSAGES,
+    IN_NUM_FRAMES,
     IN_PROMPT,
     PART_IMAGE,
     PART_TEXT,
+    PART_VIDEO,
     REQUEST_INPUTS,
     ROLES,
     SAMPLING_INPUTS,
+    VIDEO_TOKEN,
     ModelSpec,
     ServingConfig,
     one_of,
     wire_dtype,
+)
+from llava_triton.video import (
+    FrameTransform,
+    VideoInfo,
+    check_sampling,
+    decode_frames,
+    probe_video,
+    sample_frame_indices,
+    video_pixel_table,
 )
 
 # Formats we decode, as PIL names them (recognised by their leading bytes), with their usual names.
@@ -210,6 +224,14 @@ def request_text(prompt: np.ndarray | None, messages: np.ndarray | None) -> tupl
     return None, _one_string(IN_MESSAGES, messages)
 
 
+def video_sampling(inputs: dict[str, np.ndarray | None]) -> tuple[int | None, float]:
+    """The request's num_frames (None: the server's default_num_frames) and fps (0: num_frames decides),
+    each one value of its type; their ranges are checked with the videos (video.check_sampling)."""
+    num_frames = scalar_input(inputs, IN_NUM_FRAMES, np.integer)
+    fps = scalar_input(inputs, IN_FPS, np.floating, 0.0)
+    return None if num_frames is None else int(num_frames), float(fps)
+
+
 def check_request_parameters(parameters: str | dict[str, Any] | None) -> None:
     """Refuse request parameters (the JSON `request.parameters()` gives): every option of this
     server is an input tensor, so a parameter (say `temperature`, sent the way other servers
@@ -227,24 +249,27 @@ def check_request_parameters(parameters: str | dict[str, Any] | None) -> None:
         raise InvalidRequestError(f"unknown request parameters {names}: every option is an input tensor ({inputs})")
 
 
-def build_messages(text: str, num_images: int) -> list[dict[str, Any]]:
-    """One user message whose content items follow the prompt's `<image>` tags.
+def build_messages(text: str, num_images: int, num_videos: int = 0) -> list[dict[str, Any]]:
+    """One user message whose content items follow the prompt's `<image>` (and `<video>`) tags.
 
     Without tags the images go first, as llava-hf's chat template places them ("<image>\\n" per
-    image, then the text). Text pieces are stripped of the whitespace around tags, so
-    "<image>\\nWhat is this?" and "What is this?" with one image give the same prompt.
-    The caller has checked that the tag count is 0 or `num_images`.
+    image, then the text), and the videos after them. Text pieces are stripped of the whitespace
+    around tags, so "<image>\\nWhat is this?" and "What is this?" with one image give the same prompt.
+    The caller has checked that each kind's tag count is 0 or its count; `<video>` is a tag only when
+    `num_videos` is positive.
     """
-    if IMAGE_TOKEN not in text:
-        pieces = [""] * num_images + [text]
-    else:
-        pieces = text.split(IMAGE_TOKEN)
+    tags = [IMAGE_TOKEN] + ([VIDEO_TOKEN] if num_videos else [])
+    pieces = re.split("(" + "|".join(map(re.escape, tags)) + ")", text)
     content: list[dict[str, Any]] = []
-    for position, piece in enumerate(pieces):
-        if position > 0:
-            content.append({"type": "image"})
-        if piece.strip():
-            content.append({"type": "text", "text": piece.strip()})
+    if IMAGE_TOKEN not in text:
+        content += [{"type": PART_IMAGE}] * num_images
+    if num_videos and VIDEO_TOKEN not in text:
+        content += [{"type": PART_VIDEO}] * num_videos
+    for piece in pieces:
+        if piece in tags:
+            content.append({"type": PART_IMAGE if piece == IMAGE_TOKEN else PART_VIDEO})
+        elif piece.strip():
+            content.append({"type": PART_TEXT, "text": piece.strip()})
     return [{"role": "user", "content": content}]
 
 
@@ -265,6 +290,9 @@ def _text(where: str, value: Any) -> str:
     if IMAGE_TOKEN in value:
         raise InvalidRequestError(f"{where} contains {IMAGE_TOKEN}: in messages an image is a "
                                   f'{{"type": "{PART_IMAGE}"}} part')
+    if VIDEO_TOKEN in value:
+        raise InvalidRequestError(f"{where} contains {VIDEO_TOKEN}: in messages a video is a "
+                                  f'{{"type": "{PART_VIDEO}"}} part')
     return value
 
 
@@ -289,13 +317,19 @@ def _part(where: str, part: Any, role: str) -> dict[str, Any]:
         if role != "user":
             raise InvalidRequestError(f"{where}: an image can only be in a user turn, not in a {role} turn")
         return {"type": PART_IMAGE}
+    if kind == PART_VIDEO:
+        _keys(where, part, ("type",), f'a video part is {{"type": "{PART_VIDEO}"}}, its video the next of videos')
+        if role != "user":
+            raise InvalidRequestError(f"{where}: a video can only be in a user turn, not in a {role} turn")
+        return {"type": PART_VIDEO}
     if "type" not in part:
-        raise InvalidRequestError(f"{where} has no 'type' ({PART_TEXT} or {PART_IMAGE})")
+        raise InvalidRequestError(f"{where} has no 'type' ({PART_TEXT}, {PART_IMAGE} or {PART_VIDEO})")
     shown = json.dumps(kind)[:40]
-    raise InvalidRequestError(f"{where}.type {shown} is not {PART_TEXT} or {PART_IMAGE}")
+    raise InvalidRequestError(f"{where}.type {shown} is not {PART_TEXT}, {PART_IMAGE} or {PART_VIDEO}")
 
 
-def parse_messages(data: str | bytes, num_images: int, serving: ServingConfig) -> list[dict[str, Any]]:
+def parse_messages(data: str | bytes, num_images: int, serving: ServingConfig, num_videos: int = 0
+                   ) -> list[dict[str, Any]]:
     """The `messages` input (a JSON array of turns) as the chat template takes it, or refused with a
     message naming the problem: its size and turn count within the limits, each turn a role of
     spec.ROLES and a content (a string or a list of text and image parts), the image parts as many
@@ -326,7 +360,7 @@ def parse_messages(data: str | bytes, num_images: int, serving: ServingConfig) -
         raise InvalidRequestError(f"messages has {len(turns)} turns, more than the limit of {serving.max_messages} "
                                   "(max_messages)")
     conversation: list[dict[str, Any]] = []
-    images = 0
+    images = videos = 0
     has_text = False
     for index, turn in enumerate(turns):
         where = f"messages[{index}]"
@@ -347,37 +381,41 @@ def parse_messages(data: str | bytes, num_images: int, serving: ServingConfig) -
                                       f"{_json_type(content)}")
         parts = [_part(f"{where}.content[{position}]", part, role) for position, part in enumerate(content)]
         images += sum(part["type"] == PART_IMAGE for part in parts)
+        videos += sum(part["type"] == PART_VIDEO for part in parts)
         has_text = has_text or any(part["type"] == PART_TEXT and part["text"].strip() for part in parts)
         conversation.append({"role": role, "content": parts})
     if images != num_images:
         raise InvalidRequestError(f"messages have {images} image parts but {num_images} images were sent")
-    if not has_text and not images:
+    if videos != num_videos:
+        raise InvalidRequestError(f"messages have {videos} video parts but {num_videos} videos were sent")
+    if not has_text and not images and not videos:
         raise InvalidRequestError("messages hold no text and no image")
     return conversation
 
 
 def chat_messages(prompt: str | bytes | None, num_images: int, serving: ServingConfig, *,
-                  messages: str | bytes | None = None) -> list[dict[str, Any]]:
+                  messages: str | bytes | None = None, num_videos: int = 0) -> list[dict[str, Any]]:
     """The conversation the chat template renders: the `messages` input checked, or else the prompt's one
-    user turn (its `<image>` tags 0 or as many as the images)."""
+    user turn (its `<image>` tags 0 or as many as the images; with videos, `<video>` tags likewise)."""
     if messages is not None:
         if prompt is not None:
             raise InvalidRequestError(f"send either {IN_PROMPT} or {IN_MESSAGES}, not both")
-        return parse_messages(messages, num_images, serving)
+        return parse_messages(messages, num_images, serving, num_videos)
     if prompt is None:
         raise InvalidRequestError(f"the {IN_PROMPT} input is required, or {IN_MESSAGES} instead")
     text = decode_prompt(prompt, serving)
-    tags = text.count(IMAGE_TOKEN)
-    if tags and tags != num_images:
-        raise InvalidRequestError(f"the prompt has {tags} {IMAGE_TOKEN} tags but {num_images} images were sent")
-    return build_messages(text, num_images)
+    for tag, count, what in ((IMAGE_TOKEN, num_images, "images"), (VIDEO_TOKEN, num_videos, "videos")):
+        tags = text.count(tag)
+        if tags and tags != count and (tag == IMAGE_TOKEN or count):
+            raise InvalidRequestError(f"the prompt has {tags} {tag} tags but {count} {what} were sent")
+    return build_messages(text, num_images, num_videos)
 
 
 class Preprocessor:
     """Tokenizer, chat template and image processor of one checkpoint, loaded once."""
 
     def __init__(self, tokenizer: Any, image_processor: Any, chat_template: str, spec: ModelSpec,
-                 serving: ServingConfig) -> None:
+                 serving: ServingConfig, video_config: dict[str, Any] | None = None) -> None:
         self.tokenizer = tokenizer
         self.image_processor = image_processor
         self.chat_template = chat_template
@@ -393,6 +431,17 @@ class Preprocessor:
         self._pixel_table = pixel_table(image_processor, spec.num_channels)
         self._tiles_are_final = spec.anyres and _tiles_are_final(image_processor, spec.image_size)
         self._wire_pixel_table = pixel_values_to_wire(self._pixel_table, serving)
+        # LLaVA-NeXT-Video: the video processor's resize and crop per frame, and its own normalization.
+        self._frame_transform = self._wire_video_pixel_table = None
+        if spec.videos:
+            if video_config is None:
+                raise ValueError("a llava_next_video model needs its video processor's settings")
+            self._frame_transform = FrameTransform(video_config)
+            if tuple(self._frame_transform.output_size) != (spec.image_size, spec.image_size):
+                raise ValueError(f"the video processor crops frames to {self._frame_transform.output_size}, the vision "
+                                 f"tower takes {spec.image_size}x{spec.image_size}")
+            self._wire_video_pixel_table = pixel_values_to_wire(video_pixel_table(video_config, spec.num_channels),
+                                                                serving)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, spec: ModelSpec, serving: ServingConfig) -> Preprocessor:
@@ -402,7 +451,9 @@ class Preprocessor:
         if not isinstance(processor.chat_template, str):
             raise FileNotFoundError(f"{directory} has no chat template")
         _check_image_token_count(processor, spec)
-        return cls(processor.tokenizer, processor.image_processor, processor.chat_template, spec, serving)
+        video_config = video_processor_config(directory) if spec.videos else None
+        return cls(processor.tokenizer, processor.image_processor, processor.chat_template, spec, serving,
+                   video_config)
 
     def build_input_ids(self, prompt: str | bytes | None, num_images: int,
                         image_tokens: Sequence[int] | None = None, *,
@@ -414,13 +465,15 @@ class Preprocessor:
                                   [self.spec.num_image_tokens] * num_images if image_tokens is None else image_tokens)
 
     def tokenize(self, prompt: str | bytes | None, num_images: int, *,
-                 messages: str | bytes | None = None) -> np.ndarray:
+                 messages: str | bytes | None = None, num_videos: int = 0) -> np.ndarray:
         """Token ids of the chat-formatted prompt (or messages) with one `image_token_index` per image
-        (not expanded)."""
-        if num_images < 0:
-            raise ValueError(f"num_images must be >= 0, got {num_images}")
+        and one `video_token_index` per video (not expanded)."""
+        if num_images < 0 or num_videos < 0:
+            raise ValueError(f"num_images and num_videos must be >= 0, got {num_images} and {num_videos}")
         self._check_image_count(num_images)
-        rendered = self.render(chat_messages(prompt, num_images, self.serving, messages=messages))
+        self._check_video_count(num_videos)
+        rendered = self.render(chat_messages(prompt, num_images, self.serving, messages=messages,
+                                             num_videos=num_videos))
         # As LlavaProcessor.apply_chat_template: BOS comes from the tokenizer unless the template wrote it.
         bos = self.tokenizer.bos_token
         add_special_tokens = not (bos is not None and rendered.startswith(bos))
@@ -428,29 +481,46 @@ class Preprocessor:
         found = int((ids == self.spec.image_token_index).sum())
         if found != num_images:
             raise RuntimeError(f"chat template rendered {found} {IMAGE_TOKEN} tokens for {num_images} images")
+        if self.spec.videos:
+            found = int((ids == self.spec.video_token_index).sum())
+            if found != num_videos:  # a <video> tag in a prompt sent without videos
+                raise InvalidRequestError(f"the prompt has {found} {VIDEO_TOKEN} tags but {num_videos} videos were "
+                                          "sent")
         return ids
 
-    def expand_images(self, ids: np.ndarray, image_tokens: Sequence[int]) -> np.ndarray:
-        """`tokenize`'s ids with image i's token repeated `image_tokens[i]` times, within the limits on
-        image tokens (max_image_tokens) and prompt tokens (max_prompt_tokens, the context)."""
+    def expand_images(self, ids: np.ndarray, image_tokens: Sequence[int], video_tokens: Sequence[int] = ()
+                      ) -> np.ndarray:
+        """`tokenize`'s ids with image i's token repeated `image_tokens[i]` times (and video j's
+        `video_tokens[j]` times), within the limits on image tokens (max_image_tokens), video tokens
+        (max_video_tokens) and prompt tokens (max_prompt_tokens, the context)."""
         is_image = ids == self.spec.image_token_index
         if int(is_image.sum()) != len(image_tokens):
             raise ValueError(f"{int(is_image.sum())} image tokens in the ids, {len(image_tokens)} token counts")
+        is_video = (ids == self.spec.video_token_index) if self.spec.videos else np.zeros(len(ids), dtype=bool)
+        if int(is_video.sum()) != len(video_tokens):
+            raise ValueError(f"{int(is_video.sum())} video tokens in the ids, {len(video_tokens)} token counts")
         total_image_tokens = int(sum(image_tokens))
         if total_image_tokens > self.serving.max_image_tokens:
             raise InvalidRequestError(
                 f"the images make {total_image_tokens} image tokens ({', '.join(map(str, image_tokens))}), more than "
                 f"the limit of {self.serving.max_image_tokens} per request (max_image_tokens)")
-        limit = self.serving.prompt_token_limit(self.spec)
-        length = len(ids) - len(image_tokens) + total_image_tokens
-        if length > limit:
+        total_video_tokens = int(sum(video_tokens))
+        if total_video_tokens > self.serving.max_video_tokens:
             raise InvalidRequestError(
-                f"prompt is {length} tokens ({len(image_tokens)} images, {total_image_tokens} image tokens included), "
-                f"the limit is {limit} ({self._prompt_limit_reason()})")
+                f"the videos make {total_video_tokens} video tokens ({', '.join(map(str, video_tokens))}), more than "
+                f"the limit of {self.serving.max_video_tokens} per request (max_video_tokens)")
+        limit = self.serving.prompt_token_limit(self.spec)
+        length = len(ids) - len(image_tokens) - len(video_tokens) + total_image_tokens + total_video_tokens
+        if length > limit:
+            videos = f", {total_video_tokens} video tokens" if video_tokens else ""
+            raise InvalidRequestError(
+                f"prompt is {length} tokens ({len(image_tokens)} images, {total_image_tokens} image tokens{videos} "
+                f"included), the limit is {limit} ({self._prompt_limit_reason()})")
         # LlavaProcessor repeats "<image>" in the text before tokenizing; repeating the id after
-        # tokenizing gives the same ids because <image> is a special token (never merged).
+        # tokenizing gives the same ids because <image> is a special token (never merged). So is <video>.
         repeats = np.ones(len(ids), dtype=np.int64)
         repeats[is_image] = image_tokens
+        repeats[is_video] = video_tokens
         return np.repeat(ids, repeats)
 
     def _prompt_limit_reason(self) -> str:
@@ -464,10 +534,10 @@ class Preprocessor:
         encoder's largest batch (a request's tiles go to it as one batch)."""
         return self.layouts_for_sizes([(image.height, image.width) for image in images])
 
-    def layouts_for_sizes(self, sizes: Sequence[tuple[int, int]], sent: Sequence[bool] | None = None
-                          ) -> list[TileLayout]:
+    def layouts_for_sizes(self, sizes: Sequence[tuple[int, int]], sent: Sequence[bool] | None = None,
+                          extra_tiles: int = 0) -> list[TileLayout]:
         """`image_layouts` from each image's (height, width); `sent`: the images whose tiles go to the
-        vision encoder (by default all)."""
+        vision encoder (by default all); `extra_tiles`: the request's video frames, which go with them."""
         layouts = [tile_layout(height, width, self.spec) for height, width in sizes]
         for index, layout in enumerate(layouts):
             if layout.num_tiles > self.serving.max_image_tiles:
@@ -476,9 +546,10 @@ class Preprocessor:
                     f"{layout.cols} and the base), more than the limit of {self.serving.max_image_tiles} "
                     "(max_image_tiles)")
         total = sum(layout.num_tiles for layout, is_sent in zip(layouts, sent or [True] * len(layouts)) if is_sent)
-        if total > self.serving.vision_max_batch_size:
+        if total + extra_tiles > self.serving.vision_max_batch_size:
+            frames = f" and {extra_tiles} video frames" if extra_tiles else ""
             raise InvalidRequestError(
-                f"the images make {total} tiles, more than the vision encoder's largest batch of "
+                f"the images make {total} tiles{frames}, more than the vision encoder's largest batch of "
                 f"{self.serving.vision_max_batch_size} (vision_max_batch_size): send fewer or smaller images")
         return layouts
 
@@ -534,33 +605,61 @@ class Preprocessor:
         return prepared.input_ids, prepared.pixel_values, prepared.image_sizes
 
     def prepare(self, images: Sequence[bytes], prompt: str | bytes | None, *, messages: str | bytes | None = None,
-                cache: ImageCacheClient | None = None, cache_salt: bytes = b"") -> Prepared:
+                cache: ImageCacheClient | None = None, cache_salt: bytes = b"", videos: Sequence[bytes] = (),
+                num_frames: int | None = None, fps: float = 0.0) -> Prepared:
         """One request with a prompt or messages, ready for the vision encoder and the language model.
 
         The text is checked and tokenized before any image is decoded (cheap checks first), and every
         limit is checked before the pixel values are made. With `cache`, each image gets its content
         key (salted with `cache_salt`), and the images the embedding cache holds are not decoded: their
         size comes from the cache's directory and their tiles are left out of pixel_values.
+
+        `videos` (LLaVA-NeXT-Video): each is probed (header limits) before anything is decoded, then
+        `num_frames` frames (by default default_num_frames) are sampled uniformly, or at `fps` frames a
+        second when fps > 0; the frames follow the images' tiles in pixel_values.
         """
         self._check_image_count(len(images))
-        self._check_request_bytes(images, prompt if messages is None else messages)
+        self._check_video_count(len(videos))
+        self._check_request_bytes([*images, *videos], prompt if messages is None else messages)
         if len(cache_salt) > self.serving.max_cache_salt_bytes:
             raise InvalidRequestError(f"cache_salt is {len(cache_salt)} bytes, more than the limit of "
                                       f"{self.serving.max_cache_salt_bytes} (max_cache_salt_bytes)")
-        ids = self.tokenize(prompt, len(images), messages=messages)
+        if videos:
+            if num_frames is not None and fps != 0:
+                raise InvalidRequestError(f"send num_frames ({num_frames}) or fps ({fps:g}), not both: frames are "
+                                          "sampled by count or by rate")
+            if num_frames is None:
+                num_frames = self.serving.default_num_frames if fps == 0 else 1  # 1: unused, sampled by rate
+            check_sampling(num_frames, fps, self.serving)
+        ids = self.tokenize(prompt, len(images), messages=messages, num_videos=len(videos))
+        # Every video's header and sampled frames before any decoding.
+        infos = [probe_video(data, self.serving, index) for index, data in enumerate(videos)]
+        frame_indices = [sample_frame_indices(info.total_frames, info.fps, None if fps > 0 else num_frames,
+                                              fps if fps > 0 else None) for info in infos]
+        sampled = sum(len(indices) for indices in frame_indices)
+        if sampled > self.serving.max_frames_per_request:
+            raise InvalidRequestError(
+                f"the videos' sampling gives {sampled} frames ({', '.join(str(len(i)) for i in frame_indices)}), more "
+                f"than the limit of {self.serving.max_frames_per_request} per request (max_frames_per_request): "
+                "lower num_frames or fps")
         keys = None if cache is None else cache.keys(images, cache_salt)
         known = [None] * len(images) if keys is None else [cache.lookup(key) for key in keys]
         missing = [index for index, size in enumerate(known) if size is None]
         decoded = dict(zip(missing, self.decode_images([images[index] for index in missing], missing)))
         sizes = [size if size is not None else (decoded[i].height, decoded[i].width) for i, size in enumerate(known)]
         if self.spec.anyres:
-            layouts = self.layouts_for_sizes(sizes, [size is None for size in known])
+            layouts = self.layouts_for_sizes(sizes, [size is None for size in known], extra_tiles=sampled)
             image_tokens = [layout.num_image_tokens for layout in layouts]
         else:
             image_tokens = [self.spec.num_image_tokens] * len(images)
-        input_ids = self.expand_images(ids, image_tokens)
+        input_ids = self.expand_images(ids, image_tokens,
+                                       [len(indices) * self.spec.num_frame_tokens for indices in frame_indices])
         pixel_values = self._pixel_values([decoded[i] for i in sorted(decoded)], self._wire_pixel_table)
-        if not decoded:
+        if videos:
+            frames = [self._video_pixel_values(data, info, indices, index)
+                      for index, (data, info, indices) in enumerate(zip(videos, infos, frame_indices))]
+            pixel_values = np.concatenate([pixel_values, *frames])
+        if not decoded and not videos:
             # Triton cannot send a batch of 0 images to the (batched) vision model, so a request
             # without images to encode carries one all-zero image. It is harmless: the language model
             # takes only the tiles of the images input_ids refers to that are not cached (none here).
@@ -571,7 +670,26 @@ class Preprocessor:
             image_sizes=np.array(sizes, dtype=np.int64).reshape(-1, 2),
             image_keys=np.zeros((0, IMAGE_KEY_BYTES), np.uint8) if keys is None else
             np.frombuffer(b"".join(keys), dtype=np.uint8).reshape(-1, IMAGE_KEY_BYTES),
-            image_cached=np.array([size is not None for size in known], dtype=bool))
+            image_cached=np.array([size is not None for size in known], dtype=bool),
+            video_frames=np.array([len(indices) for indices in frame_indices], dtype=np.int64))
+
+    def _video_pixel_values(self, data: bytes, info: VideoInfo, indices: np.ndarray, index: int) -> np.ndarray:
+        """(frames, 3, image_size, image_size) in the wire dtype: the sampled frames, each resized and
+        cropped as it is decoded (the full-size frames are not kept), then rescaled and normalized."""
+        if self._frame_transform is None:
+            raise InvalidRequestError(f"this model ({self.spec.model_type}) takes no videos")
+        pixels = decode_frames(data, info, indices, self._frame_transform, index)
+        size = self.spec.image_size
+        shape = (len(indices), self.spec.num_channels, size, size)
+        if pixels.shape != shape or pixels.dtype != np.uint8:
+            raise RuntimeError(f"the video processor gave {pixels.dtype} frames of shape {pixels.shape}, expected "
+                               f"uint8 {shape}")
+        table = self._wire_video_pixel_table
+        pixel_values = np.empty(shape, dtype=table.dtype)
+        for frame in range(shape[0]):
+            for channel in range(shape[1]):
+                np.take(table[channel], pixels[frame, channel], out=pixel_values[frame, channel])
+        return pixel_values
 
     def _check_request_bytes(self, images: Sequence[bytes], text: str | bytes | None) -> None:
         limit = self.serving.max_request_bytes
@@ -581,6 +699,15 @@ class Preprocessor:
             raise InvalidRequestError(
                 f"request is {total} bytes ({len(images)} images and the text), more than the limit of {limit} bytes "
                 "(max_request_bytes)")
+
+    def _check_video_count(self, num_videos: int) -> None:
+        if num_videos and not self.spec.videos:
+            raise InvalidRequestError(f"this model ({self.spec.model_type}) takes no videos: only LLaVA-NeXT-Video "
+                                      "checkpoints do")
+        if num_videos > self.serving.max_videos_per_request:
+            raise InvalidRequestError(
+                f"too many videos: {num_videos}, the limit is {self.serving.max_videos_per_request} per request "
+                "(max_videos_per_request)")
 
     def _check_image_count(self, num_images: int) -> None:
         if num_images > self.serving.max_images_per_request:
@@ -598,6 +725,7 @@ class Prepared:
     image_sizes: np.ndarray  # int64 [N, 2]: each image's (height, width) as decoded
     image_keys: np.ndarray  # uint8 [N, IMAGE_KEY_BYTES], or [0, IMAGE_KEY_BYTES] without a cache
     image_cached: np.ndarray  # bool [N]: the images whose tiles are left out (the embedding cache holds them)
+    video_frames: np.ndarray  # int64 [V]: the frames sampled from each video (tiles after the images')
 
 
 def cache_fingerprint(spec: ModelSpec, serving: ServingConfig, processor_dir: Path) -> bytes:

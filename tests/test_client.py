@@ -63,7 +63,7 @@ def describe(request):
         array = tensor.as_numpy()
         if array.dtype == np.object_:
             values = [bytes(v) for v in array.reshape(-1)]
-            if tensor.name() == "images":
+            if tensor.name() in ("images", "videos"):
                 value = [[len(v), hashlib.sha256(v).hexdigest()] for v in values]
             else:
                 value = [v.decode() for v in values]
@@ -210,9 +210,13 @@ def received_by_model(completion_text: str) -> dict:
 def test_generate_sends_every_option_with_its_dtype(client, images, tmp_path):
     image_path = tmp_path / "second.jpg"
     image_path.write_bytes(images[1])
+    videos = [b"\x00\x00\x00\x18ftypmp42 first", b"\x1a\x45\xdf\xa3 second"]
+    video_path = tmp_path / "second.webm"
+    video_path.write_bytes(videos[1])
     completion = client.generate("<image><image> Describe.", [images[0], image_path], max_tokens=100_000,
                                  temperature=0.5, top_p=0.9, top_k=40, seed=1234, stop=["\n\n", "END"],
-                                 stream=True, ignore_eos=True, cache_salt="tenant-é")
+                                 stream=True, ignore_eos=True, cache_salt="tenant-é", videos=[videos[0], video_path],
+                                 num_frames=8, fps=1.5)
     received = received_by_model(completion.text)
     assert set(received) == {t.name for t in spec.INPUTS} - {spec.IN_MESSAGES}  # a prompt, so no messages
     assert received[spec.IN_PROMPT] == {"value": ["<image><image> Describe."], "dtype": "object", "shape": [1]}
@@ -228,6 +232,9 @@ def test_generate_sends_every_option_with_its_dtype(client, images, tmp_path):
     assert received[spec.IN_STREAM] == {"value": [True], "dtype": "bool", "shape": [1]}
     assert received[spec.IN_IGNORE_EOS] == {"value": [True], "dtype": "bool", "shape": [1]}
     assert received[spec.IN_CACHE_SALT] == {"value": ["tenant-é"], "dtype": "object", "shape": [1]}
+    assert received[spec.IN_VIDEOS] == {"value": [[len(v), sha(v)] for v in videos], "dtype": "object", "shape": [2]}
+    assert received[spec.IN_NUM_FRAMES] == {"value": [8], "dtype": "int32", "shape": [1]}
+    assert received[spec.IN_FPS] == {"value": [1.5], "dtype": "float32", "shape": [1]}
     assert completion.prompt_tokens == len("<image><image> Describe.") + 2 * IMAGE_PROMPT_TOKENS
     assert completion.completion_tokens == len(completion.text)
     assert completion.token_ids == [ord(c) for c in completion.text]
@@ -422,7 +429,7 @@ def test_perf_input_entry_leaves_unset_options_out():
 
 def test_inputs_follow_the_contract(images):
     arrays = input_arrays("hi", images, max_tokens=4, temperature=0.5, top_p=0.9, top_k=3, seed=7, stop="END",
-                          stream=False, ignore_eos=True, cache_salt="t")
+                          stream=False, ignore_eos=True, cache_salt="t", videos=[b"clip"], num_frames=4, fps=2.0)
     assert list(arrays) == [t.name for t in spec.INPUTS if t.name != spec.IN_MESSAGES]
     # messages instead of a prompt: a list of turns goes as its JSON, a string as it is.
     turns = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "é?"}]}]
@@ -437,6 +444,7 @@ def test_inputs_follow_the_contract(images):
         assert arrays[tensor.name].dtype == spec.NUMPY_DTYPES[tensor.datatype], tensor.name
         assert arrays[tensor.name].ndim == 1 and (tensor.repeated or arrays[tensor.name].shape == (1,)), tensor.name
     assert arrays[spec.IN_STOP].tolist() == [b"END"] and arrays[spec.IN_IMAGES].tolist() == images
+    assert arrays[spec.IN_VIDEOS].tolist() == [b"clip"]
     # Empty lists, like None, are left out: the server's defaults apply.
     assert list(input_arrays("hi", [], stop=[], seed=None)) == [spec.IN_PROMPT]
 

@@ -294,8 +294,8 @@ def test_any_request_parameter_is_refused_by_name(parameters):
 def test_request_parameters_as_triton_gives_them():
     check_request_parameters("{}")
     with pytest.raises(InvalidRequestError, match=r"unknown request parameters 'foo', 'temperature': every option "
-                                                  r"is an input tensor \(prompt, messages, images, max_tokens, "
-                                                  r"temperature"):
+                                                  r"is an input tensor \(prompt, messages, images, videos, num_frames, "
+                                                  r"fps, max_tokens, temperature"):
         check_request_parameters('{"temperature": 2.5, "foo": 1}')
 
 

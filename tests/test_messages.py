@@ -114,7 +114,7 @@ REFUSED = {
     "part a string": ('[{"role": "user", "content": ["hi"]}]', 0,
                       r"messages\[0\].content\[0\] must be an object \(a content part\), got a string"),
     "part type unknown": ('[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]', 0,
-                          r'messages\[0\].content\[0\].type "image_url" is not text or image'),
+                          r'messages\[0\].content\[0\].type "image_url" is not text, image or video'),
     "part without type": ('[{"role": "user", "content": [{"text": "hi"}]}]', 0,
                           r"messages\[0\].content\[0\] has no 'type'"),
     "text not a string": ('[{"role": "user", "content": [{"type": "text", "text": ["a"]}]}]', 0,

@@ -15,6 +15,10 @@ from llava_triton.spec import ModelSpec, ServingConfig, read_spec
 MODEL = ModelSpec(image_size=336, patch_size=14, num_channels=3, vision_hidden_size=1024, text_hidden_size=4096,
                   vocab_size=32064, image_token_index=32000, vision_feature_layer=-2,
                   vision_feature_select_strategy="default", max_position_embeddings=4096, eos_token_id=(2,))
+# LLaVA-NeXT-Video-7B's sizes.
+VIDEO_MODEL = dataclasses.replace(MODEL, model_type="llava_next_video", image_token_index=32001,
+                                  video_token_index=32000, spatial_pool_mode="average", spatial_pool_stride=2,
+                                  image_grid_pinpoints=((336, 672), (672, 336), (672, 672)))
 
 
 def dims(tensors, name):
@@ -94,7 +98,8 @@ def test_an_export_without_the_projector_refuses_this_repositorys_own_directory(
 # The public contract as clients rely on it, written out here on purpose (not read from spec.INPUTS):
 # a change to spec.INPUTS / spec.OUTPUTS that changes what clients send or receive fails here.
 CONTRACT_INPUTS = {spec.IN_PROMPT: (mc.TYPE_STRING, [1]), spec.IN_MESSAGES: (mc.TYPE_STRING, [1]),
-                   spec.IN_IMAGES: (mc.TYPE_STRING, [-1]),
+                   spec.IN_IMAGES: (mc.TYPE_STRING, [-1]), spec.IN_VIDEOS: (mc.TYPE_STRING, [-1]),
+                   spec.IN_NUM_FRAMES: (mc.TYPE_INT32, [1]), spec.IN_FPS: (mc.TYPE_FP32, [1]),
                    spec.IN_MAX_TOKENS: (mc.TYPE_INT32, [1]), spec.IN_TEMPERATURE: (mc.TYPE_FP32, [1]),
                    spec.IN_TOP_P: (mc.TYPE_FP32, [1]), spec.IN_TOP_K: (mc.TYPE_INT32, [1]),
                    spec.IN_SEED: (mc.TYPE_INT64, [1]), spec.IN_STOP: (mc.TYPE_STRING, [-1]),
@@ -118,6 +123,7 @@ def test_the_ensemble_has_the_public_contract():
     shared = (*spec.SAMPLING_INPUTS, spec.IN_CACHE_SALT)
     assert {name: language_model[name] for name in shared} == {name: CONTRACT_INPUTS[name] for name in shared}
     assert set(spec.SAMPLING_INPUTS) == set(CONTRACT_INPUTS) - {spec.IN_PROMPT, spec.IN_MESSAGES, spec.IN_IMAGES,
+                                                                spec.IN_VIDEOS, spec.IN_NUM_FRAMES, spec.IN_FPS,
                                                                 spec.IN_CACHE_SALT}
     assert {t.name: (t.data_type, list(t.dims)) for t in configs[spec.LANGUAGE_MODEL].output} == CONTRACT_OUTPUTS
 
@@ -134,10 +140,12 @@ def test_engines_share_one_tensor_contract():
         model_configs(MODEL, ServingConfig(), "onnx")
 
 
-@pytest.mark.parametrize("placement", ["model", "language_model"])
+@pytest.mark.parametrize("model, placement", [(MODEL, "model"), (MODEL, "language_model"),
+                                              (VIDEO_MODEL, "language_model")], ids=["llava", "llava projector in lm",
+                                                                                     "llava_next_video"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_ensemble_wiring_is_consistent(dtype, placement):
-    configs = model_configs(MODEL, ServingConfig(dtype=dtype, projector_placement=placement), "pytorch")
+def test_ensemble_wiring_is_consistent(dtype, model, placement):
+    configs = model_configs(model, ServingConfig(dtype=dtype, projector_placement=placement), "pytorch")
     ensemble = configs[spec.ENSEMBLE]
     available = {t.name: (t.data_type, t.optional) for t in ensemble.input}
     for step in ensemble.ensemble_scheduling.step:
@@ -159,6 +167,22 @@ def test_ensemble_wiring_is_consistent(dtype, placement):
     # Every input is optional so that a missing prompt reaches preprocess and gets a clear error
     # (Triton's ensemble would otherwise answer a request without it with an empty success).
     assert all(t.optional for t in ensemble.input)
+
+
+def test_a_video_model_sends_frame_counts_to_the_language_model_which_projects():
+    configs = model_configs(VIDEO_MODEL, ServingConfig(projector_placement="language_model"), "pytorch")
+    assert spec.PROJECTOR not in configs
+    assert dims(configs[spec.PREPROCESS].output, spec.VIDEO_FRAMES) == [-1]
+    assert dims(configs[spec.LANGUAGE_MODEL].input, spec.VIDEO_FRAMES) == [-1]
+    steps = {step.model_name: step for step in configs[spec.ENSEMBLE].ensemble_scheduling.step}
+    assert spec.VIDEO_FRAMES in steps[spec.LANGUAGE_MODEL].input_map
+    assert VIDEO_MODEL.num_frame_tokens == 144
+    # Frames are pooled before the projector, so a projector model of its own cannot serve them.
+    with pytest.raises(ValueError, match="projector_placement language_model"):
+        model_configs(VIDEO_MODEL, ServingConfig(), "pytorch")
+    # Models without videos carry no frame counts.
+    assert spec.VIDEO_FRAMES not in {t.name for t in model_configs(MODEL, ServingConfig(), "pytorch")[
+        spec.PREPROCESS].output}
 
 
 def image_tensor_types(configs) -> dict[tuple[str, str], int]:

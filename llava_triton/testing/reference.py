@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from llava_triton.checkpoint import build_checkpoint
-from llava_triton.spec import IMAGE_TOKEN
+from llava_triton.spec import IMAGE_TOKEN, VIDEO_TOKEN
 
 # The checkout this file is in (llava_triton/testing/reference.py): presets are built into its build/.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -30,6 +30,8 @@ TOKENIZER_PRESETS = ("tiny", "tiny-sentencepiece")
 # LLaVA-NeXT (anyres tiles) with each decoder family: Llama (byte-level BPE, LLaVA-1.5's chat format) and
 # Mistral (grouped-query attention, rope_theta 1e6; SentencePiece tokenizer, Mistral's chat format).
 NEXT_PRESETS = ("tiny-next", "tiny-next-mistral")
+# LLaVA-NeXT-Video (images as tiny-next's, and videos).
+VIDEO_PRESET = "tiny-next-video"
 
 
 def preset_checkpoint(preset: str) -> Path:
@@ -49,7 +51,10 @@ def _model_type(checkpoint: Path) -> str:
 def hf_processor(checkpoint: Path):
     from transformers import LlavaNextProcessor, LlavaProcessor
 
-    processor_class = LlavaNextProcessor if _model_type(checkpoint) == "llava_next" else LlavaProcessor
+    # LLaVA-NeXT-Video's processor is LlavaNextProcessor's for text and images, and cannot be built without
+    # its video processor (torchvision): `hf_video_inputs` expands `<video>` as LlavaNextVideoProcessor does.
+    processor_class = LlavaNextProcessor if _model_type(checkpoint) in ("llava_next", "llava_next_video") \
+        else LlavaProcessor
     processor = processor_class.from_pretrained(checkpoint)
     # With torchvision installed transformers would pick its torchvision image processor, whose
     # resize differs slightly from PIL's; the serving path always uses the PIL one.
@@ -63,10 +68,15 @@ def hf_processor(checkpoint: Path):
 @functools.cache
 def hf_model(checkpoint: Path):
     import torch
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaNextVideoForConditionalGeneration,
+    )
 
-    model_class = LlavaNextForConditionalGeneration if _model_type(checkpoint) == "llava_next" \
-        else LlavaForConditionalGeneration
+    model_class = {"llava_next": LlavaNextForConditionalGeneration,
+                   "llava_next_video": LlavaNextVideoForConditionalGeneration}.get(_model_type(checkpoint),
+                                                                                   LlavaForConditionalGeneration)
     model = model_class.from_pretrained(checkpoint, dtype=torch.float32)
     return model.eval()
 
@@ -221,3 +231,98 @@ def _images_for_prompts() -> list[bytes]:
 
 
 IMAGES_FOR_PROMPTS = _images_for_prompts()
+
+
+# --- videos (LLaVA-NeXT-Video) ---------------------------------------------------------------------------
+
+def hf_video_frames(video: bytes, num_frames: int | None = None, fps: float | None = None,
+                    total_frames: int | None = None) -> np.ndarray:
+    """(frames, H, W, 3) uint8: the frames transformers samples from the file, decoded by its PyAV reader
+    (`video_utils.read_video_pyav`) at the indices of its video processor's sampler
+    (`BaseVideoProcessor.sample_frames`). `total_frames`: the count to sample from where the container's
+    header has none (WebM, Matroska), where transformers would see 0."""
+    import tempfile
+    from types import SimpleNamespace
+
+    from transformers.video_processing_utils import BaseVideoProcessor
+    from transformers.video_utils import read_video_pyav
+
+    def sample_indices_fn(metadata, **kwargs):
+        if total_frames is not None:
+            metadata.total_num_frames = total_frames
+        # The processor's own method; its instance needs torchvision, the method only its defaults.
+        return BaseVideoProcessor.sample_frames(SimpleNamespace(num_frames=None, fps=None), metadata,
+                                                num_frames=num_frames, fps=fps).numpy()
+
+    with tempfile.NamedTemporaryFile(suffix=".video") as file:
+        file.write(video)
+        file.flush()
+        frames, _ = read_video_pyav(file.name, sample_indices_fn)
+    return frames
+
+
+def video_pixel_values(checkpoint: Path, frames: np.ndarray) -> np.ndarray:
+    """(frames, 3, S, S) float32 of the sampled frames: transformers' LlavaNextVideoVideoProcessor where
+    torchvision is installed; without it (it has no CPU build on PyPI) llava_triton.video's transform and
+    table, which tests/test_video.py checks equal to that processor's wherever torchvision is installed."""
+    from llava_triton.processor import video_processor_config
+
+    config = video_processor_config(checkpoint)
+    try:
+        import torchvision  # noqa: F401
+    except ImportError:
+        from llava_triton.video import FrameTransform, video_pixel_table
+
+        transform = FrameTransform(config)
+        table = video_pixel_table(config, 3)
+        pixels = np.stack([transform(frame) for frame in frames])
+        return np.stack([table[channel][pixels[:, channel]] for channel in range(3)], axis=1)
+    from transformers import LlavaNextVideoVideoProcessor
+
+    processor = LlavaNextVideoVideoProcessor.from_pretrained(checkpoint)
+    return processor(videos=[frames], do_sample_frames=False, return_tensors="np")["pixel_values_videos"][0]
+
+
+def hf_video_inputs(checkpoint: Path, images: list[bytes], frames: np.ndarray | None, prompt: str | None, *,
+                    messages: list[dict] | None = None) -> tuple[np.ndarray, np.ndarray | None, dict]:
+    """(input_ids, pixel_values_videos (frames, 3, S, S) or None, the image inputs for generate) of a prompt
+    (its images first, then the video, without tags) or a conversation, with one video's sampled frames.
+    `<video>` is expanded in the text as LlavaNextVideoProcessor does (a frame's (S / patch)^2 / 4
+    tokens, its pooling's), then the images and tokens are LlavaNextProcessor's."""
+    import torch
+
+    processor = hf_processor(Path(checkpoint))
+    if messages is None:
+        content = [{"type": "image"}] * len(images) + ([{"type": "video"}] if frames is not None else [])
+        messages = [{"role": "user", "content": [*content, {"type": "text", "text": prompt.strip()}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    pixel_values_videos = None
+    if frames is not None:
+        pixel_values_videos = video_pixel_values(checkpoint, frames)
+        height, width = pixel_values_videos.shape[-2:]
+        patch = processor.patch_size
+        tokens = (height // patch) * (width // patch) // 4 * len(frames)
+        text = text.replace(VIDEO_TOKEN, VIDEO_TOKEN * tokens)
+    encoded_images = [base64.b64encode(data).decode("ascii") for data in images] or None
+    inputs = processor(images=encoded_images, text=text, return_tensors="np")
+    image_kwargs = {}
+    if images:
+        image_kwargs = {"pixel_values": torch.from_numpy(inputs["pixel_values"].astype(np.float32)),
+                        "image_sizes": torch.from_numpy(np.asarray(inputs["image_sizes"], dtype=np.int64))}
+    return inputs["input_ids"][0].astype(np.int64), pixel_values_videos, image_kwargs
+
+
+def hf_video_generate(checkpoint: Path, images: list[bytes], frames: np.ndarray | None, prompt: str | None,
+                      max_new_tokens: int, *, messages: list[dict] | None = None) -> list[int]:
+    """The new token ids of LlavaNextVideoForConditionalGeneration's greedy `generate` (float32, CPU)."""
+    import torch
+
+    input_ids, pixel_values_videos, kwargs = hf_video_inputs(checkpoint, images, frames, prompt, messages=messages)
+    if pixel_values_videos is not None:
+        kwargs["pixel_values_videos"] = torch.from_numpy(pixel_values_videos.astype(np.float32))[None]
+    model = hf_model(Path(checkpoint))
+    input_tensor = torch.from_numpy(input_ids)[None]
+    with torch.no_grad():
+        output = model.generate(input_ids=input_tensor, attention_mask=torch.ones_like(input_tensor),
+                                max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    return output[0, input_tensor.shape[1]:].tolist()

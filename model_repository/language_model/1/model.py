@@ -213,11 +213,14 @@ class TritonPythonModel:
                 sizes = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_SIZES) if self.model_spec.anyres else None
                 keys = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_KEYS)
                 cached = pb_utils.get_input_tensor_by_name(request, spec.IMAGE_CACHED)
+                frames = pb_utils.get_input_tensor_by_name(request, spec.VIDEO_FRAMES) if self.model_spec.videos \
+                    else None
                 self.engine.submit(input_ids.reshape(-1), image_embeds, params, sink,
                                    None if sizes is None else sizes.as_numpy(),
                                    None if keys is None else keys.as_numpy(),
                                    None if cached is None else cached.as_numpy(),
-                                   cache_salt(pb_utils.get_input_tensor_by_name(request, spec.IN_CACHE_SALT)))
+                                   cache_salt(pb_utils.get_input_tensor_by_name(request, spec.IN_CACHE_SALT)),
+                                   None if frames is None else frames.as_numpy())
             except Exception as exc:  # noqa: BLE001 - every failure becomes this request's error response
                 sink.fail(triton_error(pb_utils, exc))
         return None
