@@ -1,5 +1,6 @@
 """Baseline: W1 (or W2) through transformers' `LlavaForConditionalGeneration` (or
-`LlavaNextForConditionalGeneration`) `.generate`, batched; and the GPU's measured bf16 GEMM rate.
+`LlavaNextForConditionalGeneration`) `.generate`, batched; W4 (a video) through
+`LlavaNextVideoForConditionalGeneration`; and the GPU's measured bf16 GEMM rate.
 
 Run by `python -m bench` in a subprocess after the Triton server has stopped, so the two never
 share the GPU and all of the baseline's GPU memory is returned when it exits. bf16 with SDPA on
@@ -8,7 +9,15 @@ llava_triton/testing/reference.py, left padding), greedy, exactly `max_new_token
 (`min_new_tokens` too, so EOS cannot shorten it). Every step is timestamped (after a device
 synchronize) by a stopping criterion that never stops, which gives the time to the first token.
 
+W4 (`run_video`): the clip's frames as transformers reads them (its PyAV reader at its video processor's
+indices, llava_triton/testing/reference.py `hf_video_frames`) and its video processor's pixel values,
+made once and copied B times; `<video>` expanded as LlavaNextVideoProcessor does. generate() is timed on
+those tensors, as for the images; what reading and processing one clip costs is timed on its own
+(`preprocess_ms_per_clip`), since a server does it for every request.
+
     python -m bench.baseline --checkpoint build/tiny-llava --batch-sizes 1 8 --json baseline.json
+    python -m bench.baseline --checkpoint build/tiny-next-video-llava --workload W4 --video w4.mp4 \\
+        --num-frames 16 --json baseline.json
 """
 
 from __future__ import annotations
@@ -66,6 +75,44 @@ def batch_inputs(processor, image: bytes, question: str, batch_size: int) -> dic
     return processor(images=[encoded] * batch_size, text=[text] * batch_size, padding=True, return_tensors="pt")
 
 
+def video_frames_and_pixels(checkpoint: Path, video: bytes, num_frames: int):
+    """(frames (F, H, W, 3) uint8, pixel_values_videos (F, 3, S, S) float32) of one clip, as transformers
+    reads and processes it (llava_triton.testing.reference)."""
+    from llava_triton.testing.reference import hf_video_frames, video_pixel_values
+
+    frames = hf_video_frames(video, num_frames=num_frames)
+    return frames, video_pixel_values(checkpoint, frames)
+
+
+def video_batch_inputs(checkpoint: Path, video: bytes, question: str, num_frames: int,
+                       batch_size: int) -> dict[str, Any]:
+    """B copies of the W4 request for LlavaNextVideoForConditionalGeneration: the question after the video
+    (the chat template's order without tags), `<video>` expanded to the frames' pooled tokens."""
+    import numpy as np
+    import torch
+
+    from llava_triton.testing.reference import hf_video_inputs
+
+    frames, _ = video_frames_and_pixels(checkpoint, video, num_frames)
+    input_ids, pixel_values_videos, _ = hf_video_inputs(checkpoint, [], frames, question)
+    ids = torch.from_numpy(input_ids)[None].repeat(batch_size, 1)  # (B, T): the same length, no padding
+    pixels = torch.from_numpy(np.ascontiguousarray(pixel_values_videos, dtype=np.float32))
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+            "pixel_values_videos": pixels[None].repeat(batch_size, 1, 1, 1, 1)}  # (B, F, 3, S, S)
+
+
+def video_preprocess_ms(checkpoint: Path, video: bytes, num_frames: int, repeats: int) -> dict[str, Any]:
+    """Reading one clip's frames and processing them (`video_frames_and_pixels`), median of `repeats` after
+    one untimed call (imports, the reader's first open)."""
+    video_frames_and_pixels(checkpoint, video, num_frames)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        video_frames_and_pixels(checkpoint, video, num_frames)
+        times.append((time.perf_counter() - start) * 1e3)
+    return {"median": round(statistics.median(times), 3), "all": [round(t, 3) for t in times]}
+
+
 class _StepTimes:
     """A StoppingCriteria that records when each new token exists (and never stops)."""
 
@@ -82,15 +129,24 @@ class _StepTimes:
 
 
 def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: int = 1,
-        warmup_tokens: int = 8, log=print, workload: str = "W1") -> dict[str, Any]:
+        warmup_tokens: int = 8, log=print, workload: str = "W1", video: bytes | None = None,
+        num_frames: int = 16) -> dict[str, Any]:
+    """W1, W2 or (with `video`) W4 at each batch size; see the module docstring."""
     import torch
     import transformers
-    from transformers import LlavaForConditionalGeneration, LlavaNextForConditionalGeneration, StoppingCriteriaList
+    from transformers import (
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaNextVideoForConditionalGeneration,
+        StoppingCriteriaList,
+    )
     from transformers.utils import logging as transformers_logging
 
-    from bench.workload import QUESTION, W2_IMAGE_SIZE, w1_image
+    from bench.workload import QUESTION, W2_IMAGE_SIZE, W4_QUESTION, w1_image
     from llava_triton.spec import ModelSpec
 
+    if (workload == "W4") != (video is not None):
+        raise ValueError("W4 needs its video, and only W4 takes one")
     transformers_logging.disable_progress_bar()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
@@ -102,8 +158,9 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
     started = time.perf_counter()
     # Straight onto the GPU where accelerate is installed (no host copy of a 7B model), else via the host.
     placement = {"device_map": str(device)} if importlib.util.find_spec("accelerate") else {}
-    model_class = LlavaNextForConditionalGeneration if ModelSpec.from_pretrained(checkpoint).anyres \
-        else LlavaForConditionalGeneration
+    model_spec = ModelSpec.from_pretrained(checkpoint)
+    model_class = LlavaNextVideoForConditionalGeneration if model_spec.videos \
+        else LlavaNextForConditionalGeneration if model_spec.anyres else LlavaForConditionalGeneration
     model = model_class.from_pretrained(checkpoint, dtype=dtype, attn_implementation="sdpa", **placement)
     model = model.to(device).eval()
     synchronize()
@@ -112,7 +169,7 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
                              + (0 if model.config.tie_word_embeddings else model.lm_head.weight.numel()))
     log(f"[baseline] loaded {checkpoint} on {device} ({str(dtype).removeprefix('torch.')}) in {load_s:.1f} s")
     processor = _processor(checkpoint)
-    image = w1_image() if workload == "W1" else w1_image(*W2_IMAGE_SIZE)
+    image = w1_image() if workload == "W1" else w1_image(*W2_IMAGE_SIZE) if workload == "W2" else None
     pad_token_id = processor.tokenizer.pad_token_id
     if pad_token_id is None:
         pad_token_id = processor.tokenizer.eos_token_id
@@ -133,9 +190,13 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
 
     runs = []
     for batch_size in batch_sizes:
-        inputs = {k: v.to(device) for k, v in batch_inputs(processor, image, QUESTION, batch_size).items()}
-        if "pixel_values" in inputs:
-            inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+        made = (video_batch_inputs(checkpoint, video, W4_QUESTION, num_frames, batch_size) if video is not None
+                else batch_inputs(processor, image, QUESTION, batch_size))
+        inputs = {k: v.to(device) for k, v in made.items()}
+        del made
+        for name in ("pixel_values", "pixel_values_videos"):
+            if name in inputs:
+                inputs[name] = inputs[name].to(dtype)
         generate(model, inputs, warmup_tokens)  # warm-up: kernels chosen, caches allocated (not reported)
         latencies, ttfts = [], []
         for _ in range(repeats):
@@ -179,9 +240,20 @@ def run(checkpoint: Path, batch_sizes: list[int], output_tokens: int, repeats: i
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
         "runs": runs,
     }
+    if video is not None:
+        result["num_frames"] = num_frames
+        result["preprocess_ms_per_clip"] = video_preprocess_ms(checkpoint, video, num_frames, max(repeats, 3))
+        log(f"[baseline] reading and processing one clip: {result['preprocess_ms_per_clip']['median']:.1f} ms")
     if cuda:
         torch.cuda.empty_cache()
     return result
+
+
+def run_video(checkpoint: Path, video: bytes, batch_sizes: list[int], output_tokens: int, repeats: int = 1,
+              num_frames: int = 16, log=print) -> dict[str, Any]:
+    """W4: `video` (encoded) and W4's question through LlavaNextVideoForConditionalGeneration.generate."""
+    return run(checkpoint, batch_sizes, output_tokens, repeats, log=log, workload="W4", video=video,
+               num_frames=num_frames)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,11 +262,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=list(DEFAULT_BATCH_SIZES))
     parser.add_argument("--output-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=1, help="timed generate() calls per batch size (median)")
-    parser.add_argument("--workload", choices=("W1", "W2"), default="W1")
+    parser.add_argument("--workload", choices=("W1", "W2", "W4"), default="W1")
+    parser.add_argument("--video", type=Path, default=None, help="W4: the encoded clip")
+    parser.add_argument("--num-frames", type=int, default=16, help="W4: frames sampled from the clip")
     parser.add_argument("--json", type=Path, required=True, help="where to write the results")
     args = parser.parse_args(argv)
-    result = run(args.checkpoint, args.batch_sizes, args.output_tokens, args.repeats,
-                 log=lambda message: print(message, flush=True), workload=args.workload)
+    if (args.workload == "W4") != (args.video is not None):
+        parser.error("--video is W4's, and W4 needs it")
+    def log(message: str) -> None:
+        print(message, flush=True)
+
+    if args.video is not None:
+        result = run_video(args.checkpoint, args.video.read_bytes(), args.batch_sizes, args.output_tokens,
+                           args.repeats, args.num_frames, log=log)
+    else:
+        result = run(args.checkpoint, args.batch_sizes, args.output_tokens, args.repeats, log=log,
+                     workload=args.workload)
     args.json.write_text(json.dumps(result, indent=2) + "\n")
     return 0
 

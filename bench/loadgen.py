@@ -14,6 +14,8 @@ Two implementations of the same loop:
   concurrency compete for the GIL and delay the timestamps; `python -m bench.fake_server --check`
   measures both against a fake server whose timings are known.
 
+A workload with videos (W4, bench.w4) sends them and its num_frames with each request.
+
 `run_conversations` (W3, bench.w3) runs multi-turn chats instead, in the "aio" way: each chat sends
 its next turn, the whole history with the answer just streamed, when that answer ends.
 """
@@ -157,7 +159,7 @@ def summarize(level: LevelResult) -> dict[str, Any]:
 
 def run_level(url: str, workload: Workload, concurrency: int, num_requests: int, *, mode: str = "aio",
               model: str = spec.ENSEMBLE, timeout_s: float = 600.0) -> LevelResult:
-    """Send `num_requests` W1 requests with `concurrency` in flight (closed loop) and record them."""
+    """Send `num_requests` of the workload's request with `concurrency` in flight (closed loop) and record them."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if concurrency < 1 or num_requests < 1:
@@ -172,7 +174,17 @@ def _inputs(workload: Workload):
 
     return build_inputs(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
                         temperature=workload.temperature, stream=True, ignore_eos=workload.ignore_eos,
-                        **_salt(workload))
+                        **_video_options(workload), **_salt(workload))
+
+
+def _video_options(workload: Workload) -> dict:
+    """The workload's videos and num_frames (W4), each left out where unset (the server's defaults apply)."""
+    options = {}
+    if workload.videos:
+        options[spec.IN_VIDEOS] = list(workload.videos)
+    if workload.num_frames is not None:
+        options[spec.IN_NUM_FRAMES] = workload.num_frames
+    return options
 
 
 def _salt(workload: Workload) -> dict[str, str]:
@@ -272,7 +284,7 @@ def _run_threads(url: str, workload: Workload, concurrency: int, num_requests: i
             try:
                 for chunk in client.stream(workload.prompt, list(workload.images), max_tokens=workload.max_tokens,
                                            temperature=workload.temperature, ignore_eos=workload.ignore_eos,
-                                           timeout=timeout_s, **_salt(workload)):
+                                           timeout=timeout_s, **_video_options(workload), **_salt(workload)):
                     record.add_response(time.perf_counter(), chunk.token_ids, chunk.prompt_tokens,
                                         chunk.completion_tokens, chunk.finish_reason)
             except LlavaError as error:
@@ -308,6 +320,9 @@ def openai_body(workload: Workload) -> bytes:
     chunk's new tokens are known exactly."""
     import base64
     import json
+
+    if workload.videos:
+        raise ValueError(f"{workload.name} sends videos: the OpenAI-compatible endpoint is measured with images only")
 
     images = [{"type": "image_url", "image_url": {"url": "data:image/jpeg;base64," + base64.b64encode(image).decode()}}
               for image in workload.images]

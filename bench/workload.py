@@ -6,6 +6,8 @@
 - W3 (the prefix and embedding caches; bench.w3): four-turn chats about one picture, each turn the whole
   history and a new question, and one-turn requests about a few pictures shared between them; W1's
   picture size for LLaVA-1.5, W2's for LLaVA-NeXT, and pictures of their own (`w3_image`).
+- W4 (LLaVA-NeXT-Video; bench.w4): one 10-second 640x360 H.264 MP4 clip at 30 fps (`W4Clip`, made by
+  llava_triton.testing.video_corpus.make_clip), 16 frames sampled from it, a 33-token question.
 
 The picture is drawn with PIL from a formula (no file, no randomness), so every run and every
 machine sends the same bytes. The question's length, and the prompt's, are counted with the
@@ -19,7 +21,7 @@ import functools
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +66,9 @@ class Workload:
     question_tokens: int | None = None  # the question alone, no chat template, no image tokens
     prompt_tokens: int | None = None  # what the language model prefills: template + image tokens + question
     image_size: tuple[int, int] = (IMAGE_SIZE, IMAGE_SIZE)  # width, height
-    tiles_per_request: int = 1  # vision-encoder tiles the request's images make
+    tiles_per_request: int = 1  # vision-encoder tiles the request's images (and video frames) make
+    videos: tuple[bytes, ...] = ()  # encoded videos (LLaVA-NeXT-Video checkpoints only)
+    num_frames: int | None = None  # frames sampled from each video; None: the server's default_num_frames
     # Each request carries a cache_salt of its own, so the server's caches (KV-cache prefixes, image
     # embeddings) find nothing and every request is new to them, as W1 and W2 are defined: the same
     # bytes sent over and over would otherwise measure cache hits.
@@ -253,3 +257,84 @@ def _json(messages: list[dict[str, Any]]) -> str:
 @functools.cache
 def _w3_preprocessor(checkpoint: str):
     return _preprocessor(checkpoint)  # loaded once: W3 counts the prompt of every turn it sent
+
+
+# --- W4: a video (LLaVA-NeXT-Video; bench.w4) ------------------------------------------------------------
+
+# 33 tokens with the llava-next-video-7b preset's tokenizer (36 with tiny-next-video's): counted at run time.
+W4_QUESTION = "Describe the video in detail. Which shapes and colours do you see, and where do they move?"
+W4_NUM_FRAMES = 16
+CODEC_NAMES = {"libx264": "H.264", "libx265": "HEVC", "libvpx": "VP8", "libvpx-vp9": "VP9", "libaom-av1": "AV1",
+               "mpeg4": "MPEG-4"}
+
+
+@dataclass(frozen=True)
+class W4Clip:
+    """W4's clip, made in code by llava_triton.testing.video_corpus.make_clip (drifting gradients and two
+    moving blocks, encoded with one thread), so every run and every machine sends the same bytes."""
+
+    width: int = 640
+    height: int = 360
+    fps: float = 30.0
+    seconds: float = 10.0
+    codec: str = "libx264"
+    container: str = "mp4"
+
+    def __post_init__(self) -> None:
+        if self.width < 2 or self.height < 2 or self.width % 2 or self.height % 2:
+            raise ValueError(f"a clip's width and height must be even and at least 2 (4:2:0), got "
+                             f"{self.width}x{self.height}")
+        if not (self.fps > 0 and self.seconds > 0):
+            raise ValueError(f"a clip's fps and seconds must be positive, got {self.fps} and {self.seconds}")
+
+    @property
+    def frames(self) -> int:
+        return max(1, round(self.fps * self.seconds))
+
+    def encode(self) -> bytes:
+        from llava_triton.testing.video_corpus import make_clip
+
+        return make_clip(frames=self.frames, fps=self.fps, width=self.width, height=self.height, codec=self.codec,
+                         container=self.container)
+
+    def describe(self) -> str:
+        return (f"a {self.seconds:g}-second {self.width}x{self.height} {CODEC_NAMES.get(self.codec, self.codec)} "
+                f"{self.container.upper()} clip at {self.fps:g} fps ({self.frames} frames)")
+
+
+@dataclass(frozen=True)
+class W4Workload(Workload):
+    """W4 for one checkpoint: a Workload whose request is a question about one video (no image)."""
+
+    clip: W4Clip = field(default_factory=W4Clip)
+    frame_tokens: int = 0  # language-model tokens of one sampled frame (pooled): 144 for LLaVA-NeXT-Video-7B
+
+    @property
+    def frames_sampled(self) -> int:
+        return self.tiles_per_request
+
+    def describe(self) -> str:
+        return (f"{self.name}: {self.clip.describe()}, {len(self.videos[0]):,} bytes; {self.frames_sampled} frames "
+                f"sampled (each a tile of the vision encoder, pooled to {self.frame_tokens} tokens: "
+                f"{self.frames_sampled * self.frame_tokens} video tokens), a question of {self.question_tokens} "
+                f"tokens ({self.prompt_tokens} prompt tokens with the video tokens and the chat template), "
+                f"{self.max_tokens} tokens out (ignore_eos, greedy), streamed"
+                + (", each request new to the server's caches (its own cache_salt)" if self.fresh else ""))
+
+
+def w4(checkpoint: Path | str, max_tokens: int = 128, num_frames: int = W4_NUM_FRAMES, clip: W4Clip | None = None,
+       video: bytes | None = None) -> W4Workload:
+    """W4 for a LLaVA-NeXT-Video `checkpoint`: `clip` encoded (or `video`, its bytes already made), with the
+    frame and token counts from the checkpoint's tokenizer and the server's preprocessing (which decodes it)."""
+    clip = clip or W4Clip()
+    preprocessor = _preprocessor(checkpoint)
+    if not preprocessor.spec.videos:
+        raise ValueError(f"W4 needs a LLaVA-NeXT-Video checkpoint; {checkpoint} is {preprocessor.spec.model_type}")
+    video = clip.encode() if video is None else video
+    question_tokens = len(preprocessor.tokenizer(W4_QUESTION, add_special_tokens=False)["input_ids"])
+    prepared = preprocessor.prepare([], W4_QUESTION, videos=[video], num_frames=num_frames)
+    return W4Workload(name="W4 (LLaVA-NeXT-Video)", prompt=W4_QUESTION, images=(), videos=(video,),
+                      num_frames=num_frames, max_tokens=max_tokens, question_tokens=question_tokens,
+                      prompt_tokens=len(prepared.input_ids), image_size=(clip.width, clip.height),
+                      tiles_per_request=int(prepared.video_frames.sum()), clip=clip,
+                      frame_tokens=preprocessor.spec.num_frame_tokens)
