@@ -441,3 +441,12 @@ def test_video_info_is_frozen():
     info = VideoInfo("mp4", "h264", 64, 48, 30, 30.0, 1.0)
     with pytest.raises(dataclasses.FrozenInstanceError):
         info.width = 1  # type: ignore[misc]
+
+
+def test_transform_threads_share_the_cores_among_preprocess_processes():
+    from llava_triton.video import transform_threads
+
+    assert transform_threads(2, cores=16) == 8
+    assert transform_threads(8, cores=16) == 2
+    assert transform_threads(32, cores=16) == 1
+    assert transform_threads(3, cores=2) == 1

@@ -13,11 +13,16 @@ from llava_triton.preprocess import (ImageCacheClient, Preprocessor, cache_finge
 from llava_triton.sampling import SamplingParams
 from llava_triton.triton_utils import (cache_salt, freeze_loaded_objects, load_spec, optional_inputs, triton_error,
                                       version_dir)
+from llava_triton.video import transform_threads
 
 
 class TritonPythonModel:
     def initialize(self, args):
         self.model_spec, self.serving = load_spec(args)
+        if self.model_spec.videos:
+            import torch
+
+            torch.set_num_threads(transform_threads(self.serving.preprocess_instances))
         processor_dir = version_dir(args) / spec.PROCESSOR_DIR
         self.preprocessor = Preprocessor.from_pretrained(processor_dir, self.model_spec, self.serving)
         # The language model's caches: image keys and the embedding cache's directory (the language
