@@ -167,11 +167,15 @@ def time_decode(checkpoint: Path, preprocessor, video: bytes, question: str, num
     FrameTransform (wall time, and `decode_cpu_ms`, the CPU time of all the decoder's threads); `preprocess_ms`,
     the whole of what the preprocess model does for a W4 request (Preprocessor.prepare: the text too, and the
     frames normalized into the wire dtype)."""
+    import torch
+
     from llava_triton.processor import video_processor_config
-    from llava_triton.video import FrameTransform, decode_frames, probe_video, sample_frame_indices
+    from llava_triton.video import FrameTransform, decode_frames, probe_video, sample_frame_indices, transform_threads
 
     transform = FrameTransform(video_processor_config(checkpoint))
     serving = preprocessor.serving
+    # With the torch threads of one of the server's preprocess processes (its preprocess model sets them so).
+    torch.set_num_threads(transform_threads(serving.preprocess_instances))
 
     def decode() -> tuple[Any, Any, Any]:  # (VideoInfo, the sampled indices, the transformed frames)
         info = probe_video(video, serving, 0)
