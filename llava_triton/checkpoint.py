@@ -122,15 +122,11 @@ def processor_class(spec: ModelSpec) -> str:
     return MODEL_CLASSES[spec.model_type][2]
 
 
-def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
-    """preprocessor_config.json of llava-hf/llava-1.5-7b-hf (or llava-hf/llava-v1.6-mistral-7b-hf for a
-    llava_next spec: its tiling options added) with this checkpoint's image size."""
+def _clip_processing(spec: ModelSpec) -> dict[str, Any]:
+    """CLIP's resize, crop and normalization (llava-hf's processors) for this checkpoint's image size."""
     from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
 
-    tiling = {"image_processor_type": "LlavaNextImageProcessor", "aspect_ratio_setting": "anyres", "do_pad": True,
-              "image_grid_pinpoints": [list(p) for p in spec.image_grid_pinpoints]} if spec.anyres else {}
     return {
-        "image_processor_type": "CLIPImageProcessor",
         "processor_class": processor_class(spec),
         "do_convert_rgb": True,
         "do_resize": True,
@@ -143,30 +139,21 @@ def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
         "do_normalize": True,
         "image_mean": list(OPENAI_CLIP_MEAN),
         "image_std": list(OPENAI_CLIP_STD),
-        **tiling,
     }
+
+
+def image_processor_config(spec: ModelSpec) -> dict[str, Any]:
+    """preprocessor_config.json of llava-hf/llava-1.5-7b-hf (or llava-hf/llava-v1.6-mistral-7b-hf for a
+    llava_next spec: its tiling options added) with this checkpoint's image size."""
+    tiling = {"image_processor_type": "LlavaNextImageProcessor", "aspect_ratio_setting": "anyres", "do_pad": True,
+              "image_grid_pinpoints": [list(p) for p in spec.image_grid_pinpoints]} if spec.anyres else {}
+    return {"image_processor_type": "CLIPImageProcessor", **_clip_processing(spec), **tiling}
 
 
 def video_processor_config(spec: ModelSpec) -> dict[str, Any]:
     """video_preprocessor_config.json of llava-hf/LLaVA-NeXT-Video-7B-hf with this checkpoint's image size."""
-    from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PILImageResampling
-
-    return {
-        "video_processor_type": "LlavaNextVideoVideoProcessor",
-        "processor_class": processor_class(spec),
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": spec.image_size},
-        "resample": int(PILImageResampling.BICUBIC),
-        "do_center_crop": True,
-        "crop_size": {"height": spec.image_size, "width": spec.image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN),
-        "image_std": list(OPENAI_CLIP_STD),
-        "do_sample_frames": False,
-    }
+    return {"video_processor_type": "LlavaNextVideoVideoProcessor", **_clip_processing(spec),
+            "do_sample_frames": False}
 
 
 def processor_config(spec: ModelSpec) -> dict[str, Any]:

@@ -116,7 +116,7 @@ class Triton:
 
         request = {"model_name": self.model, "request_id": call.request_id,
                    "inputs": build_inputs(None, images, messages=json.dumps(call.messages, ensure_ascii=False),
-                                          **call.options),
+                                          videos=[source.data for source in call.videos], **call.options),
                    "parameters": {"triton_enable_empty_final_response": True}}
 
         async def one_request():
@@ -132,7 +132,7 @@ class Triton:
             async for result, error in responses:
                 if error is not None:
                     message = error.message() if hasattr(error, "message") else str(error)
-                    failure = failure or triton_error(message, call.images)
+                    failure = failure or triton_error(message, call.images, call.videos)
                     continue
                 text = result.as_numpy(spec.OUT_TEXT)
                 if text is not None:

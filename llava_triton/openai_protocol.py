@@ -134,7 +134,8 @@ def load_json(body: bytes, config: FrontendConfig) -> Any:
 
 @dataclass(frozen=True)
 class ImageSource:
-    """One image of a request, in order: a data URL already decoded, or an http(s) URL to fetch."""
+    """One image (or video) of a request, in order: a data URL already decoded, or an http(s) URL to fetch
+    (images only)."""
 
     where: str  # the field that holds it, for error messages: messages[0].content[1].image_url.url
     data: bytes | None = None
@@ -149,6 +150,7 @@ class ChatCall:
     messages: list[dict[str, Any]]  # the ensemble's messages input: an image part is {"type": "image"}
     images: list[ImageSource]
     options: dict[str, Any]  # the ensemble's other inputs by name (spec.INPUTS), only those the request set
+    videos: list[ImageSource] = field(default_factory=list)  # data URLs, decoded (LLaVA-NeXT-Video)
     stream: bool = False
     include_usage: bool = False  # streamed: a last chunk with the usage
     continuous_usage: bool = False  # streamed: the usage so far in every chunk
@@ -199,7 +201,7 @@ UNSUPPORTED_FIELDS = {
 }
 SUPPORTED_FIELDS = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
                     "temperature", "top_p", "seed", "stop", "n", spec.IN_TOP_K, spec.IN_IGNORE_EOS,
-                    spec.IN_CACHE_SALT)
+                    spec.IN_CACHE_SALT, spec.IN_NUM_FRAMES, spec.IN_FPS)
 
 
 def parse_chat_request(body: Any, serving: ServingConfig) -> ChatCall:
@@ -242,6 +244,11 @@ def parse_chat_request(body: Any, serving: ServingConfig) -> ChatCall:
         options[spec.IN_IGNORE_EOS] = _boolean(spec.IN_IGNORE_EOS, fields[spec.IN_IGNORE_EOS])
     if spec.IN_CACHE_SALT in fields:  # as vLLM's: requests share cached prefixes only within one salt
         options[spec.IN_CACHE_SALT] = _string(spec.IN_CACHE_SALT, fields[spec.IN_CACHE_SALT])
+    # The videos' sampling, as the ensemble's inputs (preprocess checks the ranges).
+    if spec.IN_NUM_FRAMES in fields:
+        options[spec.IN_NUM_FRAMES] = _integer(spec.IN_NUM_FRAMES, fields[spec.IN_NUM_FRAMES], (-2**31, 2**31 - 1))
+    if spec.IN_FPS in fields:
+        options[spec.IN_FPS] = _number(spec.IN_FPS, fields[spec.IN_FPS])
     if "stop" in fields:
         stop = fields["stop"]
         stops = [stop] if isinstance(stop, str) else stop
@@ -263,14 +270,16 @@ def parse_chat_request(body: Any, serving: ServingConfig) -> ChatCall:
         include_usage = _boolean("stream_options.include_usage", stream_options.get("include_usage", False))
         continuous_usage = _boolean("stream_options.continuous_usage_stats",
                                     stream_options.get("continuous_usage_stats", False))
-    messages, images = _parse_messages(fields["messages"], serving)
+    messages, images, videos = _parse_messages(fields["messages"], serving)
     return ChatCall(model=model, messages=messages, images=images, options=options, stream=stream,
-                    include_usage=include_usage, continuous_usage=continuous_usage)
+                    include_usage=include_usage, continuous_usage=continuous_usage, videos=videos)
 
 
-def _parse_messages(value: Any, serving: ServingConfig) -> tuple[list[dict[str, Any]], list[ImageSource]]:
-    """The ensemble's turns and the image sources. Only the shapes are checked here; the ensemble's
-    preprocess checks the rest (roles per part, texts, counts and limits) with the same indices."""
+def _parse_messages(value: Any, serving: ServingConfig
+                    ) -> tuple[list[dict[str, Any]], list[ImageSource], list[ImageSource]]:
+    """The ensemble's turns, the image sources and the video sources. Only the shapes are checked here;
+    the ensemble's preprocess checks the rest (roles per part, texts, counts and limits) with the same
+    indices."""
     if not isinstance(value, list):
         raise invalid(f"messages must be an array of messages, got {_json_type(value)}", "messages")
     if not value:
@@ -280,6 +289,7 @@ def _parse_messages(value: Any, serving: ServingConfig) -> tuple[list[dict[str, 
                       "(max_messages)", "messages")
     turns: list[dict[str, Any]] = []
     images: list[ImageSource] = []
+    videos: list[ImageSource] = []
     for index, message in enumerate(value):
         where = f"messages[{index}]"
         if not isinstance(message, dict):
@@ -303,12 +313,37 @@ def _parse_messages(value: Any, serving: ServingConfig) -> tuple[list[dict[str, 
         parts = []
         for position, part in enumerate(content):
             part_where = f"{where}.content[{position}]"
-            parts.append(_parse_part(part_where, part, images, serving))
+            parts.append(_parse_part(part_where, part, images, videos, serving))
         turns.append({"role": ROLE_NAMES[role], "content": parts})
-    return turns, images
+    return turns, images, videos
 
 
-def _parse_part(where: str, part: Any, images: list[ImageSource], serving: ServingConfig) -> dict[str, Any]:
+def _parse_video_part(where: str, part: dict[str, Any], videos: list[ImageSource],
+                      serving: ServingConfig) -> dict[str, Any]:
+    """vLLM's `{"type": "video_url", "video_url": {"url": "data:video/mp4;base64,..."}}`."""
+    extra = sorted(set(part) - {"type", "video_url"})
+    if extra:
+        raise invalid(f"{where} has unsupported fields {extra} (type, video_url)", "messages")
+    video_url = part.get("video_url")
+    if not isinstance(video_url, dict) or sorted(video_url) != ["url"]:
+        raise invalid(f"{where}.video_url must be an object with a url alone, got {_json_type(video_url)}",
+                      "messages")
+    url_where = f"{where}.video_url.url"
+    url = video_url["url"]
+    if not isinstance(url, str):
+        raise invalid(f"{url_where} must be a string, got {_json_type(url)}", "messages")
+    if len(videos) >= serving.max_videos_per_request:
+        raise invalid(f"too many videos: more than the limit of {serving.max_videos_per_request} per request "
+                      "(max_videos_per_request)", "messages")
+    if url[:5].lower() != "data:":
+        raise invalid(f"{url_where}: video URLs are not fetched; send the video as a data:video/<type>;base64, "
+                      "URL", "messages")
+    videos.append(ImageSource(url_where, data=decode_data_url(url, url_where, serving, "video")))
+    return {"type": spec.PART_VIDEO}
+
+
+def _parse_part(where: str, part: Any, images: list[ImageSource], videos: list[ImageSource],
+                serving: ServingConfig) -> dict[str, Any]:
     if not isinstance(part, dict):
         raise invalid(f"{where} must be an object (a content part), got {_json_type(part)}", "messages")
     kind = part.get("type")
@@ -317,10 +352,12 @@ def _parse_part(where: str, part: Any, images: list[ImageSource], serving: Servi
         if extra:
             raise invalid(f"{where} has unsupported fields {extra} (type, text)", "messages")
         return {"type": spec.PART_TEXT, "text": part.get("text")}  # preprocess checks it is a string
+    if kind == "video_url":
+        return _parse_video_part(where, part, videos, serving)
     if kind != "image_url":
         shown = json.dumps(kind)[:40] if "type" in part else "missing"
-        raise invalid(f"{where}.type {shown} is not text or image_url (the content parts this server takes)",
-                      "messages")
+        raise invalid(f"{where}.type {shown} is not text, image_url or video_url (the content parts this server "
+                      "takes)", "messages")
     extra = sorted(set(part) - {"type", "image_url"})
     if extra:
         raise invalid(f"{where} has unsupported fields {extra} (type, image_url)", "messages")
@@ -349,26 +386,32 @@ def _parse_part(where: str, part: Any, images: list[ImageSource], serving: Servi
     return {"type": spec.PART_IMAGE}
 
 
-_DATA_URL = re.compile(r"data:(image/[A-Za-z0-9.+-]+)((?:;[A-Za-z0-9_.+-]+=[A-Za-z0-9_.+-]+)*);base64,", re.ASCII)
+def _data_url(kind: str) -> re.Pattern:
+    return re.compile(kind + r"/[A-Za-z0-9.+-]+(?:;[A-Za-z0-9_.+-]+=[A-Za-z0-9_.+-]+)*;base64,", re.ASCII)
 
 
-def decode_data_url(url: str, where: str, serving: ServingConfig) -> bytes:
-    """The bytes of a `data:image/<type>[;param=value...];base64,<data>` URL, refused before decoding when
-    its data would be past max_image_bytes."""
-    header = _DATA_URL.match(url)
+_DATA_URLS = {"image": _data_url("data:image"), "video": _data_url("data:video")}
+_DATA_LIMITS = {"image": "max_image_bytes", "video": "max_video_bytes"}
+
+
+def decode_data_url(url: str, where: str, serving: ServingConfig, kind: str = "image") -> bytes:
+    """The bytes of a `data:<kind>/<type>[;param=value...];base64,<data>` URL (kind image or video),
+    refused before decoding when its data would be past max_image_bytes (or max_video_bytes)."""
+    header = _DATA_URLS[kind].match(url)
     if header is None:
-        raise invalid(f"{where} is not a data:image/<type>;base64,<data> URL (starts with "
+        raise invalid(f"{where} is not a data:{kind}/<type>;base64,<data> URL (starts with "
                       f"{json.dumps(url[:40])})", "messages")
     encoded = url[header.end():]
-    if len(encoded) // 4 * 3 > serving.max_image_bytes + 2:
-        raise invalid(f"{where}: the image is about {len(encoded) // 4 * 3} bytes, more than the limit of "
-                      f"{serving.max_image_bytes} bytes (max_image_bytes)", "messages")
+    limit = _DATA_LIMITS[kind]
+    if len(encoded) // 4 * 3 > getattr(serving, limit) + 2:
+        raise invalid(f"{where}: the {kind} is about {len(encoded) // 4 * 3} bytes, more than the limit of "
+                      f"{getattr(serving, limit)} bytes ({limit})", "messages")
     try:
         data = base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as err:
         raise invalid(f"{where}: the data is not valid base64 ({err})", "messages") from None
     if not data:
-        raise invalid(f"{where}: the image is empty", "messages")
+        raise invalid(f"{where}: the {kind} is empty", "messages")
     return data
 
 
@@ -418,18 +461,21 @@ UNAVAILABLE_MESSAGES = ("is not ready", "Request for unknown model", "is not fou
 INTERNAL_PREFIX = "internal error:"  # llava_triton.triton_utils.triton_error's prefix of our own failures
 # The field of the chat request an ensemble input's message is about.
 _PARAMS = {"messages": "messages", "prompt": "messages", "image": "messages", "too many images": "messages",
+           "video": "messages", "too many videos": "messages", "the videos": "messages",
            "request is": "messages", "max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p",
-           "top_k": "top_k", "seed": "seed", "stop": "stop", "cache_salt": "cache_salt"}
+           "top_k": "top_k", "seed": "seed", "stop": "stop", "cache_salt": "cache_salt", "num_frames": "num_frames",
+           "fps": "fps", "send num_frames": "num_frames"}
 
 
-def triton_error(message: str, images: list[ImageSource] = ()) -> OpenAIError:
+def triton_error(message: str, images: list[ImageSource] = (), videos: list[ImageSource] = ()) -> OpenAIError:
     """The HTTP error for a message the ensemble ended a request with: 503 when a queue is full (retry),
     500 for a failure of ours, else 400 (the request's fault), the message passed through without
-    Triton's "in ensemble 'llava', " and with "image N" named as the request's field that held it."""
+    Triton's "in ensemble 'llava', " and with "image N" ("video N") named as the request's field that held it."""
     message = re.sub(r"^in ensemble '[^']*', ", "", message)
-    image = re.match(r"image (\d+): ", message)
-    if image and int(image.group(1)) < len(images):
-        message = f"{images[int(image.group(1))].where}: {message[image.end():]}"
+    item = re.match(r"(image|video) (\d+): ", message)
+    sources = images if item and item.group(1) == "image" else videos
+    if item and int(item.group(2)) < len(sources):
+        message = f"{sources[int(item.group(2))].where}: {message[item.end():]}"
     if any(text in message for text in BUSY_MESSAGES):
         return OpenAIError(503, message, code="server_busy")
     if any(text in message for text in UNAVAILABLE_MESSAGES):

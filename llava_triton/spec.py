@@ -541,6 +541,9 @@ class ServingConfig:
             choices, value = option.metadata["choices"], getattr(self, option.name)
             if choices and value not in choices:
                 raise ValueError(f"{option.name} must be {one_of(choices)}, got {value!r}")
+        if self.default_num_frames > self.max_frames_per_request:
+            raise ValueError(f"default_num_frames {self.default_num_frames} must not exceed max_frames_per_request "
+                             f"{self.max_frames_per_request}")
         if any(b > self.vision_max_batch_size for b in self.vision_preferred_batch_sizes):
             raise ValueError("vision_preferred_batch_sizes must not exceed vision_max_batch_size")
         if any(g < 0 for g in self.gpus):

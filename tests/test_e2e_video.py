@@ -39,13 +39,14 @@ pytestmark = pytest.mark.e2e
 MAX_TOKENS = 8
 # The served export's video limits, small enough that the corpus's files break them cheaply.
 LIMITS = {"max_video_bytes": 2 * 1024 * 1024, "max_video_duration_s": 120.0, "max_video_frames": 2000,
-          "max_video_pixels": 1920 * 1080, "max_frames_per_request": 12, "max_video_tokens": 12 * 16}
+          "max_video_pixels": 1920 * 1080, "max_frames_per_request": 12, "max_video_tokens": 12 * 16,
+          "default_num_frames": 8}
 SERVING = dataclasses.replace(ServingConfig(), **LIMITS)
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """(the checkpoint, the gRPC URL of a server serving its export)."""
+def video_server(tmp_path_factory):
+    """(the checkpoint, a server serving its export, the model repository)."""
     from export.__main__ import main as export_main
     from llava_triton.server import TritonServer
 
@@ -58,7 +59,14 @@ def served(tmp_path_factory):
     log_path = REPO_ROOT / "build" / "test-logs" / "tritonserver-video.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with TritonServer(output, log_path=log_path, ready_timeout_s=300) as server:
-        yield checkpoint, server.url_grpc
+        yield checkpoint, server, output
+
+
+@pytest.fixture(scope="module")
+def served(video_server):
+    """(the checkpoint, the gRPC URL of a server serving its export)."""
+    checkpoint, server, _ = video_server
+    return checkpoint, server.url_grpc
 
 
 # name: (make_clip options, sampling options)
@@ -188,3 +196,41 @@ def test_more_videos_than_allowed_and_video_tags(served):
         ask(url, "What is in <video>?")
     # A prompt's <video> tag places the video.
     assert ask(url, "First <video> then a question: what moves?", videos=[data], num_frames=2).completion_tokens
+
+
+def test_a_video_through_the_openai_endpoint(video_server):
+    """The official openai client, a video as vLLM's video_url part (a data URL): the answer is
+    transformers' text, and a file that is not a video is refused naming the part that held it."""
+    import base64
+
+    import httpx
+    import openai
+
+    from llava_triton.frontend_process import FrontendProcess
+    from llava_triton.server import free_port
+    from llava_triton.spec import FrontendConfig
+    from llava_triton.testing.reference import hf_processor
+
+    checkpoint, server, repository = video_server
+    name = "h264 mp4, 4 of 30 frames"
+    url = "data:video/mp4;base64," + base64.b64encode(clip(name)).decode()
+    messages = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url}},
+                                             {"type": "text", "text": "What happens in the video?"}]}]
+    log = REPO_ROOT / "build" / "test-logs" / "openai-video.log"
+    with FrontendProcess(server.url_grpc, port=free_port(), host="127.0.0.1", model_repository=repository,
+                         config=FrontendConfig(), log_path=log) as frontend:
+        with openai.OpenAI(base_url=frontend.url, api_key="unused", max_retries=0, timeout=300) as client:
+            answer = client.chat.completions.create(model="llava", messages=messages, max_tokens=MAX_TOKENS,
+                                                    temperature=0.0, extra_body={"num_frames": 4})
+        expected = hf_video_generate(checkpoint, [], reference_frames(name), "What happens in the video?",
+                                     MAX_TOKENS)
+        tokenizer = hf_processor(checkpoint).tokenizer
+        assert answer.choices[0].message.content == tokenizer.decode(expected, skip_special_tokens=True)
+        assert answer.usage.completion_tokens == len(expected)
+        not_a_video = "data:video/mp4;base64," + base64.b64encode(b"x" * 64).decode()
+        bad = [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": not_a_video}},
+                                            {"type": "text", "text": "Describe it."}]}]
+        response = httpx.post(f"{frontend.url}/chat/completions", timeout=120,
+                              json={"model": "llava", "messages": bad, "max_tokens": 2})
+        assert response.status_code == 400
+        assert response.json()["error"]["message"].startswith("messages[0].content[0].video_url.url: not a video")

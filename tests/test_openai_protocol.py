@@ -129,7 +129,7 @@ def test_a_request_becomes_the_ensembles_inputs():
      r"messages\[0\].content must be a string or an array of content parts, got an integer", "messages"),
     ({"messages": [{"role": "user", "name": 1, "content": "x"}]}, r"messages\[0\].name must be a string", "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "input_audio"}]}]},
-     r'messages\[0\].content\[0\].type "input_audio" is not text or image_url', "messages"),
+     r'messages\[0\].content\[0\].type "input_audio" is not text, image_url or video_url', "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": "http://x"}]}]},
      r"messages\[0\].content\[0\].image_url must be an object with a url, got a string", "messages"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "ftp://x"}}]}]},
@@ -209,3 +209,50 @@ def test_ensemble_errors_get_their_status(message, status, param, shown):
     assert (error.status, error.param) == (status, param)
     assert error.message == (shown or message.removeprefix("in ensemble 'llava', "))
     assert error.body()["error"]["type"] == ("invalid_request_error" if status == 400 else "server_error")
+
+
+MP4 = base64.b64encode(b"\x00\x00\x00\x18ftypmp42" + b"\0" * 16).decode()
+
+
+def test_a_video_part_becomes_a_video_of_the_request():
+    video_part = {"type": "video_url", "video_url": {"url": f"data:video/mp4;base64,{MP4}"}}
+    call = parse_chat_request(request(messages=[{"role": "user", "content": [
+        video_part, {"type": "text", "text": "What happens?"}]}], num_frames=8, fps=0), SERVING)
+    assert call.messages == [{"role": "user", "content": [{"type": spec.PART_VIDEO},
+                                                          {"type": "text", "text": "What happens?"}]}]
+    assert [source.data for source in call.videos] == [base64.b64decode(MP4)] and call.images == []
+    assert call.videos[0].where == "messages[0].content[0].video_url.url"
+    assert call.options[spec.IN_NUM_FRAMES] == 8 and call.options[spec.IN_FPS] == 0.0
+
+
+@pytest.mark.parametrize("part, pattern", [
+    ({"type": "video_url", "video_url": {"url": "https://example.com/a.mp4"}}, r"video URLs are not fetched"),
+    ({"type": "video_url", "video_url": {"url": f"data:image/png;base64,{PNG}"}}, r"is not a data:video/<type>"),
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,"}}, r"the video is empty"),
+    ({"type": "video_url", "video_url": "x"}, r"video_url must be an object with a url alone"),
+    ({"type": "video_url", "video_url": {"url": 3}}, r"video_url.url must be a string"),
+    ({"type": "video_url", "video_url": {"url": "data:video/mp4;base64,AAAA"}, "x": 1}, r"unsupported fields"),
+], ids=["an http URL", "an image data URL", "empty", "not an object", "url not a string", "an extra field"])
+def test_video_parts_are_checked_by_name(part, pattern):
+    refused(request(messages=[{"role": "user", "content": [part]}]), pattern, param="messages")
+
+
+def test_video_limits_from_the_url_alone():
+    small = ServingConfig(max_video_bytes=30, max_videos_per_request=1)
+    part = {"type": "video_url", "video_url": {"url": "data:video/webm;base64," + "A" * 44}}
+    with pytest.raises(OpenAIError, match=r"the video is about 33 bytes, more than the limit of 30 bytes "
+                                          r"\(max_video_bytes\)"):
+        parse_chat_request(request(messages=[{"role": "user", "content": [part]}]), small)
+    part = {"type": "video_url", "video_url": {"url": "data:video/webm;base64," + "A" * 8}}
+    with pytest.raises(OpenAIError, match=r"too many videos.*max_videos_per_request"):
+        parse_chat_request(request(messages=[{"role": "user", "content": [part, part]}]), small)
+    refused(request(num_frames="8"), r"num_frames must be an integer", param="num_frames")
+
+
+def test_a_video_error_names_the_field_that_held_the_video():
+    videos = [ImageSource("messages[1].content[0].video_url.url")]
+    error = triton_error("in ensemble 'llava', video 0: not a video (unrecognised data; send MP4)", [], videos)
+    assert (error.status, error.param) == (400, "messages")
+    assert error.message == "messages[1].content[0].video_url.url: not a video (unrecognised data; send MP4)"
+    error = triton_error("in ensemble 'llava', num_frames 40 is not in [1, 32] (max_frames_per_request)")
+    assert (error.status, error.param) == (400, "num_frames")

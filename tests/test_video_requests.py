@@ -129,6 +129,12 @@ def test_pooling_equals_transformers_pooler(video_checkpoint, mode):
     check_image_tensor_shape(tuple(features.shape), spec, "image_features")
 
 
+def test_the_default_frame_count_is_within_the_request_limit():
+    with pytest.raises(ValueError, match="default_num_frames 40 must not exceed max_frames_per_request 32"):
+        ServingConfig(default_num_frames=40)
+    assert ServingConfig(default_num_frames=4, max_frames_per_request=4).default_num_frames == 4
+
+
 def test_the_spec_refuses_what_it_cannot_pool(video_checkpoint):
     spec = ModelSpec.from_pretrained(video_checkpoint)
     with pytest.raises(ValueError, match="unsupported spatial_pool_mode 'conv'"):

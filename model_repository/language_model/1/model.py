@@ -130,11 +130,12 @@ class TritonMetrics(Metrics):
 
     def _set_occupancy(self, running: int, waiting: int, kv_cache_usage: float, free_blocks: int,
                        cached_blocks: int) -> None:
-        self._running.set(running)
-        self._waiting.set(waiting)
+        # The cache's gauges first: a scrape between two sets never shows a running request holding no blocks.
         self._kv.set(kv_cache_usage)
         self._kv_free_blocks.set(free_blocks)
         self._kv_cached_blocks.set(cached_blocks)
+        self._running.set(running)
+        self._waiting.set(waiting)
 
     def prefix_cache(self, prompt_tokens: int, hit_tokens: int) -> None:
         self._outbox.call(self._record_prefix, prompt_tokens, hit_tokens)
