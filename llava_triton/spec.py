@@ -121,6 +121,9 @@ class Tensor:
         return getattr(serving, self.serving_default) if self.serving_default else self.default
 
 
+# The most frames per second a request may ask to sample from a video (the `fps` input).
+MAX_SAMPLING_FPS = 60.0
+
 # The roles of a `messages` turn, and the content parts of one (llava_triton.preprocess.parse_messages).
 ROLES = ("system", "user", "assistant")
 PART_TEXT, PART_IMAGE, PART_VIDEO = "text", "image", "video"
@@ -142,7 +145,7 @@ INPUTS = (
            "video gives all its frames); at most `max_frames_per_request` in all",
            serving_default="default_num_frames"),
     Tensor(IN_FPS, "FP32", (1,), "when above 0: frames sampled at this rate (per second of video) instead of "
-           "num_frames, at most 60", default=0.0),
+           f"num_frames, at most {MAX_SAMPLING_FPS:g}", default=0.0),
     Tensor(IN_MAX_TOKENS, "INT32", (1,), "tokens to generate; a value past the context (`max_seq_len`) is refused, "
            "the default is cut to the room left", serving_default="default_max_tokens"),
     Tensor(IN_TEMPERATURE, "FP32", (1,), "0 = greedy; otherwise sampling, in [0, 100]",

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_triton.errors import InvalidRequestError
-from llava_triton.spec import ServingConfig
+from llava_triton.spec import MAX_SAMPLING_FPS, ServingConfig
 
 # Our container names, with the name a user knows and the FFmpeg demuxer that reads it.
 CONTAINERS = {"mp4": ("MP4", "mov"), "mov": ("QuickTime", "mov"), "webm": ("WebM", "matroska"),
@@ -44,8 +44,6 @@ SUPPORTED = "send MP4, QuickTime, WebM or Matroska"
 # A frame rate above this is a broken or hostile header: it would make frames / fps, the length
 # checked against max_video_duration_s, look short. High-speed cameras record up to 960 fps.
 MAX_VIDEO_FPS = 1000.0
-# The most frames per second a request may ask to sample (the `fps` input's meaning in spec.INPUTS says so).
-MAX_SAMPLING_FPS = 60.0
 
 _EBML_MAGIC = b"\x1a\x45\xdf\xa3"
 # ISO BMFF files that are still images (an `ftyp` like a video's): named, never demuxed.

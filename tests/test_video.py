@@ -43,7 +43,7 @@ from llava_triton.video import (
 SERVING = ServingConfig()
 # Small limits, so the corpus's cases sized by a limit (bytes, frames) stay small.
 SMALL = ServingConfig(max_video_bytes=100_000, max_video_duration_s=20.0, max_video_frames=120,
-                      max_video_pixels=320 * 240, max_frames_per_request=8)
+                      max_video_pixels=320 * 240, max_frames_per_request=8, default_num_frames=8)
 
 
 def identity(frame: np.ndarray) -> np.ndarray:
