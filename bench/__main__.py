@@ -202,6 +202,20 @@ def export_repository(checkpoint: Path, repository: Path, extra: list[str], log_
                          + "".join(log_path.read_text().splitlines(keepends=True)[-20:]))
 
 
+def take_repository(checkpoint: Path, repository: Path, no_export: bool, extra: list[str], log_path: Path,
+                    clock: Clock) -> None:
+    """The model repository to serve: `repository` as it is (`no_export`, it must be an export), or the
+    checkpoint exported into it with the `extra` export arguments."""
+    from llava_triton import spec
+
+    if no_export:
+        if not (repository / spec.ENSEMBLE / "config.pbtxt").is_file():
+            raise SystemExit(f"--no-export: {repository} is not an exported model repository")
+        clock.log(f"serving the existing repository {repository}")
+    else:
+        export_repository(checkpoint, repository, extra, log_path, clock)
+
+
 def repository_engine(repository: Path) -> str:
     from export.repository import read_config
     from llava_triton import spec
@@ -312,12 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     # Checkpoint and model repository.
     checkpoint, description = take_checkpoint(args.checkpoint, args.preset, clock)
     repository = args.repository.resolve()
-    if args.no_export:
-        if not (repository / spec.ENSEMBLE / "config.pbtxt").is_file():
-            raise SystemExit(f"--no-export: {repository} is not an exported model repository")
-        clock.log(f"serving the existing repository {repository}")
-    else:
-        export_repository(checkpoint, repository, args.export_arg, out / "export.log", clock)
+    take_repository(checkpoint, repository, args.no_export, args.export_arg, out / "export.log", clock)
     model_spec, serving = read_spec(repository / spec.LANGUAGE_MODEL / "1")
     if model_spec != ModelSpec.from_pretrained(checkpoint):
         raise SystemExit(f"{repository} was exported from another checkpoint than {checkpoint} (sizes differ)")

@@ -47,13 +47,13 @@ from bench.__main__ import (
     ROOT,
     Clock,
     cpu_model,
-    export_repository,
     git_commit,
     gpu_name,
     print_report,
     repository_engine,
     serving_with,
     take_checkpoint,
+    take_repository,
 )
 from bench.report import NA, _fmt
 from bench.workload import W4_NUM_FRAMES, W4Clip
@@ -588,12 +588,7 @@ def main(argv: list[str] | None = None) -> int:
     if not model_spec.videos:
         raise SystemExit(f"W4 needs a LLaVA-NeXT-Video checkpoint; {checkpoint} is {model_spec.model_type}")
     repository = (args.repository or out / "model_repository").resolve()
-    if args.no_export:
-        if not (repository / spec.ENSEMBLE / "config.pbtxt").is_file():
-            raise SystemExit(f"--no-export: {repository} is not an exported model repository")
-        clock.log(f"serving the existing repository {repository}")
-    else:
-        export_repository(checkpoint, repository, ["--no-onnx", *args.export_arg], out / "export.log", clock)
+    take_repository(checkpoint, repository, args.no_export, ["--no-onnx", *args.export_arg], out / "export.log", clock)
     served_spec, serving = read_spec(repository / spec.LANGUAGE_MODEL / "1")
     if served_spec != model_spec:
         raise SystemExit(f"{repository} was exported from another checkpoint than {checkpoint} (sizes differ)")
