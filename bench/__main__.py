@@ -352,9 +352,11 @@ def main(argv: list[str] | None = None) -> int:
 
         with grpcclient.InferenceServerClient(server.url_grpc) as metadata_client:
             triton_version = metadata_client.get_server_metadata().version
+        sent = 0  # requests sent to the ensemble so far: each level's scrapes wait for Triton to count them
         if args.warmup:
             warm = summarize(run_level(server.url_grpc, workload, min(args.warmup, max(levels_to_run)), args.warmup,
                                        mode=args.loadgen, timeout_s=args.request_timeout_s))
+            sent += warm["requests"]
             clock.log(f"warm-up: {args.warmup} requests, {warm['errors']} failed")
             if warm["errors"]:
                 raise SystemExit(f"warm-up requests failed: {warm['error_messages']}; see {out / 'tritonserver.log'}")
@@ -363,10 +365,12 @@ def main(argv: list[str] | None = None) -> int:
                 skipped_levels.append(concurrency)
                 continue
             num_requests = args.requests or max(2 * concurrency, 8)
-            stats_before = server_stats.scrape(server.url_metrics)
+            stats_before = server_stats.scrape_settled(server.url_metrics, spec.ENSEMBLE, sent)
             level = summarize(run_level(server.url_grpc, workload, concurrency, num_requests, mode=args.loadgen,
                                         timeout_s=args.request_timeout_s))
-            level["server"] = server_stats.breakdown(stats_before, server_stats.scrape(server.url_metrics))
+            sent += level["requests"]
+            level["server"] = server_stats.breakdown(
+                stats_before, server_stats.scrape_settled(server.url_metrics, spec.ENSEMBLE, sent))
             levels.append(level)
             clock.log(f"c={concurrency}: {level['requests']} requests ({level['errors']} failed) in "
                       f"{level['wall_s']:.1f} s: TTFT p50 {level['ttft_ms']['p50']:.1f} ms, ITL p50 "

@@ -9,6 +9,7 @@ histogram (llava_time_to_first_token_seconds) tells its part of TTFT instead.
 from __future__ import annotations
 
 import math
+import time
 import urllib.request
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +20,8 @@ from prometheus_client.samples import Sample
 from llava_triton import spec
 
 PREFIXES = ("nv_inference_", "llava_")
-COUNTERS = ("nv_inference_request_success", "nv_inference_exec_count", "nv_inference_queue_duration_us",
+COUNTERS = ("nv_inference_request_success", "nv_inference_request_failure", "nv_inference_exec_count",
+            "nv_inference_queue_duration_us",
             "nv_inference_compute_input_duration_us", "nv_inference_compute_infer_duration_us",
             "nv_inference_compute_output_duration_us")
 LM_SERIES = tuple(f"{metric.name}_{part}"
@@ -72,6 +74,31 @@ def parse(text: str) -> dict[str, Any]:
 
 def scrape(url: str, timeout_s: float = 5.0) -> dict[str, Any]:
     return parse(urllib.request.urlopen(url, timeout=timeout_s).read().decode())
+
+
+def finished(stats: dict[str, Any], model: str) -> int:
+    """Requests `model` has finished, succeeded or failed, by Triton's counters."""
+    counters = stats["models"].get(model, {})
+    return int(counters.get("nv_inference_request_success", 0.0) + counters.get("nv_inference_request_failure", 0.0))
+
+
+def scrape_settled(url: str, model: str, requests: int, timeout_s: float = 10.0,
+                   poll_s: float = 0.02) -> dict[str, Any]:
+    """A scrape taken once `model` has counted `requests` finished requests and no counter still moves.
+
+    Triton counts a request when it releases it, which can come just after the client has its last
+    response: a scrape taken the moment a load level ends can miss its last requests (and the next
+    level's delta then has them). Gives the last scrape at the timeout, settled or not.
+    """
+    deadline = time.monotonic() + timeout_s
+    last = scrape(url)
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        now = scrape(url)
+        if finished(now, model) >= requests and now == last:
+            return now
+        last = now
+    return last
 
 
 def breakdown(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:

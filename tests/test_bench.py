@@ -159,6 +159,42 @@ def test_server_stats_take_each_models_share_from_triton_counters():
     assert stats["language_model_ttft_ms"] == 200.0 and math.isnan(stats["language_model_itl_ms"])
 
 
+def test_scrape_settled_waits_for_triton_to_count_the_last_requests():
+    """Triton counts a request when it releases it, after the client's last response: the scrape waits."""
+    import http.server
+    import threading
+    import time
+
+    started = time.monotonic()
+
+    class Metrics(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            late = time.monotonic() - started > 0.3  # the third request is counted 0.3 s late, as a failure
+            body = ('nv_inference_request_success{model="llava",version="1"} 2\n'
+                    f'nv_inference_request_failure{{model="llava",version="1"}} {1 if late else 0}\n').encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Metrics)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/metrics"
+        assert server_stats.finished(server_stats.scrape(url), "llava") == 2
+        assert server_stats.finished(server_stats.scrape_settled(url, "llava", 3), "llava") == 3
+        assert time.monotonic() - started >= 0.3
+        # Never settled: the last scrape, once the timeout is spent.
+        stats = server_stats.scrape_settled(url, "llava", 4, timeout_s=0.2)
+        assert server_stats.finished(stats, "llava") == 3 and server_stats.finished(stats, "other") == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 # As Triton 2.51 writes its metrics: its own counters without `_total`, the language model's with it.
 TRITON_METRICS = """\
 # HELP nv_inference_request_success Number of successful inference requests, all batch sizes
