@@ -25,15 +25,25 @@ import platform
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import av
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from llava_triton.errors import InvalidRequestError
 from llava_triton.spec import MAX_SAMPLING_FPS, ServingConfig
+
+if TYPE_CHECKING:
+    import av
+
+
+def _av():
+    """PyAV, imported at the first video: a model without videos never loads FFmpeg's libraries
+    (tens of MB in each preprocess process)."""
+    import av
+
+    return av
 
 # Our container names, with the name a user knows and the FFmpeg demuxer that reads it.
 CONTAINERS = {"mp4": ("MP4", "mov"), "mov": ("QuickTime", "mov"), "webm": ("WebM", "matroska"),
@@ -144,9 +154,9 @@ def _open(data: bytes, container: str, index: int, max_pixels: int) -> Iterator[
     options = {**_DEMUXER_OPTIONS, **(_MOV_OPTIONS if demuxer == "mov" else {}), "max_pixels": str(max_pixels)}
     try:
         # metadata_errors: a title that is not UTF-8 is no reason to refuse a video.
-        with av.open(io.BytesIO(data), format=demuxer, options=options, metadata_errors="replace") as opened:
+        with _av().open(io.BytesIO(data), format=demuxer, options=options, metadata_errors="replace") as opened:
             yield opened
-    except av.error.FFmpegError as err:
+    except _av().error.FFmpegError as err:
         raise InvalidRequestError(f"video {index}: {name} data cannot be read: {_reason(err)}") from None
 
 
@@ -162,7 +172,7 @@ def _header_duration(container: av.container.InputContainer, stream: av.video.st
     if stream.duration is not None and stream.duration > 0 and stream.time_base:
         return float(stream.duration * stream.time_base)
     if container.duration is not None and container.duration > 0:
-        return container.duration / av.time_base
+        return container.duration / _av().time_base
     return None
 
 
@@ -316,9 +326,9 @@ def decode_frames(data: bytes, info: VideoInfo, indices: np.ndarray, transform: 
                     if len(transformed) == len(indices):
                         break
                 decoded += 1
-        except av.error.FFmpegError as err:
+        except _av().error.FFmpegError as err:
             larger = (f"; a frame much larger than the header's {info.width}x{info.height} is refused so"
-                      if isinstance(err, av.error.ValueError) else "")
+                      if isinstance(err, _av().error.ValueError) else "")
             raise InvalidRequestError(f"video {index}: {name} data cannot be decoded after {decoded} frames: "
                                       f"{_reason(err)}{larger}") from None
     if len(transformed) < len(indices):
