@@ -17,6 +17,18 @@ its prefill starts after them. With an embedding cache (llava_triton.embedding_c
 preprocess found there arrive without their tiles and their embeddings are read from it; every other
 image's embeddings are put there at prefill.
 
+Decode steps overlap the host's work (serving option overlap_decode, on by default). Step N+1 is
+launched before the host has read step N's tokens: its input tokens are gathered on the device from
+`_next_tokens`, where every sampling step writes each row's token, and its positions are each
+sequence's last known position plus the token in flight (`Sequence.pending`). Then the host waits
+for step N's tokens, appends, detokenizes and hands them out while the GPU computes step N+1. What
+the host learns one step late is which sequences stopped: a sequence that stops on EOS or a stop
+string at step N has also computed step N+1, whose token is thrown away (its key and value went to
+a position inside its own reserved blocks). A sequence whose token in flight is its last
+(max_tokens) is not launched again. Freed blocks and rows can be given out at once: everything
+that writes them later (block tables, prefill) is queued on the same CUDA stream after the step in
+flight.
+
 The engine only schedules: it receives the language model already prepared (fused, quantised,
 its KV cache allocated, compiled and captured) as a `LanguageModelRuntime` (llava_triton.lm_runtime).
 """
@@ -54,6 +66,7 @@ from .spec import (
     ServingConfig,
     language_model_image_input,
 )
+from .step_profile import NullProfile, StepProfile
 
 if TYPE_CHECKING:
     from .embedding_cache import EmbeddingCache
@@ -131,6 +144,7 @@ class Sequence:
     video_frames: tuple[int, ...] = ()  # LLaVA-NeXT-Video: each video's frames, whose rows follow the images'
     block_hashes: list[bytes] = field(default_factory=list)  # each full prompt block's (kv_blocks.prefix_block_hashes)
     registered: int = 0  # leading blocks registered in the prefix cache (or taken from it)
+    pending: int = 0  # launched decode steps whose tokens are not appended yet (at most 2, with overlap_decode)
 
     @property
     def prompt_tokens(self) -> int:
@@ -140,6 +154,11 @@ class Sequence:
     def position(self) -> int:
         """Position of the next token to feed: the last generated one."""
         return self.prompt_tokens + len(self.output_ids) - 1
+
+    @property
+    def next_position(self) -> int:
+        """Position of the token the next decode step feeds: the last generated one, or the last in flight."""
+        return self.position + self.pending
 
     @property
     def kv_tokens(self) -> int:
@@ -291,6 +310,14 @@ def _sent_tiles(tiles: tuple[int, ...], cached: np.ndarray | None) -> int:
     return sum(count for count, is_cached in zip(tiles, cached.tolist()) if not is_cached)
 
 
+@dataclass
+class InFlight:
+    """A launched decode step whose tokens the host has not read yet."""
+    seqs: list[Sequence]
+    tokens: torch.Tensor  # (B,) int64 on the host (pinned on a GPU), written by a queued copy
+    done: torch.cuda.Event | None  # recorded after that copy (None on the CPU, where copies are synchronous)
+
+
 def check_image_keys(image_keys: np.ndarray | None, num_images: int) -> list[bytes] | None:
     """image_keys (N, IMAGE_KEY_BYTES) uint8 → one bytes key per image; None when the request has none
     (no rows: nothing of its images is cached or shared)."""
@@ -308,12 +335,14 @@ class Engine:
     def __init__(self, runtime: LanguageModelRuntime, tokenizer, spec: ModelSpec, serving: ServingConfig,
                  metrics: Metrics | None = None, outbox: Outbox | None = None,
                  projector: Callable[[torch.Tensor], torch.Tensor] | None = None,
-                 image_newline: torch.Tensor | None = None, embedding_cache: EmbeddingCache | None = None):
+                 image_newline: torch.Tensor | None = None, embedding_cache: EmbeddingCache | None = None,
+                 profile: StepProfile | None = None):
         """`runtime`: the language model prepared for `serving` (lm_runtime.prepare_language_model).
         `projector`: LLaVA's projector, on the model's device and in its dtype, for
         projector_placement "language_model" (requests then carry the vision encoder's features).
         `image_newline`: LLaVA-NeXT's (text_hidden_size,) embedding after each row of an image's tiles.
-        `embedding_cache`: where images' embeddings are kept for reuse (None: off)."""
+        `embedding_cache`: where images' embeddings are kept for reuse (None: off).
+        `profile`: where the host's time per phase goes (llava_triton.step_profile; None: not measured)."""
         if spec.anyres != (image_newline is not None):
             raise ValueError("a llava_next model needs image_newline" if spec.anyres
                              else "image_newline is for llava_next models only")
@@ -353,6 +382,16 @@ class Engine:
         self._running: list[Sequence] = []
         self._cond = threading.Condition()
         self._last_cancel_check = 0.0
+        self.profile = profile or NullProfile()
+        self.overlap = serving.overlap_decode
+        # Each block-table row's last sampled token, on the device: the next decode step's input_ids.
+        self._next_tokens = torch.zeros(self.max_seqs, dtype=torch.long, device=self.device)
+        # Two of each host buffer: a step's copies may still be queued while the next step fills the other.
+        pinned = self.device.type == "cuda"
+        self._host_tokens = [torch.empty(self.max_seqs, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._host_inputs = [torch.empty((2, self.max_seqs), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._buffer = 0
+        self._inflight: InFlight | None = None
 
     # -- requests in ----------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
@@ -428,7 +467,7 @@ class Engine:
         return self.blocks.num_free
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running)
+        return bool(self._waiting or self._prefilling or self._running or self._inflight)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -446,13 +485,31 @@ class Engine:
                 self.abort_all(f"internal error in the language model: {exc}")
 
     def step(self) -> None:
-        self._drop_cancelled()
-        self._admit()
-        already_running = list(self._running)
-        self._prefill_chunk()
-        if already_running:
-            self._decode(already_running)
-        self._report_occupancy()
+        profile = self.profile
+        profile.step()
+        with profile.phase("cancel"):
+            self._drop_cancelled()
+        with profile.phase("admit"):
+            self._admit()
+        if self.overlap:
+            # Launch step N+1, then handle step N's tokens while the GPU computes it; the prefill chunk
+            # queues behind both. A sequence whose token in flight is its last is not launched again.
+            launch = [s for s in self._running if len(s.output_ids) + s.pending < s.max_tokens]
+            previous, self._inflight = self._inflight, None
+            if launch:
+                self._inflight = self._launch_decode(launch)
+            if previous is not None:
+                self._finish_decode(previous)
+            with profile.phase("prefill"):
+                self._prefill_chunk()
+        else:
+            already_running = list(self._running)
+            with profile.phase("prefill"):
+                self._prefill_chunk()
+            if already_running:
+                self._finish_decode(self._launch_decode(already_running))
+        with profile.phase("occupancy"):
+            self._report_occupancy()
 
     def _report_occupancy(self) -> None:
         self.metrics.occupancy(self.num_running, self.num_waiting, self.blocks.usage, self.blocks.num_free,
@@ -462,6 +519,7 @@ class Engine:
         with self._cond:
             seqs = list(self._waiting) + self._prefilling + self._running
             self._waiting.clear()
+        self._inflight = None
         for seq in seqs:
             self._release(seq)
             self.out.error(seq.sink, message)
@@ -686,7 +744,9 @@ class Engine:
                 done.append(seq)
                 rows.append(i)
         if done:
-            self._append_tokens(done, sample(logits[rows], [s.params for s in done], [s.generator for s in done]))
+            tokens = sample(logits[rows], [s.params for s in done], [s.generator for s in done])
+            self._next_tokens[torch.tensor([s.row for s in done], device=self.device)] = tokens
+            self._append_tokens(done, tokens.tolist())
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Put the prompt blocks the sequence has filled completely in the prefix cache. Nothing writes
@@ -705,20 +765,55 @@ class Engine:
         log.error("prefill failed", exc_info=exc)
         self.out.error(seq.sink, f"prefill failed: {exc}")
 
-    def _decode(self, seqs: list[Sequence]) -> None:
-        # One row per running sequence, each reading its own blocks through its block-table row.
-        batch = torch.tensor([[s.output_ids[-1] for s in seqs], [s.position for s in seqs], [s.row for s in seqs]])
-        input_ids, positions, rows = batch.to(self.device)  # (3, B): one copy to the device
-        length = max(s.position for s in seqs) + 1
-        logits = self.decode_step(input_ids, positions, rows, length)
-        self._append_tokens(seqs, sample(logits, [s.params for s in seqs], [s.generator for s in seqs]))
+    def _launch_decode(self, seqs: list[Sequence]) -> InFlight:
+        """Queue one decode step for `seqs` and the copy of its tokens to the host; nothing waits for the GPU."""
+        with self.profile.phase("decode_launch"):
+            begin = self.profile.decode_begin()
+            n = len(seqs)
+            positions = [s.next_position for s in seqs]
+            inputs = self._host_inputs[self._buffer][:, :n]
+            inputs.copy_(torch.tensor([positions, [s.row for s in seqs]]))
+            # (2, B): one copy to the device, from pinned memory, queued on the stream.
+            positions_dev, rows = inputs.to(self.device, non_blocking=True)
+            # One row per running sequence, each reading its own blocks through its block-table row.
+            logits = self.decode_step(self._next_tokens[rows], positions_dev, rows, max(positions) + 1)
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            self._next_tokens[rows] = tokens
+            host = self._host_tokens[self._buffer][:n]
+            host.copy_(tokens, non_blocking=True)
+            done = None
+            if self.device.type == "cuda":
+                done = torch.cuda.Event()
+                done.record()
+            self._buffer ^= 1
+            for seq in seqs:
+                seq.pending += 1
+            self.profile.decode_end(begin, n)
+        return InFlight(seqs, host, done)
 
-    def _append_tokens(self, seqs: list[Sequence], tokens: torch.Tensor) -> None:
+    def _finish_decode(self, step: InFlight) -> None:
+        """Wait for a launched step's tokens and hand them out; sequences released since (stopped at the
+        step before, cancelled) drop theirs."""
+        with self.profile.phase("decode_wait"):
+            if step.done is not None:
+                step.done.synchronize()
+            tokens = step.tokens.tolist()
+        with self.profile.phase("decode_emit"):
+            live, live_tokens = [], []
+            for seq, token in zip(step.seqs, tokens):
+                seq.pending -= 1
+                if seq.row >= 0:
+                    live.append(seq)
+                    live_tokens.append(token)
+            if live:
+                self._append_tokens(live, live_tokens)
+
+    def _append_tokens(self, seqs: list[Sequence], tokens: list[int]) -> None:
         now = time.monotonic()
         first_token_s, inter_token_s = [], []
         outputs: list[tuple[Sink, Output]] = []
         finished = False
-        for seq, token in zip(seqs, tokens.tolist()):
+        for seq, token in zip(seqs, tokens):
             (inter_token_s if seq.output_ids else first_token_s).append(now - seq.last_event)
             seq.last_event = now
             seq.output_ids.append(token)

@@ -503,6 +503,12 @@ class ServingConfig:
     # gathered copy of the length bucket (lm_runtime.use_decode_kernel says why auto picks triton).
     decode_attention: str = _option("auto", "decode attention: triton, sdpa, or auto = triton on a GPU where the "
                                     "triton package is importable, else sdpa", ("auto", "triton", "sdpa"))
+    # Step N+1 is launched with step N's tokens still on the device, and the host reads step N's tokens
+    # back, detokenizes and hands out its responses while the GPU computes N+1: the host's share of a
+    # step is hidden behind the GPU's instead of added to it (llava_triton.engine says how).
+    overlap_decode: bool = _option(True, "launch each decode step before the host handles the previous step's "
+                                   "tokens, so the GPU does not wait for Python between steps; a sequence that "
+                                   "stops on EOS or a stop string computes one more step, thrown away")
     cuda_graphs: bool = _option(True, "on a GPU, replay decode steps and the vision models from CUDA graphs "
                                 "(captured at load)")
     # At load, before capturing the graphs; eager layers if it cannot compile (no C compiler).

@@ -564,3 +564,55 @@ def test_oldest_waiting_request_is_admitted_first(parts, monkeypatch):
     assert engine.num_waiting == 0  # both admitted once the first was done
     run_until_done(engine, [long_request, short])
     assert_all_free(engine)
+
+
+def test_overlapped_decode_gives_what_the_serial_schedule_gives(parts):
+    """overlap_decode launches step N+1 before the host reads step N's tokens: the same tokens, texts and
+    finish reasons as one step at a time, for greedy and seeded requests, stop strings and max_tokens,
+    requests queueing for rows; a sequence that stops on a stop string computes exactly one step more."""
+    from llava_triton.step_profile import PHASES, StepProfile
+
+    _, model_spec, tokenizer, _ = parts
+    prompts = ["What is in the picture?", "Describe a cat.", "One", "Tell me a long story about the sea and sky.",
+               "Count to ten.", "Why is the sky blue?"]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    # Stop strings that do occur: a piece of what each prompt's greedy answer says after a few tokens.
+    probe = make_engine(parts, max_num_seqs=6, overlap_decode=False)
+    probes = [Collect() for _ in ids]
+    for x, sink in zip(ids, probes):
+        probe.submit(x, None, params(max_tokens=12, ignore_eos=True), sink)
+    run_until_done(probe, probes)
+    stops = [tokenizer.decode(sink.token_ids[3 + i % 4: 5 + i % 4]).strip() for i, sink in enumerate(probes)]
+    assert all(stops)
+
+    def run(overlap: bool):
+        serving = ServingConfig(max_num_seqs=3, prefill_chunk_tokens=7, overlap_decode=overlap)
+        profile = StepProfile("cpu")
+        engine = Engine(prepared(parts, serving), tokenizer, model_spec, serving, profile=profile)
+        sinks = [Collect() for _ in ids]
+        requests = [params(max_tokens=12, stop=[stops[0]]), params(max_tokens=9, temperature=0.9, seed=7),
+                    params(max_tokens=12, stop=[stops[2]], temperature=0.7, seed=3), params(max_tokens=5),
+                    params(max_tokens=12, stop=[stops[4]]), params(max_tokens=1)]
+        for x, request, sink in zip(ids, requests, sinks):
+            engine.submit(x, None, request, sink)
+        run_until_done(engine, sinks)
+        engine.step()  # a step thrown away may still be in flight: nothing of it must come out
+        assert_all_free(engine)
+        assert all(not sink.errors and sum(o.final for o in sink.outputs) == 1 for sink in sinks)
+        return sinks, profile
+
+    serial, serial_profile = run(False)
+    overlapped, overlapped_profile = run(True)
+    for a, b in zip(serial, overlapped):
+        assert (a.token_ids, a.text, a.outputs[-1].finish_reason) == (b.token_ids, b.text, b.outputs[-1].finish_reason)
+    stopped = [s for s in serial if s.outputs[-1].finish_reason == "stop"]
+    assert len(stopped) >= 2  # the stop strings did stop requests before max_tokens
+    # Serial: a decode row per token after the first (prefill's); overlapped: one more per stop-string stop.
+    assert serial_profile.decode_rows == sum(len(s.token_ids) - 1 for s in serial)
+    assert overlapped_profile.decode_rows == serial_profile.decode_rows + sum(len(s.token_ids) > 1 for s in stopped)
+    for profile in (serial_profile, overlapped_profile):
+        summary = profile.summary()
+        assert set(summary["host_ms"]) == set(PHASES) and summary["gpu_decode_ms_per_step"] is None
+        assert summary["steps"] == profile.steps > summary["decode_steps"] > 0
+        assert all(summary["host_ms"][name] > 0 for name in ("admit", "prefill", "decode_launch", "decode_emit"))
+        assert summary["host_ms_total"] == pytest.approx(sum(summary["host_ms"].values()), abs=0.01)
