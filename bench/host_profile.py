@@ -15,11 +15,17 @@ the GPU's own time per decode step (CUDA events) and the HBM roofline's time per
 (bench.limits). What this leaves out is Triton: the IPC of each response and metric update (the
 outbox's thread makes them; here it hands them to a list), and the steps before the language model
 (python -m bench reports those per model).
+
+--kernels traces the overlapped runs with torch.profiler and lists the kernels that take most GPU
+time per decode step (the GEMMs against the rest); tracing slows the host, so the traced levels'
+speed is not the untraced one. Text prompts only: a LLaVA-NeXT-Video export, whose language model
+needs its projector, is not supported.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -40,6 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2, help="requests before each level (not reported)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kernels", action="store_true",
+                        help="also trace the overlapped runs with torch.profiler: GPU time per decode step of "
+                             "the kernels that take most (CUDA only)")
     parser.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
                         help="a serving option over the exported one (e.g. max_num_seqs=128)")
     parser.add_argument("--out", type=Path, required=True)
@@ -112,6 +121,31 @@ def run_level(engine, prompts, params, concurrency: int, num_requests: int) -> d
             "itl_ms": {"p50": round(statistics.median(itl), 3), "mean": round(statistics.fmean(itl), 3)}}
 
 
+@contextlib.contextmanager
+def kernel_trace(enabled: bool):
+    """torch.profiler over the block's CUDA kernels (those replayed from CUDA graphs included), or nothing."""
+    if not enabled:
+        yield None
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as tracer:
+        yield tracer
+
+
+def top_kernels(tracer, decode_steps: int, count: int = 15) -> dict[str, float]:
+    """The kernels that took most GPU time, in µs per decode step (prefill's kernels included, so a
+    level with many prompts shows them too), and the total of all of them."""
+    totals: dict[str, float] = {}
+    for event in tracer.key_averages():
+        us = event.self_device_time_total
+        if us > 0:
+            totals[event.key[:90]] = totals.get(event.key[:90], 0.0) + us
+    steps = max(decode_steps, 1)
+    top = sorted(totals.items(), key=lambda item: -item[1])[:count]
+    return {"all kernels": round(sum(totals.values()) / steps, 1)} | {name: round(us / steps, 1) for name, us in top}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import numpy as np
@@ -165,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     for concurrency in args.concurrency:
         num_requests = args.requests or max(2 * concurrency, 4)
         for overlap in (False, True):
-            level_serving = dataclasses.replace(serving, overlap_decode=overlap)
+            # Text prompts: no projector is ever run, so the engine is built as for a separate projector model.
+            level_serving = dataclasses.replace(serving, overlap_decode=overlap, projector_placement="model")
             outbox = ThreadedOutbox()
             engine = Engine(runtime, tokenizer, model_spec, level_serving, outbox=outbox)
             stop = threading.Event()
@@ -176,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
                     run_level(engine, prompts, params, min(concurrency, args.warmup), args.warmup)
                     del prompts[: args.warmup]
                 engine.profile = profile = StepProfile(device)
-                level = run_level(engine, prompts, params, concurrency, num_requests)
+                trace = args.kernels and overlap and device == "cuda"
+                with kernel_trace(trace) as tracer:
+                    level = run_level(engine, prompts, params, concurrency, num_requests)
                 del prompts[:num_requests]
             finally:
                 stop.set()
@@ -188,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             roofline_ms = None
             if bandwidth:
                 roofline_ms = (step_bytes["weights"] + batch * step_bytes["kv_cache"]) / (bandwidth * 1e9) * 1e3
+            if trace:
+                level["kernels_us_per_decode_step"] = top_kernels(tracer, summary["decode_steps"])
             level.update(concurrency=concurrency, overlap_decode=overlap, profile=summary,
                          roofline_decode_step_ms=None if roofline_ms is None else round(roofline_ms, 3))
             levels.append(level)
@@ -233,6 +272,12 @@ def render(results: dict[str, Any]) -> str:
                      f"{level['ttft_ms']['p50']:.1f} | {cell(profile['gpu_decode_ms_per_step'])} | "
                      f"{cell(level['roofline_decode_step_ms'])} | "
                      + " | ".join(cell(per_step[name]) for name in PHASES) + f" | {host:.3f} |")
+    for level in results["levels"]:
+        kernels = level.get("kernels_us_per_decode_step")
+        if kernels:
+            lines += ["", f"GPU kernels at c={level['concurrency']} (overlap on, traced), µs per decode step:", "",
+                      "| kernel | µs |", "|---|---:|"]
+            lines += [f"| `{name}` | {us:,.1f} |" for name, us in kernels.items()]
     return "\n".join(lines) + "\n"
 
 
