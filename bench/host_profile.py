@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from bench import limits as bench_limits
+    from export.__main__ import parse_set
     from llava_triton import spec
     from llava_triton.dtypes import resolve_dtype
     from llava_triton.engine import Engine
@@ -165,8 +166,7 @@ def main(argv: list[str] | None = None) -> int:
 
     directory = args.repository / spec.LANGUAGE_MODEL / "1"
     model_spec, serving = read_spec(directory)
-    overrides = dict(item.split("=", 1) for item in args.set)
-    serving = ServingConfig.from_dict({**dataclasses.asdict(serving), **overrides})
+    serving = ServingConfig.from_dict({**dataclasses.asdict(serving), **parse_set(args.set)})
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = LlamaForCausalLM.from_pretrained(directory, device=device, dtype=resolve_dtype(serving.dtype))
     tokenizer = load_processor(directory / spec.PROCESSOR_DIR).tokenizer

@@ -19,7 +19,7 @@ from llava_triton.spec import RENAMED_OPTIONS, ModelSpec, ServingConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _parse_set(items: list[str]) -> dict:
+def parse_set(items: list[str]) -> dict:
     """`--set key=value` pairs for ServingConfig fields, values parsed as JSON when possible."""
     fields = {f.name: f for f in dataclasses.fields(ServingConfig)}
     overrides = {}
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
     engine = "pytorch" if args.engine == "auto" else args.engine  # tensorrt only when asked for: never run
-    overrides = _parse_set(args.set)
+    overrides = parse_set(args.set)
     if model.videos and "projector_placement" not in overrides:
         # LLaVA-NeXT-Video pools each frame's features before the projector: the language model does both.
         overrides["projector_placement"] = "language_model"

@@ -16,12 +16,14 @@ REQUESTS, MAX_TOKENS = 3, 5
 def test_host_profile_measures_both_schedules_on_the_tiny_export(model_repository, tmp_path):
     out = tmp_path / "hp"
     argv = ["--repository", str(model_repository), "--concurrency", "1", "2", "--requests", str(REQUESTS),
-            "--prompt-tokens", "12", "--max-tokens", str(MAX_TOKENS), "--warmup", "1", "--out", str(out)]
+            "--prompt-tokens", "12", "--max-tokens", str(MAX_TOKENS), "--warmup", "1", "--set", "max_num_seqs=2",
+            "--out", str(out)]
     assert host_profile_main(argv) == 0
 
     results = json.loads((out / "host_profile.json").read_text())
     assert results["command"].startswith("python -m bench.host_profile --repository")
     assert results["workload"] == {"prompt_tokens": 12, "max_tokens": MAX_TOKENS}
+    assert results["serving"]["max_num_seqs"] == 2  # --set parsed as the export parses it (an int)
     levels = results["levels"]
     assert [(level["concurrency"], level["overlap_decode"]) for level in levels] == [
         (1, False), (1, True), (2, False), (2, True)]

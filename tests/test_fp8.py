@@ -135,8 +135,8 @@ def test_weight_dtype_setting():
     # A repository exported before the rename says what to use instead.
     with pytest.raises(ValueError, match=r"decode_weight_dtype is now lm_weight_dtype"):
         ServingConfig.from_dict({"decode_weight_dtype": "fp8_e4m3"})
-    from export.__main__ import _parse_set  # and so does the export's --set
+    from export.__main__ import parse_set  # and so does the export's --set
 
     with pytest.raises(SystemExit, match=r"decode_weight_dtype is now lm_weight_dtype"):
-        _parse_set(["decode_weight_dtype=fp8_e4m3"])
-    assert _parse_set(["lm_weight_dtype=fp8_e4m3"]) == {"lm_weight_dtype": "fp8_e4m3"}
+        parse_set(["decode_weight_dtype=fp8_e4m3"])
+    assert parse_set(["lm_weight_dtype=fp8_e4m3"]) == {"lm_weight_dtype": "fp8_e4m3"}

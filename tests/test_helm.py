@@ -650,7 +650,7 @@ def export_options() -> set[str]:
 
 @pytest.mark.parametrize("name", [n for n in OVERRIDES if OVERRIDES[n].get("export", {}).get("enabled", True)])
 def test_export_job_runs_the_export_cli(name):
-    from export.__main__ import _parse_set
+    from export.__main__ import parse_set
 
     values = OVERRIDES[name]
     docs = manifests(values)
@@ -662,7 +662,7 @@ def test_export_job_runs_the_export_cli(name):
     engine = options[options.index("--engine") + 1]
     assert engine == values.get("engine", chart_values()["engine"])
     sets = [options[i + 1] for i, o in enumerate(options) if o == "--set"]
-    serving = ServingConfig.from_dict(_parse_set(sets))  # what the export will build from them
+    serving = ServingConfig.from_dict(parse_set(sets))  # what the export will build from them
     for key, value in values.get("export", {}).get("set", {}).items():
         assert getattr(serving, key) == (tuple(value) if isinstance(value, list) else value)
 
