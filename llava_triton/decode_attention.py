@@ -8,10 +8,10 @@ a gathered copy of every row's whole length bucket (the batch's KV read, written
 and from an FP8 cache a bfloat16 one. This kernel reads a row's `length` positions where they are,
 in whatever dtype the cache holds, converting to float32 in registers.
 
-Block tables: a program walks its positions BLOCK_N at a time (the tile the H100 sweep below
-chose); each position's block id comes from the row's table (int32, a few hundred bytes a row,
+Block tables: a program walks its positions a tile at a time (`Tiling.block`, chosen by a sweep,
+below); each position's block id comes from the row's table (int32, a few hundred bytes a row,
 read from cache) and its keys from offset position % block_size of that block. A tile spans
-BLOCK_N / block_size blocks, each a contiguous run of block_size * head_dim values (4 KiB in
+block / block_size blocks, each a contiguous run of block_size * head_dim values (4 KiB in
 bfloat16 at block 16, head_dim 128): the loads stay as coalesced as over a contiguous slot.
 
 Split-K ("flash-decoding"): with few rows there are too few (row, head) programs to fill the
@@ -23,6 +23,7 @@ The kernels are plain Triton: `TRITON_INTERPRET=1` runs them on the CPU (the tes
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -34,26 +35,37 @@ try:
 except ImportError:  # the CPU build of torch does not bring Triton; then SDPA serves (llama.py)
     triton = None
 
-# Cache positions per loop iteration, warps per program, software-pipeline stages: from a sweep
-# on the H100 (block 16-128, 2-8 warps, 1-3 stages) at 7B shapes, the fastest at batch 32 and 128
-# (at batch 1 and 8 every setting was within 10 % of SDPA).
-BLOCK_N = 64
-NUM_WARPS = 2
-NUM_STAGES = 1
-# Aim for this many (row, head, split) programs per streaming multiprocessor, so that a small
-# batch still keeps every SM's memory pipeline busy.
-PROGRAMS_PER_SM = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+    block: int  # cache positions per loop iteration
+    num_warps: int
+    num_stages: int  # software-pipeline stages
+    # Aim for this many (row, head, split) programs per streaming multiprocessor, so that a small
+    # batch still keeps every SM's memory pipeline busy.
+    programs_per_sm: int
+
+
+# By the cache's bytes per value: the fastest summed over batch 1, 8, 32 and 128 at 7B shapes
+# (head_dim 128, W1's contexts) in `python -m bench.kernels` on the H200
+# (bench/results/2026-12-04-h200-kernel-sweep.md). A tile of 32 positions reads 8 KiB of bfloat16
+# keys; 64 (the H100 sweep's choice) was 30 % slower at batch 128 in bfloat16, 22 % in FP8.
+# float32 (a float32 export) was not swept: the bfloat16 tile's bytes.
+TILINGS = {1: Tiling(block=32, num_warps=1, num_stages=1, programs_per_sm=8),
+           2: Tiling(block=32, num_warps=2, num_stages=1, programs_per_sm=4),
+           4: Tiling(block=16, num_warps=2, num_stages=1, programs_per_sm=4)}
 
 
 def available() -> bool:
     return triton is not None
 
 
-def num_splits(batch: int, num_heads: int, max_length: int, num_sms: int) -> int:
+def num_splits(batch: int, num_heads: int, max_length: int, num_sms: int, tiling: Tiling) -> int:
     """How many ranges to cut each row's positions into: enough programs for the GPU, at
-    least BLOCK_N positions each."""
-    wanted = math.ceil(PROGRAMS_PER_SM * num_sms / max(batch * num_heads, 1))
-    return max(1, min(wanted, math.ceil(max_length / BLOCK_N)))
+    least a tile of positions each."""
+    wanted = math.ceil(tiling.programs_per_sm * num_sms / max(batch * num_heads, 1))
+    return max(1, min(wanted, math.ceil(max_length / tiling.block)))
 
 
 if triton is not None:
@@ -128,13 +140,12 @@ if triton is not None:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                     lengths: torch.Tensor, splits: int, block: int = BLOCK_N, num_warps: int = NUM_WARPS,
-                     num_stages: int = NUM_STAGES) -> torch.Tensor:
+                     lengths: torch.Tensor, splits: int, tiling: Tiling | None = None) -> torch.Tensor:
     """q (B, nh, hs): one query per row; k_cache, v_cache (num_blocks, nkv, block_size, hs): the
     block pool; block_tables (B, nb) int32: row b's position p is in block block_tables[b, p //
     block_size] at offset p % block_size; lengths (B,) int: row b attends to positions
     0..lengths[b]-1 (each >= 1, at most nb * block_size) → (B, nh, hs) in q's dtype. Softmax
-    scale 1/sqrt(hs), as Llama's."""
+    scale 1/sqrt(hs), as Llama's. `tiling`: TILINGS' for the cache's dtype unless given."""
     B, num_heads, head_dim = q.shape
     num_kv_heads, block_size = k_cache.shape[1], k_cache.shape[2]
     max_len = block_tables.shape[1] * block_size
@@ -143,9 +154,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if block_tables.dtype != torch.int32 or block_tables.shape[0] != B or block_tables.stride(-1) != 1:
         raise ValueError(f"block_tables must be int32 ({B}, nb) with unit stride, got {block_tables.dtype} "
                          f"{tuple(block_tables.shape)}")
+    tiling = tiling or TILINGS[k_cache.element_size()]
     q = q.contiguous()
     out = torch.empty_like(q)
-    split_len = math.ceil(math.ceil(max_len / splits) / block) * block
+    split_len = math.ceil(math.ceil(max_len / splits) / tiling.block) * tiling.block
     if splits > 1:
         part = torch.empty((B, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
         lse = torch.empty((B, num_heads, splits), dtype=torch.float32, device=q.device)
@@ -160,8 +172,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         split_len, sm_scale_log2,
-        NUM_SPLITS=splits, KV_GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK=block,
-        KV_BLOCK_SIZE=block_size, num_warps=num_warps, num_stages=num_stages)
+        NUM_SPLITS=splits, KV_GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK=tiling.block,
+        KV_BLOCK_SIZE=block_size, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
     if splits > 1:
         _merge_kernel[(B, num_heads)](part, lse, out, out.stride(0), out.stride(1),
                                       NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),
@@ -179,8 +191,9 @@ def decode_attention_op(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
                         lengths: torch.Tensor, max_length: int) -> torch.Tensor:
     """`decode_attention` as one opaque op for torch.compile; the number of splits comes from the
     batch and `max_length` (the longest length this call may see: a CUDA graph's length bucket)."""
-    splits = num_splits(q.shape[0], q.shape[1], max_length, _num_sms(q.device))
-    return decode_attention(q, k_cache, v_cache, block_tables, lengths, splits)
+    tiling = TILINGS[k_cache.element_size()]
+    splits = num_splits(q.shape[0], q.shape[1], max_length, _num_sms(q.device), tiling)
+    return decode_attention(q, k_cache, v_cache, block_tables, lengths, splits, tiling)
 
 
 @decode_attention_op.register_fake

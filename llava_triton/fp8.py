@@ -9,8 +9,8 @@ projections take half the memory, left to the KV cache.
 
 How: each weight row (output channel) is scaled so its largest magnitude maps to FP8's largest
 value (448) and rounded to FP8 once, at load. Then, by the number of activation rows M:
-- M = 1 on a GPU (decode at batch 1): a Triton GEMV reads the FP8 weights and multiplies in
-  float32 (`fp8_gemv`): weight-only quantisation, the activations stay bfloat16;
+- M = 1 on a GPU (decode at batch 1): llava_triton.gemv's Triton kernel reads the FP8 weights and
+  multiplies in float32: weight-only quantisation, the activations stay bfloat16;
 - M > 1 on a GPU (decode batches, prefill): each activation row (token) is scaled and rounded to
   FP8 too, and `torch._scaled_mm` (cuBLASLt's FP8 GEMM) multiplies with both row-wise scales and
   the tensor cores' fast FP8 accumulation (no measured loss against the slower one, 4-17 % less
@@ -26,20 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:
-    triton = None
+from .gemv import fp8_gemv
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
-# GEMV tiling: the fastest over the four projections of a 7B Llama layer at batch 1 in a sweep on
-# the H100 (100 µs a layer, against 166 µs for cuBLAS with bfloat16 weights).
-GEMV_BLOCK_N = 8
-GEMV_BLOCK_K = 1024
-GEMV_NUM_WARPS = 8
-GEMV_NUM_STAGES = 3
 
 
 def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,37 +92,3 @@ def quantize_linears(module: nn.Module, names: tuple[str, ...]) -> None:
         linear = getattr(module, name, None)
         if isinstance(linear, nn.Linear):
             setattr(module, name, Fp8Linear(linear))
-
-
-if triton is not None:
-
-    @triton.jit
-    def _gemv_kernel(x_ptr, w_ptr, scale_ptr, y_ptr, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-        # y[n] = scale[n] * sum_k w[n, k] * x[k] for BLOCK_N rows n; float32 accumulation.
-        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        acc = tl.zeros((BLOCK_N, BLOCK_K), tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            cols = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + cols, mask=cols < K, other=0.0).to(tl.float32)
-            w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=(rows[:, None] < N) & (cols[None, :] < K),
-                        other=0.0)
-            acc += w.to(tl.float32) * x[None, :]
-        scale = tl.load(scale_ptr + rows, mask=rows < N, other=0.0)
-        tl.store(y_ptr + rows, (tl.sum(acc, axis=1) * scale).to(y_ptr.dtype.element_ty), mask=rows < N)
-
-
-@torch.library.custom_op("llava_triton::fp8_gemv", mutates_args=())
-def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (1, K) · FP8 weight (N, K)ᵀ, each output n times scale[n] → (1, N) in x's dtype."""
-    N, K = weight.shape
-    x = x.contiguous()
-    y = torch.empty((1, N), dtype=x.dtype, device=x.device)
-    _gemv_kernel[(triton.cdiv(N, GEMV_BLOCK_N),)](x, weight, scale, y, N, K, BLOCK_N=GEMV_BLOCK_N,
-                                                  BLOCK_K=GEMV_BLOCK_K, num_warps=GEMV_NUM_WARPS,
-                                                  num_stages=GEMV_NUM_STAGES)
-    return y
-
-
-@fp8_gemv.register_fake
-def _(x, weight, scale):
-    return x.new_empty((1, weight.shape[0]))

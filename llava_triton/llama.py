@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .decode_attention import decode_attention_op
 from .fp8 import concat_linears, quantize_linears
+from .gemv import use_gemv_linears
 from .kv_blocks import NULL_BLOCK, blocks_needed
 
 # Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
@@ -416,6 +417,15 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             quantize_linears(layer.self_attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"))
             quantize_linears(layer.mlp, ("gate_up_proj", "gate_proj", "up_proj", "down_proj"))
+
+    def use_gemv(self) -> None:
+        """Every projection still in the model's dtype (FP8 ones run their own rows) and the lm_head
+        as llava_triton.gemv's GemvLinear: one-row products (decode at batch 1) by its Triton kernel
+        instead of cuBLAS; the same weights."""
+        for layer in self.model.layers:
+            use_gemv_linears(layer.self_attn, ("qkv_proj", "q_proj", "k_proj", "v_proj", "o_proj"))
+            use_gemv_linears(layer.mlp, ("gate_up_proj", "gate_proj", "up_proj", "down_proj"))
+        use_gemv_linears(self, ("lm_head",))
 
     def compile_layers(self) -> None:
         """Fuse each layer's small kernels (norms, RoPE, SiLU, residual adds) with torch.compile,

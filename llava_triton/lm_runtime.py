@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import decode_attention
+from . import decode_attention, gemv
 from .cuda_graphs import DecodeGraphs, PrefillGraphs
 from .kv_blocks import blocks_needed
 from .llama import LlamaForCausalLM
@@ -81,6 +81,16 @@ def use_decode_kernel(serving: ServingConfig, device: torch.device) -> bool:
     return device.type == "cuda" and decode_attention.available()
 
 
+def use_gemv(serving: ServingConfig, device: torch.device) -> bool:
+    """Whether one-row products of weights in the model's dtype run as llava_triton.gemv's Triton
+    kernel (ServingConfig.decode_gemv): "auto" picks it on a GPU where Triton is importable."""
+    if serving.decode_gemv == "cublas":
+        return False
+    if serving.decode_gemv == "triton" and not gemv.available():
+        raise RuntimeError("decode_gemv is 'triton' but the triton package is not installed")
+    return device.type == "cuda" and gemv.available()
+
+
 def kv_cache_bytes_per_block(model: LlamaForCausalLM, serving: ServingConfig) -> int:
     """Bytes of one KV-cache block: keys and values of kv_block_size positions in every layer."""
     c = model.config
@@ -121,7 +131,8 @@ def kv_cache_blocks(model: LlamaForCausalLM, serving: ServingConfig, max_seq_len
 def prepare_language_model(model: LlamaForCausalLM, spec: ModelSpec, serving: ServingConfig) -> LanguageModelRuntime:
     """Make `model` (loaded, on its device, in its dtype) ready to serve under `serving`; changes it in place.
 
-    In this order: weights in their final form (fused, FP8 copies made), so the KV cache is sized from
+    In this order: weights in their final form (fused, FP8 copies made, one-row products by
+    llava_triton.gemv where decode_gemv says), so the KV cache is sized from
     the memory they leave free; the cache's block pool and block tables; on a GPU, compiled layers
     (torch_compile), then decode and prefill captured as CUDA graphs (those captures write the null
     block only: no block table holds another yet).
@@ -133,6 +144,8 @@ def prepare_language_model(model: LlamaForCausalLM, spec: ModelSpec, serving: Se
         model.quantize_fp8()
         if device.type == "cuda":
             torch.cuda.empty_cache()  # return quantize_fp8's float32 temporaries before measuring
+    if use_gemv(serving, device):
+        model.use_gemv()
     num_blocks = kv_cache_blocks(model, serving, max_seq_len)
     model.setup_caches(num_blocks, serving.kv_block_size, serving.max_num_seqs, max_seq_len,
                        kv_cache_dtype(model, serving), decode_kernel=use_decode_kernel(serving, device))

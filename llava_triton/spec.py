@@ -467,7 +467,7 @@ class ServingConfig:
                                         "stall running decodes")
     max_seq_len: int = _option(0, "tokens one request may use (prompt and output); 0 = the model's context length")
     # 16: a request wastes at most 15 positions of its last block (a 50-token prompt's 4 blocks hold
-    # 64), and llava_triton.decode_attention reads 64 positions a tile anyway, gathering 4 blocks of
+    # 64), and llava_triton.decode_attention reads 32 positions a tile anyway, gathering 2 blocks of
     # 16 positions each a contiguous 4 KiB per head (bfloat16, head_dim 128): larger blocks would
     # save a few int32 block-id loads per tile and waste more. The size vLLM and FlashInfer default to.
     kv_block_size: int = _option(16, "token positions per KV-cache block; a request reserves the blocks of its "
@@ -503,6 +503,12 @@ class ServingConfig:
     # gathered copy of the length bucket (lm_runtime.use_decode_kernel says why auto picks triton).
     decode_attention: str = _option("auto", "decode attention: triton, sdpa, or auto = triton on a GPU where the "
                                     "triton package is importable, else sdpa", ("auto", "triton", "sdpa"))
+    # One-row products are a decode step's at batch 1: "triton" = llava_triton.gemv's kernel, which
+    # read a 7B layer's bfloat16 weights 10 % faster than cuBLAS on an H200 (bench.kernels); FP8
+    # weights always take it (lm_runtime.use_gemv).
+    decode_gemv: str = _option("auto", "one-row products of weights in the model's dtype (decode at batch 1): "
+                               "triton, cublas, or auto = triton on a GPU where the triton package is importable",
+                               ("auto", "triton", "cublas"))
     # Step N+1 is launched with step N's tokens still on the device, and the host reads step N's tokens
     # back, detokenizes and hands out its responses while the GPU computes N+1: the host's share of a
     # step is hidden behind the GPU's instead of added to it (llava_triton.engine says how).

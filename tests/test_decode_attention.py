@@ -50,9 +50,11 @@ def block_pool(rows: int, max_len: int, block_size: int, num_kv_heads: int, head
 
 @pytest.mark.parametrize("cache_dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (FP8, 2e-2)])
 @pytest.mark.parametrize("num_heads,num_kv_heads,splits,block_size", [(4, 4, 1, 16), (4, 2, 3, 5), (8, 1, 5, 64)])
-def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits, block_size):
-    """Blocks smaller than the kernel's tile of positions (16, and 5: not a divisor of it) and as
-    large (64)."""
+@pytest.mark.parametrize("tile", [None, 64])
+def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits, block_size, tile):
+    """Cache blocks smaller than the kernel's tile of positions (16, and 5: not a divisor of it),
+    as large and larger (64); the dtype's tile (TILINGS: 16 positions in float32, 32 in bfloat16 and
+    FP8) and one of 64."""
     torch.manual_seed(0)
     max_len, head_dim = 200, 32
     q_dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
@@ -61,7 +63,8 @@ def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits, 
     # later splits' starts (their ranges are empty).
     k_cache, v_cache, tables = block_pool(4, max_len, block_size, num_kv_heads, head_dim, cache_dtype)
     lengths = torch.tensor([max_len, 1, 77, 5], device=DEVICE)
-    got = da.decode_attention(q, k_cache, v_cache, tables, lengths, splits)
+    tiling = tile and da.Tiling(block=tile, num_warps=2, num_stages=1, programs_per_sm=4)
+    got = da.decode_attention(q, k_cache, v_cache, tables, lengths, splits, tiling)
     assert got.dtype == q_dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), reference(q, k_cache, v_cache, tables, lengths), rtol=0, atol=atol)
 
@@ -93,11 +96,14 @@ def test_kernel_refuses_tables_it_cannot_read():
 
 
 def test_splits_fill_the_gpu_but_never_get_shorter_than_a_block():
-    assert da.num_splits(1, 32, 768, 132) == math.ceil(768 / da.BLOCK_N)  # 12: capped by the length
-    assert da.num_splits(1, 32, 4096, 132) == math.ceil(da.PROGRAMS_PER_SM * 132 / 32)
-    assert da.num_splits(8, 32, 768, 132) == 3
-    assert da.num_splits(128, 32, 768, 132) == 1
-    assert da.num_splits(4, 4, 10, 132) == 1
+    tiling = da.Tiling(block=64, num_warps=2, num_stages=1, programs_per_sm=4)
+    assert da.num_splits(1, 32, 768, 132, tiling) == 768 // 64  # 12: capped by the length
+    assert da.num_splits(1, 32, 4096, 132, tiling) == math.ceil(4 * 132 / 32)  # 17: the SMs' programs
+    assert da.num_splits(8, 32, 768, 132, tiling) == 3
+    assert da.num_splits(128, 32, 768, 132, tiling) == 1
+    assert da.num_splits(4, 4, 10, 132, tiling) == 1
+    assert da.num_splits(1, 32, 768, 132, da.TILINGS[2]) == 17  # bfloat16: 4 programs an SM
+    assert da.num_splits(1, 32, 768, 132, da.TILINGS[1]) == 768 // 32  # FP8: 8 an SM, capped at 24 tiles of 32
 
 
 def test_fp8_cache_saturates_instead_of_making_nan():

@@ -1,5 +1,5 @@
 """FP8 weights (llava_triton/fp8.py): the quantisation, each matmul path against the dequantised
-weights, and a model served with them. The GEMV kernel runs in Triton's interpreter on the CPU
+weights, and a model served with them. The GEMV kernel (llava_triton/gemv.py) runs in Triton's interpreter on the CPU
 (see conftest.py) and compiled on a GPU; cuBLASLt's FP8 GEMM only on a GPU."""
 
 import pytest
@@ -8,13 +8,13 @@ import torch.nn.functional as F
 from test_llama import CONFIG, setup_blocks
 from torch import nn
 
-from llava_triton import fp8
+from llava_triton import fp8, gemv
 from llava_triton.llama import LlamaForCausalLM
 from llava_triton.spec import ServingConfig
 from llava_triton.torch_compile import compile_model
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-needs_triton = pytest.mark.skipif(fp8.triton is None, reason="the triton package is not installed")
+needs_triton = pytest.mark.skipif(not gemv.available(), reason="the triton package is not installed")
 
 
 def dequantized(layer: fp8.Fp8Linear) -> torch.Tensor:

@@ -221,6 +221,35 @@ def test_compiled_fused_decode_graphs_match_eager_decode(decode_kernel):
 
 
 @pytest.mark.usefixtures("fresh_dynamo")
+def test_batch_one_decode_by_the_gemv_compiled_and_graphed_matches_cublas():
+    """decode_gemv's path: a bfloat16 model's one-row projections and lm_head by llava_triton.gemv,
+    eager and then compiled and replayed from a CUDA graph, against cuBLAS's."""
+    from llava_triton.gemv import GemvLinear
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64)
+    model = LlamaForCausalLM(config).cuda().to(torch.bfloat16).eval()
+    setup_blocks(model, rows=2, seq_len=64, block_size=16)
+    ids, positions, rows = (torch.tensor([value], device="cuda") for value in (3, 5, 0))
+    prompt = torch.randn(1, 5, 64, device="cuda", dtype=torch.bfloat16)
+    with torch.inference_mode():
+        model.fuse()
+        model.prefill(prompt, [(0, 0, 5)])
+        cublas = model.decode(ids, positions, rows, 8).clone()
+        model.use_gemv()
+        assert isinstance(model.lm_head, GemvLinear)
+        eager = model.decode(ids, positions, rows, 8).clone()
+        assert compile_model(model)
+        model.prefill(prompt, [(0, 0, 5)])
+        graphs = DecodeGraphs(model, max_batch=1, length_step=16)
+        graphs.capture_all()
+        replayed = graphs(ids, positions, rows, 8).clone()
+    torch.testing.assert_close(eager, cublas, rtol=2e-2, atol=2e-2)  # the same products, summed in another order
+    torch.testing.assert_close(replayed, eager, rtol=2e-2, atol=2e-2)  # bfloat16, compiled: fused elementwise kernels
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
 def test_prepared_language_model_replays_graphs_that_match_eager():
     """prepare_language_model on a GPU, as the language model's adapter calls it before making the
     engine: fused, compiled, decode and prefill captured (DecodeGraphs, PrefillGraphs); the steps it
@@ -240,6 +269,7 @@ def test_prepared_language_model_replays_graphs_that_match_eager():
     assert isinstance(runtime.decode_step, DecodeGraphs) and isinstance(runtime.prefill_step, PrefillGraphs)
     assert (runtime.max_seqs, runtime.max_seq_len, runtime.block_size) == (4, 64, 16)
     assert model.model.layers[0].self_attn.qkv_proj is not None
+    assert type(model.lm_head).__name__ == "GemvLinear"  # decode_gemv auto: the Triton GEMV on a GPU
     # A block-table row per sequence, as the engine sets it at admission.
     model.set_block_table(0, [1, 2, 3, 4])
     model.set_block_table(1, [8, 7, 6, 5])
