@@ -338,7 +338,7 @@ def summarize(rows: list[dict[str, Any]], shapes: dict[str, Any], bandwidth_gbs:
             "tiling": list(tiling), "total_us": round(total_us, 1), "gb_per_s": round(gb_per_s, 1),
             "share_of_bandwidth": round(gb_per_s / bandwidth_gbs, 3) if bandwidth_gbs else None,
             "per_shape": {str(shape): {"us": row["us"], "gb_per_s": row["gb_per_s"]}
-                          for shape, row in sorted(per_shape.items(), key=lambda item: str(item[0]))}})
+                          for shape, row in sorted(per_shape.items(), key=lambda item: (str(type(item[0])), item[0]))}})
     for entries in summary.values():
         entries.sort(key=lambda entry: entry["total_us"])
     return dict(summary)
@@ -350,7 +350,8 @@ TILING_NAMES = {"attention": "block, warps, stages, programs/SM", "gemv": "block
 def markdown(result: dict[str, Any], current: dict[str, list]) -> str:
     lines = [f"# Kernel sweep: {result['device_name']}", "",
              f"{result['date']}, preset {result['preset']}, `{result['command']}`; HBM "
-             f"{result['bandwidth_gbs']} GB/s. Times are medians with the L2 cache flushed (µs).", ""]
+             f"{result['bandwidth_gbs']} GB/s. µs a call: medians of CUDA-graph replays, each call on its own copy "
+             "of the inputs (256 MiB or more between two reads of one copy).", ""]
     for name, entries in result["summary"].items():
         kind = name.split()[0]
         shapes = list(entries[0]["per_shape"]) if entries else []
