@@ -8,7 +8,7 @@ The two kernels a decode step spends its time in besides cuBLAS's GEMMs:
   --max-seq-len (W1's: a 640-token prompt and 128 tokens out), for each tiling: positions per
   tile, warps, pipeline stages, block ids read a tile ahead or not, and the programs per SM that
   set the number of splits;
-- the batch-1 GEMV (llava_triton.fp8.gemv) over one layer's fused projections and the lm_head,
+- the batch-1 GEMV (llava_triton.gemv) over one layer's fused projections and the lm_head,
   with FP8 weights (row scales) and bfloat16 ones, beside cuBLAS (F.linear) in bfloat16.
 
 Each case is timed by triton.testing.do_bench, which flushes the L2 cache before every call, so a
