@@ -36,7 +36,6 @@ except ImportError:  # the CPU build of torch does not bring Triton; then SDPA s
     triton = None
 
 
-
 @dataclasses.dataclass(frozen=True)
 class Tiling:
     block: int  # cache positions per loop iteration
@@ -50,7 +49,7 @@ class Tiling:
 # By the cache's bytes per value: the fastest summed over batch 1, 8, 32 and 128 at 7B shapes
 # (head_dim 128, W1's contexts) in `python -m bench.kernels` on the H200
 # (bench/results/2026-12-04-h200-kernel-sweep.md). A tile of 32 positions reads 8 KiB of bfloat16
-# keys; 64 (the H100 sweep's choice) was 30 % slower at batch 128 in bfloat16, 22 % in FP8.
+# keys; 64 (the H100 sweep's choice) took 45 % more time at batch 128 in bfloat16, 28 % more in FP8.
 # float32 (a float32 export) was not swept: the bfloat16 tile's bytes.
 TILINGS = {1: Tiling(block=32, num_warps=1, num_stages=1, programs_per_sm=8),
            2: Tiling(block=32, num_warps=2, num_stages=1, programs_per_sm=4),

@@ -83,7 +83,8 @@ def use_decode_kernel(serving: ServingConfig, device: torch.device) -> bool:
 
 def use_gemv(serving: ServingConfig, device: torch.device) -> bool:
     """Whether one-row products of weights in the model's dtype run as llava_triton.gemv's Triton
-    kernel (ServingConfig.decode_gemv): "auto" picks it on a GPU where Triton is importable."""
+    kernel (ServingConfig.decode_gemv): "auto" picks it on a GPU where Triton is importable. On the
+    CPU every product is F.linear's, whatever the setting (GemvLinear runs the kernel on a GPU only)."""
     if serving.decode_gemv == "cublas":
         return False
     if serving.decode_gemv == "triton" and not gemv.available():

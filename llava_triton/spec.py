@@ -504,7 +504,7 @@ class ServingConfig:
     decode_attention: str = _option("auto", "decode attention: triton, sdpa, or auto = triton on a GPU where the "
                                     "triton package is importable, else sdpa", ("auto", "triton", "sdpa"))
     # One-row products are a decode step's at batch 1: "triton" = llava_triton.gemv's kernel, which
-    # read a 7B layer's bfloat16 weights 10 % faster than cuBLAS on an H200 (bench.kernels); FP8
+    # read a 7B layer's bfloat16 weights in 10 % less time than cuBLAS on an H200 (bench.kernels); FP8
     # weights always take it (lm_runtime.use_gemv).
     decode_gemv: str = _option("auto", "one-row products of weights in the model's dtype (decode at batch 1): "
                                "triton, cublas, or auto = triton on a GPU where the triton package is importable",

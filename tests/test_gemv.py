@@ -84,6 +84,7 @@ def test_model_swaps_its_model_dtype_projections_and_lm_head_only():
 def test_decode_gemv_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert not use_gemv(ServingConfig(), cpu)
+    assert not use_gemv(ServingConfig(decode_gemv="triton"), cpu)  # on the CPU every product is F.linear's
     assert use_gemv(ServingConfig(), cuda) == gemv.available()
     assert not use_gemv(ServingConfig(decode_gemv="cublas"), cuda)
     with pytest.raises(ValueError, match="decode_gemv must be auto, triton or cublas"):
