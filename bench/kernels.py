@@ -152,11 +152,13 @@ class Bench:
     as in a decode step, every call's bytes come from HBM, not the L2 cache (50 MiB on an H200),
     and no launch gap sits between calls."""
 
-    def __init__(self, shapes: dict[str, Any], max_seq_len: int, context_min: int, device, seed: int):
+    def __init__(self, shapes: dict[str, Any], max_seq_len: int, context_min: int, device, seed: int,
+                 rotate: bool = True):
         import torch
         self.torch, self.shapes, self.device = torch, shapes, torch.device(device)
         self.max_seq_len, self.context_min, self.seed = max_seq_len, context_min, seed
         self.on_gpu = self.device.type == "cuda"
+        self.rotate = rotate and self.on_gpu  # copies of each input (timing on a GPU), or one
         self.num_sms = torch.cuda.get_device_properties(self.device).multi_processor_count if self.on_gpu else 1
         self._inputs: dict[tuple, Any] = {}
 
@@ -166,7 +168,7 @@ class Bench:
         return generator
 
     def _copies(self, nbytes: int) -> int:
-        return min(MAX_COPIES, max(1, math.ceil(ROTATION_BYTES / nbytes))) if self.on_gpu else 1
+        return min(MAX_COPIES, max(1, math.ceil(ROTATION_BYTES / nbytes))) if self.rotate else 1
 
     def attention_inputs(self, cache_dtype: str, batch: int):
         key = ("attention", cache_dtype, batch)
@@ -276,8 +278,7 @@ def _compile(payload: tuple) -> int:
     """A worker: run each case once on small inputs of the same specialisation (Triton compiles it
     into its on-disk cache) → how many compiled."""
     shapes, max_seq_len, context_min, cases = payload
-    bench = Bench(shapes, max_seq_len, context_min, "cuda", 0)
-    bench.on_gpu = False  # one copy of each input: compiling needs no rotation
+    bench = Bench(shapes, max_seq_len, context_min, "cuda", 0, rotate=False)  # compiling needs one copy
     done = 0
     for case in cases:
         try:
