@@ -25,9 +25,12 @@ for step N's tokens, appends, detokenizes and hands them out while the GPU compu
 the host learns one step late is which sequences stopped: a sequence that stops on EOS or a stop
 string at step N has also computed step N+1, whose token is thrown away (its key and value went to
 a position inside its own reserved blocks). A sequence whose token in flight is its last
-(max_tokens) is not launched again. Freed blocks and rows can be given out at once: everything
-that writes them later (block tables, prefill) is queued on the same CUDA stream after the step in
-flight.
+(max_tokens) is not launched again. Prefill's first tokens travel the same way: sampled into
+`_next_tokens` and read by the host at the next step, after that step's decode launch, so the
+host never waits for a prefill and the GPU always has the next step queued. Freed blocks and rows
+can be given out at once: everything that writes them later (block tables, prefill) is queued on
+the same CUDA stream after the step in flight; nothing between two token reads makes the host wait
+for the GPU (host_tensors).
 
 The engine only schedules: it receives the language model already prepared (fused, quantised,
 its KV cache allocated, compiled and captured) as a `LanguageModelRuntime` (llava_triton.lm_runtime).
@@ -50,6 +53,7 @@ import torch
 from .anyres import pack_index, tile_layout
 from .detokenize import Detokenizer, TextStream
 from .errors import InvalidRequestError, ServerBusyError
+from .host_tensors import all_finite, upload
 from .kv_blocks import BlockAllocator, prefix_block_hashes, prefix_root
 from .lm_runtime import LanguageModelRuntime
 from .outbox import Outbox
@@ -144,7 +148,7 @@ class Sequence:
     video_frames: tuple[int, ...] = ()  # LLaVA-NeXT-Video: each video's frames, whose rows follow the images'
     block_hashes: list[bytes] = field(default_factory=list)  # each full prompt block's (kv_blocks.prefix_block_hashes)
     registered: int = 0  # leading blocks registered in the prefix cache (or taken from it)
-    pending: int = 0  # launched decode steps whose tokens are not appended yet (at most 2, with overlap_decode)
+    pending: int = 0  # launched steps (its prefill's end, decode steps) whose tokens are not appended yet (<= 2)
 
     @property
     def prompt_tokens(self) -> int:
@@ -185,6 +189,14 @@ def count_images(input_ids: torch.Tensor, image_embeds_shape: tuple[int, ...] | 
     if sent:
         check_image_tensor_shape(image_embeds_shape, spec, image_input)
     return num_images
+
+
+def _finite(tensor: torch.Tensor) -> bool:
+    """Whether a host tensor holds no NaN and no infinity (by its bits where numpy has the dtype: the
+    execute thread's torch ops each give the GIL back to the engine thread, see image_token_mask)."""
+    if tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.float32):
+        return all_finite(tensor.numpy())
+    return bool(torch.isfinite(tensor).all())
 
 
 def image_token_mask(input_ids: torch.Tensor, spec: ModelSpec) -> np.ndarray:
@@ -312,7 +324,7 @@ def _sent_tiles(tiles: tuple[int, ...], cached: np.ndarray | None) -> int:
 
 @dataclass
 class InFlight:
-    """A launched decode step whose tokens the host has not read yet."""
+    """A launched decode step (or a prefill) whose sampled tokens the host has not read yet."""
     seqs: list[Sequence]
     tokens: torch.Tensor  # (B,) int64 on the host (pinned on a GPU), written by a queued copy
     done: torch.cuda.Event | None  # recorded after that copy (None on the CPU, where copies are synchronous)
@@ -392,6 +404,7 @@ class Engine:
         self._host_inputs = [torch.empty((2, self.max_seqs), dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._buffer = 0
         self._inflight: InFlight | None = None
+        self._first_tokens: list[InFlight] = []  # prefills' first tokens on their way to the host
 
     # -- requests in ----------------------------------------------------------------------
     def submit(self, input_ids: torch.Tensor, image_embeds: torch.Tensor | None, params: SamplingParams,
@@ -406,9 +419,6 @@ class Engine:
         `video_frames` (V,) int64: LLaVA-NeXT-Video's frames per video, whose features follow the sent
         images' tiles in image_embeds (the vision encoder's features: such models project here)."""
         try:
-            # Whether image_embeds is finite is checked at prefill, on the device (_embed_prompt): done
-            # here, on the CPU in float16, it was about half of the 15-75 ms a request that Triton's
-            # execute thread took under load on the H100 (py-spy and timers).
             cached = None if image_cached is None else np.asarray(image_cached, dtype=bool).reshape(-1)
             plan = plan_images(input_ids, None if image_embeds is None else tuple(image_embeds.shape), image_sizes,
                                self.spec, self.serving, self.image_input, cached)
@@ -421,6 +431,9 @@ class Engine:
                                           f"need {rows} rows of {self.image_input}, it holds {available}")
             if frames:
                 check_image_tensor_shape(tuple(image_embeds.shape), self.spec, self.image_input)
+            # Here, on the host, so that prefill has nothing to read back from the GPU (host_tensors).
+            if rows and not _finite(image_embeds[:rows]):
+                raise InvalidRequestError(f"{self.image_input} holds NaN or infinite values")
             cached_embeds = self._read_cached_embeds(plan, keys, cached)
             max_tokens = params.resolve_max_tokens(int(input_ids.shape[0]), self.max_seq_len, self.serving)
             self._check_fits_cache(int(input_ids.shape[0]), max_tokens)
@@ -467,7 +480,7 @@ class Engine:
         return self.blocks.num_free
 
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._running or self._inflight)
+        return bool(self._waiting or self._prefilling or self._running or self._inflight or self._first_tokens)
 
     # -- the loop -------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -494,20 +507,28 @@ class Engine:
         if self.overlap:
             # Launch step N+1, then handle step N's tokens while the GPU computes it; the prefill chunk
             # queues behind both. A sequence whose token in flight is its last is not launched again.
+            # Sequences whose prefill ended at the last step are launched with their first token still
+            # on the device; it is handed out after step N's tokens, before their second token's.
             launch = [s for s in self._running if len(s.output_ids) + s.pending < s.max_tokens]
             previous, self._inflight = self._inflight, None
+            first_tokens, self._first_tokens = self._first_tokens, []
             if launch:
                 self._inflight = self._launch_decode(launch)
             if previous is not None:
-                self._finish_decode(previous)
+                self._finish_tokens(previous)
+            for first in first_tokens:
+                self._finish_tokens(first, "prefill", "prefill")
             with profile.phase("prefill"):
                 self._prefill_chunk()
         else:
             already_running = list(self._running)
             with profile.phase("prefill"):
                 self._prefill_chunk()
+            first_tokens, self._first_tokens = self._first_tokens, []
+            for first in first_tokens:
+                self._finish_tokens(first, "prefill", "prefill")
             if already_running:
-                self._finish_decode(self._launch_decode(already_running))
+                self._finish_tokens(self._launch_decode(already_running))
         with profile.phase("occupancy"):
             self._report_occupancy()
 
@@ -520,6 +541,7 @@ class Engine:
             seqs = list(self._waiting) + self._prefilling + self._running
             self._waiting.clear()
         self._inflight = None
+        self._first_tokens = []
         for seq in seqs:
             self._release(seq)
             self.out.error(seq.sink, message)
@@ -633,11 +655,9 @@ class Engine:
         video after video), on the device in the model's dtype."""
         sent = None
         if seq.image_embeds is not None:
-            # Upload in the wire dtype (FP16 is half of FP32), then check and convert on the device.
-            sent = seq.image_embeds.to(self.device)
-            if not bool(torch.isfinite(sent).all()):
-                raise InvalidRequestError(f"{self.image_input} holds NaN or infinite values")
-            sent = sent.to(self.dtype)
+            # Upload in the wire dtype (FP16 is half of FP32; submit checked it is finite), then convert
+            # on the device.
+            sent = upload(seq.image_embeds, self.device).to(self.dtype)
         videos = None
         if seq.video_frames:
             # Pooled before the projector, as transformers' get_video_features: the projector then
@@ -679,24 +699,29 @@ class Engine:
 
     def _embed_prompt(self, seq: Sequence) -> torch.Tensor:
         """(1, T, C): token embeddings with the image (and video) embeddings at the image-token (and
-        video-token) positions."""
-        ids = seq.input_ids.to(self.device)
+        video-token) positions. Nothing here waits for the GPU: the positions are found on the host
+        (a boolean mask on the device would read its count back) and every upload is queued."""
+        ids = seq.input_ids
         is_image = ids == self.spec.image_token_index
-        embeds = self.model.embed(torch.where(is_image, 0, ids))
+        embeds = self.model.embed(upload(torch.where(is_image, 0, ids), self.device))
         image_embeds, video_embeds = self._media_embeds(seq)
         if video_embeds is not None:
             # In order, as transformers' masked_scatter: video j's frames fill the j-th run of video tokens.
-            embeds[ids == self.spec.video_token_index] = video_embeds
+            embeds[self._positions(ids == self.spec.video_token_index)] = video_embeds
         if image_embeds is not None:
             image_embeds = image_embeds.reshape(-1, embeds.shape[-1])
             if seq.image_index is not None:
                 # LLaVA-NeXT: each image's base tile, then its grid unpadded with a newline after each
                 # row (anyres.pack_index), as one gather on the device.
                 source = torch.cat([image_embeds, self.image_newline[None]])
-                image_embeds = source[torch.from_numpy(seq.image_index).to(self.device, non_blocking=True)]
+                image_embeds = source[upload(torch.from_numpy(seq.image_index), self.device)]
             # In order, as transformers' masked_scatter: image i fills the i-th run of image tokens.
-            embeds[is_image] = image_embeds
+            embeds[self._positions(is_image)] = image_embeds
         return embeds[None]
+
+    def _positions(self, mask: torch.Tensor) -> torch.Tensor:
+        """The indices where a host mask (T,) is true, on the device."""
+        return upload(mask.nonzero()[:, 0], self.device)
 
     def _prefill_chunk(self) -> None:
         """Spend up to prefill_chunk_tokens on prompts, oldest first, in one packed forward pass."""
@@ -744,9 +769,16 @@ class Engine:
                 done.append(seq)
                 rows.append(i)
         if done:
-            tokens = sample(logits[rows], [s.params for s in done], [s.generator for s in done])
-            self._next_tokens[torch.tensor([s.row for s in done], device=self.device)] = tokens
-            self._append_tokens(done, tokens.tolist())
+            # The first tokens stay on the device, where the next decode step reads them (_next_tokens),
+            # and come to the host as a decode step's do (InFlight, read by the next step): the host
+            # goes on while the GPU computes the prefill.
+            if len(rows) < len(chunks):
+                logits = logits.index_select(0, upload(torch.tensor(rows), self.device))
+            tokens = sample(logits, [s.params for s in done], [s.generator for s in done])
+            self._next_tokens[upload(torch.tensor([s.row for s in done]), self.device)] = tokens
+            for seq in done:
+                seq.pending += 1
+            self._first_tokens.append(self._read_later(done, tokens))
 
     def _register_blocks(self, seq: Sequence) -> None:
         """Put the prompt blocks the sequence has filled completely in the prefix cache. Nothing writes
@@ -779,26 +811,34 @@ class Engine:
             logits = self.decode_step(self._next_tokens[rows], positions_dev, rows, max(positions) + 1)
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             self._next_tokens[rows] = tokens
-            host = self._host_tokens[self._buffer][:n]
-            host.copy_(tokens, non_blocking=True)
-            done = None
-            if self.device.type == "cuda":
-                done = torch.cuda.Event()
-                done.record()
+            step = self._read_later(seqs, tokens, self._host_tokens[self._buffer][:n])
             self._buffer ^= 1
             for seq in seqs:
                 seq.pending += 1
             self.profile.decode_end(begin, n)
+        return step
+
+    def _read_later(self, seqs: list[Sequence], tokens: torch.Tensor, host: torch.Tensor | None = None) -> InFlight:
+        """Queue the copy of `tokens` (B,) to the host (into `host`, else a new pinned buffer) and an event
+        after it."""
+        if host is None:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=self.device.type == "cuda")
+        host.copy_(tokens, non_blocking=True)
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
         return InFlight(seqs, host, done)
 
-    def _finish_decode(self, step: InFlight) -> None:
-        """Wait for a launched step's tokens and hand them out; sequences released since (stopped at the
-        step before, cancelled) drop theirs."""
-        with self.profile.phase("decode_wait"):
+    def _finish_tokens(self, step: InFlight, wait: str = "decode_wait", emit: str = "decode_emit") -> None:
+        """Wait for a launched step's tokens (a decode step's, or a prefill's first tokens) and hand them
+        out; sequences released since (stopped at the step before, cancelled) drop theirs. `wait`,
+        `emit`: the profile's phases for the two parts."""
+        with self.profile.phase(wait):
             if step.done is not None:
                 step.done.synchronize()
             tokens = step.tokens.tolist()
-        with self.profile.phase("decode_emit"):
+        with self.profile.phase(emit):
             live, live_tokens = [], []
             for seq, token in zip(step.seqs, tokens):
                 seq.pending -= 1

@@ -22,6 +22,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .decode_attention import decode_attention_op
 from .fp8 import concat_linears, quantize_linears
 from .gemv import use_gemv_linears
+from .host_tensors import upload
 from .kv_blocks import NULL_BLOCK, blocks_needed
 
 # Prefill attention: every prompt length is a new shape. cuDNN's SDPA, PyTorch's first choice on
@@ -401,7 +402,8 @@ class LlamaForCausalLM(nn.Module):
             raise ValueError(f"{len(blocks)} blocks exceed a block table's {width} ({self.max_seq_len} tokens)")
         table = torch.full((width,), NULL_BLOCK, dtype=torch.int32)
         table[: len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
-        self.block_tables[row].copy_(table)
+        # Queued on the stream like the steps that read the row: after those in flight, before the next.
+        self.block_tables[row].copy_(upload(table, self.block_tables.device))
 
     def fuse(self) -> None:
         """Concatenate q/k/v and gate/up weights: 4 GEMMs a layer instead of 7. The same
@@ -465,7 +467,7 @@ class LlamaForCausalLM(nn.Module):
         lengths = [length for _, _, length in segments]
         positions = torch.cat([torch.arange(start, start + length) for _, start, length in segments])
         rows = torch.repeat_interleave(torch.tensor([row for row, _, _ in segments]), torch.tensor(lengths))
-        positions, rows = torch.stack([positions, rows]).to(device)  # one copy to the device
+        positions, rows = upload(torch.stack([positions, rows]), device)  # one copy, queued (host_tensors)
         # Where each token's key and value go: its position's block and offset in its sequence's table.
         writes = self.block_tables[rows, positions // self.block_size], positions % self.block_size
         cos = self.rope_cos[positions][None, None]  # (1, 1, N, hs)
@@ -476,7 +478,7 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.model.layers:
             qkv = self.prefill_qkv(layer, h, cos, sin)  # q, k, v, and k, v in the cache's dtype
             h = self.prefill_out(layer, h, layer.self_attn.attend(*qkv, writes, lengths, prefixes))
-        last = torch.tensor([length for _, _, length in segments]).cumsum(0).to(device) - 1
+        last = upload(torch.tensor([length for _, _, length in segments]).cumsum(0) - 1, device)
         # The norm is per token: normalising only the last tokens gives the same logits.
         return self.lm_head(self.model.norm(h[0, last])).float()
 

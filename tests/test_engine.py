@@ -181,14 +181,14 @@ def test_projector_in_the_engine_matches_transformers(parts, tiny_checkpoint):
     engine.submit(input_ids, features, params(max_tokens=8), good)
     bad = features.clone()
     bad[1, 0, 0] = float("nan")
-    engine.submit(input_ids, bad, params(max_tokens=8), nan)
+    with pytest.raises(InvalidRequestError, match="image_features holds NaN or infinite values"):
+        engine.submit(input_ids, bad, params(max_tokens=8), nan)
     with pytest.raises(InvalidRequestError,
                        match=f"image_features must have shape \\[n, {n}, {model_spec.vision_hidden_size}\\]"):
         engine.submit(input_ids, torch.zeros(2, n, model_spec.text_hidden_size), params(max_tokens=8), wrong)
     with pytest.raises(InvalidRequestError, match="refers to 2 images but 1 images' features were sent"):
         engine.submit(input_ids, features[:1], params(max_tokens=8), wrong)
-    run_until_done(engine, [good, nan])
-    assert nan.errors == ["image_features holds NaN or infinite values"]
+    run_until_done(engine, [good])
     expected = hf_greedy(hf, input_ids, 8, pixel_values=pixel_values)
     assert good.token_ids == expected[: len(good.token_ids)] and good.token_ids
     with pytest.raises(ValueError, match="'language_model' needs the projector"):
@@ -411,7 +411,7 @@ def test_a_request_waiting_past_the_queue_timeout_is_refused(parts):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_image_embeddings_are_refused_at_prefill_and_the_others_go_on(parts, bad):
+def test_non_finite_image_embeddings_are_refused_at_submit_and_the_others_go_on(parts, bad):
     _, model_spec, tokenizer, _ = parts
     engine = make_engine(parts)
     refused = []
@@ -420,11 +420,12 @@ def test_non_finite_image_embeddings_are_refused_at_prefill_and_the_others_go_on
     embeds = torch.zeros(1, model_spec.num_image_tokens, model_spec.text_hidden_size).half()
     good_embeds = embeds.clone()
     embeds[0, 3, 2] = bad
-    broken, good = Collect(), Collect()
-    engine.submit(ids, embeds, params(), broken)  # checked on the device at prefill, not here
-    engine.submit(ids, good_embeds, params(max_tokens=3, ignore_eos=True), good)
-    run_until_done(engine, [broken, good])
-    assert broken.errors == ["image_embeds holds NaN or infinite values"] and not broken.outputs
+    good = Collect()
+    with pytest.raises(InvalidRequestError, match="image_embeds holds NaN or infinite values"):
+        engine.submit(ids, embeds, params(), Collect())
+    # Rows past what the prompt uses are not read, so they are not checked.
+    engine.submit(ids, torch.cat([good_embeds, embeds]), params(max_tokens=3, ignore_eos=True), good)
+    run_until_done(engine, [good])
     assert refused == ["invalid"]
     assert good.errors == [] and len(good.token_ids) == 3
     assert_all_free(engine)
@@ -568,22 +569,32 @@ def test_oldest_waiting_request_is_admitted_first(parts, monkeypatch):
 
 def test_overlapped_decode_gives_what_the_serial_schedule_gives(parts):
     """overlap_decode launches step N+1 before the host reads step N's tokens: the same tokens, texts and
-    finish reasons as one step at a time, for greedy and seeded requests, stop strings and max_tokens,
-    requests queueing for rows; a sequence that stops on a stop string computes exactly one step more."""
+    finish reasons as one step at a time, for greedy and seeded requests, stop strings (one on the first
+    token, which prefill samples) and max_tokens, requests queueing for rows; a sequence that stops on a
+    stop string computes exactly one step more."""
     from llava_triton.step_profile import PHASES, StepProfile
 
     _, model_spec, tokenizer, _ = parts
     prompts = ["What is in the picture?", "Describe a cat.", "One", "Tell me a long story about the sea and sky.",
                "Count to ten.", "Why is the sky blue?"]
+    # Candidates for a request whose first token holds its stop string: one whose first token decodes
+    # to whole characters that do not come back later.
+    candidates = [prompt_ids(tokenizer, p) for p in ("Say hi.", "Name a color.", "Hello there", "Pick a number.",
+                                                      "Go on", "A dog and a ball.")]
     ids = [prompt_ids(tokenizer, p) for p in prompts]
     # Stop strings that do occur: a piece of what each prompt's greedy answer says after a few tokens.
-    probe = make_engine(parts, max_num_seqs=6, overlap_decode=False)
-    probes = [Collect() for _ in ids]
-    for x, sink in zip(ids, probes):
+    probe = make_engine(parts, max_num_seqs=12, overlap_decode=False)
+    probes = [Collect() for _ in ids + candidates]
+    for x, sink in zip(ids + candidates, probes):
         probe.submit(x, None, params(max_tokens=12, ignore_eos=True), sink)
     run_until_done(probe, probes)
-    stops = [tokenizer.decode(sink.token_ids[3 + i % 4: 5 + i % 4]).strip() for i, sink in enumerate(probes)]
+    stops = [tokenizer.decode(sink.token_ids[3 + i % 4: 5 + i % 4]).strip() for i, sink in enumerate(probes[:6])]
     assert all(stops)
+    firsts = [(tokenizer.decode(sink.token_ids[:1]).strip(), tokenizer.decode(sink.token_ids[1:]), x, sink)
+              for x, sink in zip(candidates, probes[6:])]
+    first, first_ids, first_probe = next((text, x, sink) for text, rest, x, sink in firsts
+                                         if text and "\ufffd" not in text and text not in rest)
+    ids.append(first_ids)
 
     def run(overlap: bool):
         serving = ServingConfig(max_num_seqs=3, prefill_chunk_tokens=7, overlap_decode=overlap)
@@ -592,7 +603,7 @@ def test_overlapped_decode_gives_what_the_serial_schedule_gives(parts):
         sinks = [Collect() for _ in ids]
         requests = [params(max_tokens=12, stop=[stops[0]]), params(max_tokens=9, temperature=0.9, seed=7),
                     params(max_tokens=12, stop=[stops[2]], temperature=0.7, seed=3), params(max_tokens=5),
-                    params(max_tokens=12, stop=[stops[4]]), params(max_tokens=1)]
+                    params(max_tokens=12, stop=[stops[4]]), params(max_tokens=1), params(max_tokens=12, stop=[first])]
         for x, request, sink in zip(ids, requests, sinks):
             engine.submit(x, None, request, sink)
         run_until_done(engine, sinks)
@@ -606,10 +617,10 @@ def test_overlapped_decode_gives_what_the_serial_schedule_gives(parts):
     for a, b in zip(serial, overlapped):
         assert (a.token_ids, a.text, a.outputs[-1].finish_reason) == (b.token_ids, b.text, b.outputs[-1].finish_reason)
     stopped = [s for s in serial if s.outputs[-1].finish_reason == "stop"]
-    assert len(stopped) >= 2  # the stop strings did stop requests before max_tokens
+    assert len(stopped) >= 3 and overlapped[6].token_ids == first_probe.token_ids[:1]  # stops, one at its first token
     # Serial: a decode row per token after the first (prefill's); overlapped: one more per stop-string stop.
     assert serial_profile.decode_rows == sum(len(s.token_ids) - 1 for s in serial)
-    assert overlapped_profile.decode_rows == serial_profile.decode_rows + sum(len(s.token_ids) > 1 for s in stopped)
+    assert overlapped_profile.decode_rows == serial_profile.decode_rows + len(stopped)
     for profile in (serial_profile, overlapped_profile):
         summary = profile.summary()
         assert set(summary["host_ms"]) == set(PHASES) and summary["gpu_decode_ms_per_step"] is None

@@ -112,6 +112,36 @@ def test_fp16_wire_stages_through_pinned_memory_and_refuses_nan_rows_on_the_gpu(
     np.testing.assert_allclose(alone.astype(np.float32), expected[1:2], rtol=5e-2, atol=5e-2)
 
 
+@pytest.mark.parametrize("wire", [np.float16, np.float32])
+def test_pipelined_batches_give_what_one_forward_gives_and_refuse_nan_rows(wire):
+    """Past PIPELINE_ROWS rows a GPU batch runs in chunks on three streams (BatchedModule._forward_gpu):
+    the same outputs as the whole batch in one forward, request by request, whatever chunk a request
+    straddles, and a NaN row still refuses its own request only."""
+    device = torch.device("cuda")
+    encoder, _ = tiny_modules(device, torch.float32)
+    graphed = maybe_graphed(encoder, (3, 56, 56), torch.float32, device, 32, True)
+    batched = BatchedModule(graphed, "pixel_values", "image_features", (3, 56, 56), (16, 64), device, torch.float32,
+                            np.dtype(wire))
+    whole = BatchedModule(graphed, "pixel_values", "image_features", (3, 56, 56), (16, 64), device, torch.float32,
+                          np.dtype(wire))
+    whole.PIPELINE_ROWS = 1000  # always one forward
+    pixels = torch.randn(27, 3, 56, 56, generator=torch.Generator().manual_seed(2)).numpy().astype(wire)
+    nan = pixels[:3].copy()
+    nan[2, 1, 0, 0] = np.nan
+    requests = [pixels[:7], nan, pixels[7:20], pixels[20:21], pixels[21:]]  # 7 + 3 + 13 + 1 + 6 = 30 rows
+    if wire == np.float32:  # refused on the host before the batch
+        requests[1] = pixels[:3]
+    for _ in range(2):  # the second time on the streams and pinned blocks the first left
+        got, expected = batched.forward(requests), whole.forward(requests)
+        for index, (a, b) in enumerate(zip(got, expected)):
+            if wire == np.float16 and index == 1:
+                assert isinstance(a, InvalidRequestError) and isinstance(b, InvalidRequestError)
+                continue
+            assert a.dtype == wire and a.shape == (len(requests[index]), 16, 64)
+            # Chunks replay other graph buckets than the whole batch: other GEMM kernels, float32 rounding.
+            np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), rtol=1e-3, atol=1e-3)
+
+
 def test_maybe_graphed_is_eager_on_the_cpu_or_when_off():
     encoder, _ = tiny_modules("cpu", torch.float32)
     assert maybe_graphed(encoder, (3, 56, 56), torch.float32, torch.device("cpu"), 8, True) is encoder
@@ -324,3 +354,54 @@ def test_prefix_cached_prompts_on_the_gpu_answer_as_a_full_prefill(dtype, kv_cac
         assert all(len(run) == 8 for run in runs)
     if dtype == torch.float32:
         assert answers[True][0] == answers[True][1] == answers[False][0] == answers[False][1]
+
+
+@pytest.mark.parametrize("dtype, fp8", [(torch.float32, "auto"), (torch.bfloat16, "fp8_e4m3")])
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_engine_steps_on_the_gpu_wait_for_it_only_to_read_tokens(dtype, fp8, tiny_checkpoint, tmp_path):
+    """The engine as served (compiled, CUDA graphs, overlap_decode) never blocks the host on the GPU while
+    it admits, embeds prompts (images sent as FP16 embeddings), prefills and launches decode steps: the
+    only waits are on the events after each step's token copy (engine.InFlight), which CUDA's sync debug
+    mode does not count. Any blocking copy, .item() or device mask would raise here; a run with the
+    debug mode off gives the same tokens."""
+    from test_engine import Collect, params, run_until_done
+
+    from export.language_model import export_language_model
+    from llava_triton.engine import Engine
+    from llava_triton.lm_runtime import prepare_language_model
+    from llava_triton.processor import load_processor
+    from llava_triton.spec import ModelSpec, ServingConfig
+
+    lm_dir = export_language_model(tiny_checkpoint, tmp_path / "lm")
+    spec = ModelSpec.from_pretrained(tiny_checkpoint)
+    tokenizer = load_processor(tiny_checkpoint).tokenizer
+    serving = ServingConfig(max_num_seqs=3, max_seq_len=256, prefill_chunk_tokens=48, lm_weight_dtype=fp8,
+                            kv_cache_dtype=fp8)
+    model = LlamaForCausalLM.from_pretrained(lm_dir, device="cuda", dtype=dtype)
+    engine = Engine(prepare_language_model(model, spec, serving), tokenizer, spec, serving)
+    text = torch.tensor(tokenizer("USER: Tell me a long story about the sea, the sky, the moon and the stars, "
+                                  "and about the ships that sail at night. ASSISTANT:")["input_ids"])
+    with_image = torch.cat([text[:1], torch.full((spec.num_image_tokens,), spec.image_token_index), text[1:]])
+    embeds = torch.randn(1, spec.num_image_tokens, spec.text_hidden_size, generator=torch.Generator().manual_seed(0))
+    requests = [(with_image, embeds.half(), params(max_tokens=6, ignore_eos=True)),
+                (text, None, params(max_tokens=9, ignore_eos=True)),
+                (with_image, (embeds * 2).half(), params(max_tokens=5, temperature=0.8, seed=4, ignore_eos=True)),
+                (text[:9], None, params(max_tokens=1)),
+                (with_image, embeds.half(), params(max_tokens=7, ignore_eos=True))]
+
+    def run():
+        sinks = [Collect() for _ in requests]
+        for (ids, image_embeds, request), sink in zip(requests, sinks):
+            engine.submit(ids, image_embeds, request, sink)
+        run_until_done(engine, sinks)
+        engine.step()  # nothing in flight is left behind
+        assert all(sink.errors == [] for sink in sinks)
+        return [sink.token_ids for sink in sinks]
+
+    reference = run()  # also the first calls of every shape: compiling may synchronize
+    assert [len(tokens) for tokens in reference] == [6, 9, 5, 1, 7]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        assert run() == reference
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -253,6 +253,20 @@ def test_concat_and_split():
         batching.concat_batches([])
 
 
+def test_copy_rows_takes_any_span_of_the_stacked_batches():
+    batches = [np.arange(n * 2, dtype=np.float32).reshape(n, 2) + 100 * n for n in (2, 1, 3, 0, 4)]
+    stacked, _ = batching.concat_batches(batches)
+    for start in range(len(stacked) + 1):
+        for end in range(start, len(stacked) + 1):
+            out = np.full((end - start, 2), -1, np.float32)
+            batching.copy_rows(batches, start, end, out)
+            np.testing.assert_array_equal(out, stacked[start:end])
+    with pytest.raises(ValueError, match="rows 3..11 do not fit"):
+        batching.copy_rows(batches, 3, 11, np.zeros((8, 2), np.float32))
+    with pytest.raises(ValueError, match="rows 3..5 do not fit the batches or the 3 rows of out"):
+        batching.copy_rows(batches, 3, 5, np.zeros((3, 2), np.float32))
+
+
 def test_select_device():
     assert vision_serving.select_device("CPU", "0") == torch.device("cpu")
     if torch.cuda.is_available():
