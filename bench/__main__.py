@@ -288,6 +288,21 @@ def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any],
     return result
 
 
+def gemm_rate(baseline: dict[str, Any] | None, device: str, dtype: str, measure=None) -> float | None:
+    """The GEMM rate (TFLOP/s) the ceilings use: the baseline's, or with no baseline (--skip-baseline, or
+    it failed) measured here on the GPU, after the server has stopped; None on the CPU."""
+    if baseline and baseline.get("gemm_tflops"):
+        return baseline["gemm_tflops"]
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    from bench.baseline import measure_gemm_tflops
+    from llava_triton.dtypes import resolve_dtype
+
+    return (measure or measure_gemm_tflops)(torch.device(device), resolve_dtype(dtype))
+
+
 def checks(levels: list[dict], workload, baseline: dict[str, Any] | None) -> dict[str, Any]:
     """Counts that must hold (ignore_eos: every request gives exactly max_tokens tokens)."""
     result = {
@@ -420,11 +435,14 @@ def main(argv: list[str] | None = None) -> int:
                 clock.log(f"baseline failed: {baseline['error']}")
     if device_name is None and baseline and baseline.get("device_name"):
         device_name = baseline["device_name"]
+    gemm_tflops = gemm_rate(baseline, serving.device, serving.dtype)
+    if gemm_tflops and not (baseline or {}).get("gemm_tflops"):
+        clock.log(f"{serving.dtype} GEMM 8192^3: {gemm_tflops} TFLOP/s (measured without the baseline)")
 
     context_tokens = workload.prompt_tokens + args.output_tokens // 2  # mean context over the decode
     limits = bench_limits.limits(hf_config, serving.dtype, serving.device, device_name, context_tokens,
                                  args.gpu_bandwidth_gbs, args.gpu_peak_tflops, serving.lm_weight_dtype,
-                                 serving.kv_cache_dtype, gemm_tflops=(baseline or {}).get("gemm_tflops"),
+                                 serving.kv_cache_dtype, gemm_tflops=gemm_tflops,
                                  prompt_tokens=workload.prompt_tokens, output_tokens=args.output_tokens,
                                  tiles_per_request=workload.tiles_per_request,
                                  concurrency=tuple(level["concurrency"] for level in levels))

@@ -255,3 +255,21 @@ def test_vision_input_and_output_sizes_follow_the_wire_dtype(tmp_path):
         assert vision.output_item_bytes(model, serving, spec.PROJECTOR) == 4 * 16 * itemsize  # x text hidden
     with pytest.raises(ValueError, match="one image"):
         vision.write_input_data(tmp_path / "batch.json", pixel_values[None], ServingConfig())
+
+
+def test_the_ceilings_take_the_baselines_gemm_rate_or_measure_one_without_it():
+    from bench.__main__ import gemm_rate
+
+    calls = []
+
+    def measure(device, dtype):
+        calls.append((str(device), dtype))
+        return 661.5
+
+    assert gemm_rate({"gemm_tflops": 670.2}, "cuda", "bfloat16", measure) == 670.2 and calls == []
+    assert gemm_rate(None, "cpu", "float32", measure) is None and calls == []
+    # --skip-baseline, or a baseline that failed before measuring: measured on the GPU anyway.
+    assert gemm_rate(None, "cuda", "bfloat16", measure) == 661.5
+    assert gemm_rate({"error": "out of memory"}, "cuda:0", "float16", measure) == 661.5
+    import torch
+    assert calls == [("cuda", torch.bfloat16), ("cuda:0", torch.float16)]
