@@ -72,9 +72,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="perf_analyzer --measurement-request-count (requests per window)")
     parser.add_argument("--vision-shared-memory", choices=("system", "none"), default="system",
                         help="perf_analyzer tensors through system shared memory (falls back to none if refused)")
-    parser.add_argument("--vision-concurrency", type=int, default=1,
+    parser.add_argument("--vision-concurrency", type=int, default=None,
                         help="perf_analyzer requests in flight: above 1, one request's tensor copies overlap "
-                             "another's compute (with vision_instances > 1, on another instance)")
+                             "another's compute (with vision_instances > 1, on another instance); default: one "
+                             "per instance of the model measured")
     parser.add_argument("--skip-baseline", action="store_true", help="no transformers baseline")
     parser.add_argument("--baseline-batch-sizes", type=int, nargs="+", default=None,
                         help=f"default: the concurrency levels up to {BASELINE_MAX_BATCH}")
@@ -88,7 +89,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     for name in ("concurrency", "vision_batch_sizes"):
         if any(value < 1 for value in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} values must be positive")
-    if args.vision_concurrency < 1:
+    if args.vision_concurrency is not None and args.vision_concurrency < 1:
         parser.error("--vision-concurrency must be positive")
     if args.requests is not None and args.requests < 1:
         parser.error("--requests must be positive")
@@ -288,6 +289,18 @@ def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any],
     return result
 
 
+def perf_concurrency(requested: int | None, serving, model: str) -> int:
+    """perf_analyzer's requests in flight on `model`: --vision-concurrency, else one per instance of the
+    model, so that every instance has a request to run while another's tensors are copied."""
+    from llava_triton import spec
+
+    if requested:
+        return requested
+    if model == spec.PROJECTOR:
+        return serving.projector_instances or serving.vision_instances
+    return serving.vision_instances
+
+
 def gemm_rate(baseline: dict[str, Any] | None, device: str, dtype: str, measure=None) -> float | None:
     """The GEMM rate (TFLOP/s) the ceilings use: the baseline's, or with no baseline (--skip-baseline, or
     it failed) measured here on the GPU, after the server has stopped; None on the CPU."""
@@ -413,7 +426,8 @@ def main(argv: list[str] | None = None) -> int:
                                            output_item_bytes=vision.output_item_bytes(encoder_spec, encoder_serving,
                                                                                       model),
                                            measurement_requests=args.vision_requests,
-                                           concurrency=args.vision_concurrency,
+                                           concurrency=perf_concurrency(args.vision_concurrency,
+                                                                        encoder_serving, model),
                                            shared_memory=args.vision_shared_memory)
                     (vision_results if model == spec.VISION_ENCODER else projector_results).append(entry)
                     if "error" in entry:

@@ -273,3 +273,13 @@ def test_the_ceilings_take_the_baselines_gemm_rate_or_measure_one_without_it():
     assert gemm_rate({"error": "out of memory"}, "cuda:0", "float16", measure) == 661.5
     import torch
     assert calls == [("cuda", torch.bfloat16), ("cuda:0", torch.float16)]
+
+
+def test_perf_analyzer_keeps_one_request_in_flight_per_instance_unless_told():
+    from bench.__main__ import perf_concurrency
+
+    three = ServingConfig(vision_instances=3)
+    assert perf_concurrency(None, ServingConfig(), spec.VISION_ENCODER) == 1
+    assert perf_concurrency(None, three, spec.VISION_ENCODER) == perf_concurrency(None, three, spec.PROJECTOR) == 3
+    assert perf_concurrency(None, ServingConfig(vision_instances=3, projector_instances=2), spec.PROJECTOR) == 2
+    assert perf_concurrency(5, three, spec.VISION_ENCODER) == 5
