@@ -59,7 +59,8 @@ class BatchedModule:
 
     # Rows per chunk of a pipelined GPU batch: a power of two, so that each chunk replays a CUDA-graph
     # bucket (cuda_graphs.batch_buckets), and large enough that a chunk of CLIP images keeps the GPU's
-    # GEMMs as full as a whole batch does (16 x 577 rows: at 8, the FP8 encoder's images/s fell 10 %).
+    # GEMMs as full as a whole batch does (16 x 577 rows; at 8 the FP8 encoder's chunks ran less full
+    # and its batch of 32 took longer pipelined than in one piece).
     PIPELINE_ROWS: ClassVar[int] = 16
 
     module: Callable[[torch.Tensor], torch.Tensor]  # the nn.Module, or its cuda_graphs.GraphedModule
