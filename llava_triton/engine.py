@@ -511,22 +511,18 @@ class Engine:
             # on the device; it is handed out after step N's tokens, before their second token's.
             launch = [s for s in self._running if len(s.output_ids) + s.pending < s.max_tokens]
             previous, self._inflight = self._inflight, None
-            first_tokens, self._first_tokens = self._first_tokens, []
             if launch:
                 self._inflight = self._launch_decode(launch)
             if previous is not None:
                 self._finish_tokens(previous)
-            for first in first_tokens:
-                self._finish_tokens(first, "prefill", "prefill")
+            self._finish_first_tokens()
             with profile.phase("prefill"):
                 self._prefill_chunk()
         else:
             already_running = list(self._running)
             with profile.phase("prefill"):
                 self._prefill_chunk()
-            first_tokens, self._first_tokens = self._first_tokens, []
-            for first in first_tokens:
-                self._finish_tokens(first, "prefill", "prefill")
+            self._finish_first_tokens()
             if already_running:
                 self._finish_tokens(self._launch_decode(already_running))
         with profile.phase("occupancy"):
@@ -829,6 +825,12 @@ class Engine:
             done = torch.cuda.Event()
             done.record()
         return InFlight(seqs, host, done)
+
+    def _finish_first_tokens(self) -> None:
+        """Hand out the first tokens of the prefills launched since the last call."""
+        first_tokens, self._first_tokens = self._first_tokens, []
+        for first in first_tokens:
+            self._finish_tokens(first, "prefill", "prefill")
 
     def _finish_tokens(self, step: InFlight, wait: str = "decode_wait", emit: str = "decode_emit") -> None:
         """Wait for a launched step's tokens (a decode step's, or a prefill's first tokens) and hand them
