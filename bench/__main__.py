@@ -292,13 +292,7 @@ def roofline(levels: list[dict], vision: list[dict], limits: dict[str, Any],
 def perf_concurrency(requested: int | None, serving, model: str) -> int:
     """perf_analyzer's requests in flight on `model`: --vision-concurrency, else one per instance of the
     model, so that every instance has a request to run while another's tensors are copied."""
-    from llava_triton import spec
-
-    if requested:
-        return requested
-    if model == spec.PROJECTOR:
-        return serving.projector_instances or serving.vision_instances
-    return serving.vision_instances
+    return requested or serving.instances_of(model)
 
 
 def gemm_rate(baseline: dict[str, Any] | None, device: str, dtype: str, measure=None) -> float | None:

@@ -121,9 +121,9 @@ def model_configs(model: ModelSpec, serving: ServingConfig, engine: str) -> dict
         return config
 
     vision_encoder = vision_model(spec.VISION_ENCODER, spec.PIXEL_VALUES, pixel_dims, spec.IMAGE_FEATURES,
-                                  features_dims, serving.vision_instances)
+                                  features_dims, serving.instances_of(spec.VISION_ENCODER))
     projector = vision_model(spec.PROJECTOR, spec.IMAGE_FEATURES, features_dims, spec.IMAGE_EMBEDS, embeds_dims,
-                             serving.projector_instances or serving.vision_instances)
+                             serving.instances_of(spec.PROJECTOR))
 
     # The language model takes the projector's output, or with projector_placement "language_model"
     # the vision encoder's and projects it itself.

@@ -585,6 +585,15 @@ class ServingConfig:
         """projector_placement "language_model": no projector model; the language model projects."""
         return self.projector_placement == "language_model"
 
+    def instances_of(self, model: str) -> int:
+        """Instances per GPU (or on the CPU) of the vision encoder or the projector (projector_instances,
+        0 = as many as vision_instances)."""
+        if model == PROJECTOR:
+            return self.projector_instances or self.vision_instances
+        if model == VISION_ENCODER:
+            return self.vision_instances
+        raise ValueError(f"instances_of takes {VISION_ENCODER!r} or {PROJECTOR!r}, got {model!r}")
+
     def token_limit(self, model: ModelSpec) -> int:
         """Prompt plus output tokens one request may use: the context, or less with max_seq_len."""
         return min(self.max_seq_len or model.max_position_embeddings, model.max_position_embeddings)

@@ -54,6 +54,8 @@ def test_batching_and_instances_follow_serving_config():
     assert (more[spec.PROJECTOR].instance_group[0].count, more[spec.VISION_ENCODER].instance_group[0].count) == (5, 2)
     with pytest.raises(ValueError, match="projector_instances must be 0"):
         ServingConfig(projector_instances=-1)
+    with pytest.raises(ValueError, match="instances_of takes 'vision_encoder' or 'projector', got 'preprocess'"):
+        serving.instances_of(spec.PREPROCESS)
     assert not encoder.instance_group[0].gpus  # one set of instances on every visible GPU
     assert configs[spec.PREPROCESS].instance_group[0].kind == mc.ModelInstanceGroup.KIND_CPU
     assert configs[spec.PREPROCESS].instance_group[0].count == 3
