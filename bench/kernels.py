@@ -113,16 +113,17 @@ class GemvCase:
 def text_shapes(text: dict[str, Any]) -> dict[str, Any]:
     """The decode-step shapes of a Llama-family text config: attention heads and each GEMV's (N, K)
     with how many times a step runs it."""
-    hidden, heads = int(text["hidden_size"]), int(text["num_attention_heads"])
-    kv_heads = int(text.get("num_key_value_heads") or heads)
-    head_dim = int(text.get("head_dim") or hidden // heads)
-    inter, layers = int(text["intermediate_size"]), int(text["num_hidden_layers"])
+    from llava_triton.llama import LlamaConfig
+
+    c = LlamaConfig.from_hf(text)  # the fields as the served model reads them (head_dim, GQA defaults)
+    hidden, heads, kv_heads, head_dim = c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
+    inter, layers = c.intermediate_size, c.num_hidden_layers
     return {"num_heads": heads, "num_kv_heads": kv_heads, "head_dim": head_dim,
             "gemv": {"qkv_proj": ((heads + 2 * kv_heads) * head_dim, hidden, layers),
                      "o_proj": (hidden, heads * head_dim, layers),
                      "gate_up_proj": (2 * inter, hidden, layers),
                      "down_proj": (hidden, inter, layers),
-                     "lm_head": (int(text["vocab_size"]), hidden, 1)}}
+                     "lm_head": (c.vocab_size, hidden, 1)}}
 
 
 def grid(values: dict[str, tuple]) -> list[dict[str, Any]]:
