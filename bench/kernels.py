@@ -1,13 +1,13 @@
 """The project's Triton kernels swept over their tilings at a model's decode shapes, on this GPU.
 
-    python -m bench.kernels --out DIR [--preset llava-1.5-7b] [--jobs 12] [--quick]
+    python -m bench.kernels --out DIR [--preset llava-1.5-7b] [--jobs 12] [--quick] [--kernels attention gemv]
 
 The two kernels a decode step spends its time in besides cuBLAS's GEMMs:
 - decode attention (llava_triton.decode_attention) over one layer's block-pooled KV cache, in
   bfloat16 and FP8, at batch 1, 8, 32 and 128, each row's context drawn between --context-min and
   --max-seq-len (W1's: a 640-token prompt and 128 tokens out), for each tiling: positions per
-  tile, warps, pipeline stages, block ids read a tile ahead or not, and the programs per SM that
-  set the number of splits;
+  tile, warps, pipeline stages, the programs per SM that set the number of splits, and a softmax
+  state per lane merged after the loop or one reduced at every tile (Tiling.deferred);
 - the batch-1 GEMV (llava_triton.gemv) over one layer's fused projections and the lm_head,
   with FP8 weights (row scales) and bfloat16 ones, beside cuBLAS (F.linear) in bfloat16.
 
@@ -38,15 +38,18 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+KERNELS = ("attention", "gemv")
 BLOCK_SIZE = 16  # the KV cache's positions per block (ServingConfig.kv_block_size's default)
 DTYPES = ("bfloat16", "fp8_e4m3")
 BATCHES = (1, 8, 32, 128)
 # Tilings swept. Full: what a decode step at 7B shapes could want; quick: one or two each (tests).
-ATTENTION_GRID = {"block": (16, 32, 64, 128), "num_warps": (1, 2, 4), "num_stages": (1, 2, 3),
-                  "programs_per_sm": (2, 4, 8, 16)}
+# (Tiles of 128 positions and 2 programs an SM were the slowest in every earlier sweep on the H200.)
+ATTENTION_GRID = {"block": (16, 32, 64), "num_warps": (1, 2, 4), "num_stages": (1, 2, 3),
+                  "programs_per_sm": (4, 8, 16), "deferred": (False, True)}
 GEMV_GRID = {"block_n": (1, 2, 4, 8, 16), "block_k": (1024, 2048, 4096), "num_warps": (4, 8, 16),
              "num_stages": (2, 3, 4)}
-QUICK_ATTENTION_GRID = {"block": (16, 32), "num_warps": (2,), "num_stages": (1,), "programs_per_sm": (4,)}
+QUICK_ATTENTION_GRID = {"block": (16, 32), "num_warps": (2,), "num_stages": (1,), "programs_per_sm": (4,),
+                        "deferred": (False, True)}
 QUICK_GEMV_GRID = {"block_n": (32,), "block_k": (64, 128), "num_warps": (2,), "num_stages": (1,)}
 # Past this many float32 accumulators a program (BLOCK_N x BLOCK_K) spills registers: not swept.
 GEMV_MAX_TILE = 32768
@@ -64,6 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=min(12, os.cpu_count() or 1),
                         help="processes compiling the kernels before the timing (GPU only; 0: none)")
     parser.add_argument("--quick", action="store_true", help="one or two tilings each (a check of the sweep)")
+    parser.add_argument("--kernels", nargs="+", choices=KERNELS, default=list(KERNELS), help="which kernels to sweep")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -82,9 +86,10 @@ class AttentionCase:
     num_warps: int
     num_stages: int
     programs_per_sm: int
+    deferred: bool = False
 
     def tiling(self) -> tuple:
-        return (self.block, self.num_warps, self.num_stages, self.programs_per_sm)
+        return (self.block, self.num_warps, self.num_stages, self.programs_per_sm, self.deferred)
 
     def kernel_tiling(self):
         from llava_triton.decode_attention import Tiling
@@ -301,7 +306,9 @@ def compile_all(bench: Bench, cases: list, jobs: int) -> None:
     distinct: dict[tuple, Any] = {}
     for case in cases:
         if isinstance(case, AttentionCase):
-            distinct.setdefault(("attention", case.cache_dtype, bench.splits(case), *case.tiling()[:3]), case)
+            tiling = case.kernel_tiling()  # programs_per_sm only sets the splits
+            distinct.setdefault(("attention", case.cache_dtype, bench.splits(case), tiling.block, tiling.num_warps,
+                                 tiling.num_stages, tiling.deferred), case)
         elif case.weight_dtype != "cublas":
             distinct.setdefault(("gemv", case.weight_dtype, *case.tiling()), case)
     todo = list(distinct.values())
@@ -346,7 +353,7 @@ def summarize(rows: list[dict[str, Any]], shapes: dict[str, Any], bandwidth_gbs:
     return dict(summary)
 
 
-TILING_NAMES = {"attention": "block, warps, stages, programs/SM", "gemv": "block_n, block_k, warps, stages"}
+TILING_NAMES = {"attention": "block, warps, stages, programs/SM, deferred", "gemv": "block_n, block_k, warps, stages"}
 
 
 def markdown(result: dict[str, Any], current: dict[str, list]) -> str:
@@ -391,8 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     on_gpu = torch.cuda.is_available()
     shapes = text_shapes(load_preset(args.preset)["config"]["text_config"])
     bench = Bench(shapes, args.max_seq_len, args.context_min, "cuda" if on_gpu else "cpu", args.seed)
-    cases = (attention_cases(args.batches, QUICK_ATTENTION_GRID if args.quick else ATTENTION_GRID)
-             + gemv_cases(shapes["gemv"], QUICK_GEMV_GRID if args.quick else GEMV_GRID))
+    cases = []
+    if "attention" in args.kernels:
+        cases += attention_cases(args.batches, QUICK_ATTENTION_GRID if args.quick else ATTENTION_GRID)
+    if "gemv" in args.kernels:
+        cases += gemv_cases(shapes["gemv"], QUICK_GEMV_GRID if args.quick else GEMV_GRID)
     started = time.time()
     if on_gpu and args.jobs > 0:
         compile_all(bench, cases, args.jobs)

@@ -44,6 +44,13 @@ class Tiling:
     # Aim for this many (row, head, split) programs per streaming multiprocessor, so that a small
     # batch still keeps every SM's memory pipeline busy.
     programs_per_sm: int
+    # Each of a tile's `block` lanes keeps its own softmax state over the positions it sees (lane j:
+    # start + j, start + j + block, ...), merged once after the loop, instead of one state reduced
+    # over the tile at every iteration. Why: that per-iteration reduction over positions crosses warps
+    # (shared memory and a barrier) between a tile's loads and the next's; deferred, the loop's only
+    # reduction is each position's dot product, within a warp. It costs block x head_dim float32
+    # accumulators.
+    deferred: bool = False
 
 
 # By the cache's bytes per value: the fastest summed over batch 1, 8, 32 and 128 at 7B shapes
@@ -78,7 +85,7 @@ if triton is not None:
                         stride_ob, stride_oh,
                         split_len, sm_scale_log2,
                         NUM_SPLITS: tl.constexpr, KV_GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                        BLOCK: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr):
+                        BLOCK: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr, DEFERRED: tl.constexpr):
         row = tl.program_id(0)
         head = tl.program_id(1)
         split = tl.program_id(2)
@@ -91,10 +98,16 @@ if triton is not None:
         table = tables_ptr + row * stride_tb
         k_head = k_ptr + kv_head * stride_kh
         v_head = v_ptr + kv_head * stride_vh
-        # Running max (log2 domain), running sum of exp2 and the weighted sum of values.
-        m = tl.full((), float("-inf"), tl.float32)
-        total = tl.full((), 0.0, tl.float32)
-        acc = tl.zeros((HEAD_DIM,), tl.float32)
+        if DEFERRED:
+            # Per lane (see Tiling.deferred): running max (log2 domain), sum of exp2, weighted values.
+            m_lane = tl.full((BLOCK,), float("-inf"), tl.float32)
+            total_lane = tl.zeros((BLOCK,), tl.float32)
+            acc_lane = tl.zeros((BLOCK, HEAD_DIM), tl.float32)
+        else:
+            # Running max (log2 domain), running sum of exp2 and the weighted sum of values.
+            m = tl.full((), float("-inf"), tl.float32)
+            total = tl.full((), 0.0, tl.float32)
+            acc = tl.zeros((HEAD_DIM,), tl.float32)
         for block_start in range(start, end, BLOCK):
             positions = block_start + tl.arange(0, BLOCK)
             valid = positions < end
@@ -105,13 +118,31 @@ if triton is not None:
             k = tl.load(k_head + k_at, mask=valid[:, None], other=0.0)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * sm_scale_log2  # (BLOCK,)
             scores = tl.where(valid, scores, float("-inf"))
-            m_new = tl.maximum(m, tl.max(scores, axis=0))
-            alpha = tl.exp2(m - m_new)
-            p = tl.exp2(scores - m_new)
             v = tl.load(v_head + v_at, mask=valid[:, None], other=0.0)
-            acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
-            total = total * alpha + tl.sum(p, axis=0)
-            m = m_new
+            if DEFERRED:
+                m_new = tl.maximum(m_lane, scores)
+                # A lane that has seen no valid position yet keeps max -inf: subtract 0 there, not -inf
+                # (-inf - -inf is NaN); its exp2 terms are 0 either way.
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                alpha = tl.exp2(m_lane - m_safe)
+                p = tl.exp2(scores - m_safe)
+                acc_lane = acc_lane * alpha[:, None] + p[:, None] * v.to(tl.float32)
+                total_lane = total_lane * alpha + p
+                m_lane = m_new
+            else:
+                m_new = tl.maximum(m, tl.max(scores, axis=0))
+                alpha = tl.exp2(m - m_new)
+                p = tl.exp2(scores - m_new)
+                acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
+                total = total * alpha + tl.sum(p, axis=0)
+                m = m_new
+        if DEFERRED:
+            # The lanes merged: each weighted by exp2 of its max against the largest (an empty range
+            # leaves every lane at -inf: weights 0, total 0, as below).
+            m = tl.max(m_lane, axis=0)
+            weights = tl.exp2(m_lane - tl.where(m == float("-inf"), 0.0, m))
+            acc = tl.sum(acc_lane * weights[:, None], axis=0)
+            total = tl.sum(total_lane * weights, axis=0)
         if NUM_SPLITS == 1:
             tl.store(out_ptr + row * stride_ob + head * stride_oh + dims, (acc / total).to(out_ptr.dtype.element_ty))
         else:
@@ -172,7 +203,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         out.stride(0), out.stride(1),
         split_len, sm_scale_log2,
         NUM_SPLITS=splits, KV_GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK=tiling.block,
-        KV_BLOCK_SIZE=block_size, num_warps=tiling.num_warps, num_stages=tiling.num_stages)
+        KV_BLOCK_SIZE=block_size, DEFERRED=tiling.deferred, num_warps=tiling.num_warps,
+        num_stages=tiling.num_stages)
     if splits > 1:
         _merge_kernel[(B, num_heads)](part, lse, out, out.stride(0), out.stride(1),
                                       NUM_SPLITS=splits, SPLITS_POW2=triton.next_power_of_2(splits),

@@ -32,7 +32,8 @@ def test_cases_cover_the_grid_but_no_tile_that_spills():
     assert [case.shape for case in cases if case.weight_dtype == "cublas"] == ["a", "b"]
     assert len(cases) == 2 + 2 * 3 * 2
     attention = kernels.attention_cases([1, 8], kernels.QUICK_ATTENTION_GRID)
-    assert len(attention) == 2 * 2 * 2 and {case.cache_dtype for case in attention} == set(kernels.DTYPES)
+    assert len(attention) == 2 * 2 * 2 * 2 and {case.cache_dtype for case in attention} == set(kernels.DTYPES)
+    assert {case.kernel_tiling().deferred for case in attention} == {False, True}
 
 
 def row(kernel, dtype, tiling, shape, us, error=0.0):
@@ -56,6 +57,15 @@ def test_summary_weights_gemvs_by_their_count_and_drops_tilings_that_failed_anyw
     assert [(entry["tiling"], entry["total_us"]) for entry in summary["gemv bfloat16"]] == [([1], 74.0), ([2], 82.0)]
     assert summary["gemv bfloat16"][0]["share_of_bandwidth"] == 0.25  # 1000 bytes a µs = 1 GB/s... of 4
     assert summary["attention fp8_e4m3"][0]["total_us"] == 33.0
+
+
+def test_the_sweep_can_leave_a_kernel_out(tmp_path):
+    out = tmp_path / "sweep"
+    assert kernels.main(["--preset", "tiny", "--quick", "--kernels", "attention", "--batches", "1",
+                         "--max-seq-len", "32", "--context-min", "20", "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert {case["kernel"] for case in result["cases"]} == {"attention"}
+    assert set(result["summary"]) == {"attention bfloat16", "attention fp8_e4m3"}
 
 
 def test_a_quick_sweep_on_the_cpu_writes_every_case_and_marks_the_current_tilings(tmp_path):

@@ -50,11 +50,11 @@ def block_pool(rows: int, max_len: int, block_size: int, num_kv_heads: int, head
 
 @pytest.mark.parametrize("cache_dtype,atol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2), (FP8, 2e-2)])
 @pytest.mark.parametrize("num_heads,num_kv_heads,splits,block_size", [(4, 4, 1, 16), (4, 2, 3, 5), (8, 1, 5, 64)])
-@pytest.mark.parametrize("tile", [None, 64])
-def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits, block_size, tile):
+@pytest.mark.parametrize("tile,deferred", [(None, False), (64, False), (16, True)])
+def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits, block_size, tile, deferred):
     """Cache blocks smaller than the kernel's tile of positions (16, and 5: not a divisor of it),
     as large and larger (64); the dtype's tile (TILINGS: 16 positions in float32, 32 in bfloat16 and
-    FP8) and one of 64."""
+    FP8), one of 64, and lanes that each keep their softmax state (Tiling.deferred)."""
     torch.manual_seed(0)
     max_len, head_dim = 200, 32
     q_dtype = torch.float32 if cache_dtype == torch.float32 else torch.bfloat16
@@ -63,19 +63,21 @@ def test_kernel_equals_sdpa(cache_dtype, atol, num_heads, num_kv_heads, splits, 
     # later splits' starts (their ranges are empty).
     k_cache, v_cache, tables = block_pool(4, max_len, block_size, num_kv_heads, head_dim, cache_dtype)
     lengths = torch.tensor([max_len, 1, 77, 5], device=DEVICE)
-    tiling = tile and da.Tiling(block=tile, num_warps=2, num_stages=1, programs_per_sm=4)
+    tiling = tile and da.Tiling(block=tile, num_warps=2, num_stages=1, programs_per_sm=4, deferred=deferred)
     got = da.decode_attention(q, k_cache, v_cache, tables, lengths, splits, tiling)
     assert got.dtype == q_dtype and got.shape == q.shape
     torch.testing.assert_close(got.float(), reference(q, k_cache, v_cache, tables, lengths), rtol=0, atol=atol)
 
 
-def test_kernel_reads_nothing_past_a_rows_length_nor_outside_its_blocks():
+@pytest.mark.parametrize("deferred", [False, True])
+def test_kernel_reads_nothing_past_a_rows_length_nor_outside_its_blocks(deferred):
     torch.manual_seed(1)
     q = torch.randn(2, 2, 16, device=DEVICE)
     k_cache, v_cache, tables = block_pool(2, 128, 16, 2, 16, torch.float32, seed=1)
     tables = tables[:, :6].contiguous()  # 96 positions a row; the pool's other blocks are no row's
     lengths = torch.tensor([70, 3], device=DEVICE)
-    expected = da.decode_attention(q, k_cache, v_cache, tables, lengths, 2)
+    tiling = da.Tiling(block=16, num_warps=2, num_stages=1, programs_per_sm=4, deferred=deferred)
+    expected = da.decode_attention(q, k_cache, v_cache, tables, lengths, 2, tiling)
     read = torch.zeros(k_cache.shape[0], 16, dtype=torch.bool, device=DEVICE)  # (block, offset) each row reads
     for row, length in enumerate(lengths.tolist()):
         positions = torch.arange(length, device=DEVICE)
@@ -83,7 +85,7 @@ def test_kernel_reads_nothing_past_a_rows_length_nor_outside_its_blocks():
     for cache in (k_cache, v_cache):
         cache.transpose(1, 2)[~read] = float("nan")  # (block, offset, nkv, hs) indexed by (block, offset)
     assert k_cache.isnan().any()
-    assert torch.equal(da.decode_attention(q, k_cache, v_cache, tables, lengths, 2), expected)
+    assert torch.equal(da.decode_attention(q, k_cache, v_cache, tables, lengths, 2, tiling), expected)
 
 
 def test_kernel_refuses_tables_it_cannot_read():
