@@ -55,11 +55,14 @@ class Tiling:
 
 # By the cache's bytes per value: the fastest summed over batch 1, 8, 32 and 128 at 7B shapes
 # (head_dim 128, W1's contexts) in `python -m bench.kernels` on the H200
-# (bench/results/2026-12-04-h200-kernel-sweep.md). A tile of 32 positions reads 8 KiB of bfloat16
-# keys; 64 (the H100 sweep's choice) took 45 % more time at batch 128 in bfloat16, 28 % more in FP8.
-# float32 (a float32 export) was not swept: the bfloat16 tile's bytes.
+# (bench/results/2026-12-04-h200-kernel-sweep.md, 2026-12-04-h200-attention-lanes.md).
+# - bfloat16: lanes (`deferred`) over tiles of 16 positions with 4 warps, 375 µs a layer at batch 128
+#   against 407 for the best reducing tiling (32 positions, 2 warps).
+# - FP8: the reducing variant over tiles of 32 positions with one warp (a warp's reduction needs no
+#   barrier); no tiling with lanes came within 5 % of it.
+# - float32 (a float32 export) was not swept: the bfloat16 reducing tile's bytes.
 TILINGS = {1: Tiling(block=32, num_warps=1, num_stages=1, programs_per_sm=8),
-           2: Tiling(block=32, num_warps=2, num_stages=1, programs_per_sm=4),
+           2: Tiling(block=16, num_warps=4, num_stages=1, programs_per_sm=4, deferred=True),
            4: Tiling(block=16, num_warps=2, num_stages=1, programs_per_sm=4)}
 
 
@@ -118,8 +121,10 @@ if triton is not None:
             k = tl.load(k_head + k_at, mask=valid[:, None], other=0.0)
             scores = tl.sum(k.to(tl.float32) * q[None, :], axis=1) * sm_scale_log2  # (BLOCK,)
             scores = tl.where(valid, scores, float("-inf"))
-            v = tl.load(v_head + v_at, mask=valid[:, None], other=0.0)
+            # Where each variant loads the values is part of its tiling: loaded here (both tiles live at
+            # once), the reducing variant took 33 % more time at batch 128 in bfloat16.
             if DEFERRED:
+                v = tl.load(v_head + v_at, mask=valid[:, None], other=0.0)
                 m_new = tl.maximum(m_lane, scores)
                 # A lane that has seen no valid position yet keeps max -inf: subtract 0 there, not -inf
                 # (-inf - -inf is NaN); its exp2 terms are 0 either way.
@@ -133,6 +138,7 @@ if triton is not None:
                 m_new = tl.maximum(m, tl.max(scores, axis=0))
                 alpha = tl.exp2(m - m_new)
                 p = tl.exp2(scores - m_new)
+                v = tl.load(v_head + v_at, mask=valid[:, None], other=0.0)
                 acc = acc * alpha + tl.sum(p[:, None] * v.to(tl.float32), axis=0)
                 total = total * alpha + tl.sum(p, axis=0)
                 m = m_new
