@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from . import cache_write
 from .decode_attention import decode_attention_op
 from .fp8 import concat_linears, quantize_linears
 from .gemv import use_gemv_linears
@@ -146,6 +147,9 @@ class KVBlockPool(nn.Module):
 
     def write(self, blocks: torch.Tensor, offsets: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v (N, nkv, hs) in the cache's dtype go to positions `offsets` (N,) of `blocks` (N,)."""
+        if self.k.device.type == "cuda" and cache_write.available():
+            cache_write.write(self.k, self.v, blocks, offsets, k, v)
+            return
         for pool, new in ((self.k, k), (self.v, v)):
             if pool.element_size() == 1:  # FP8: copy the same bytes as uint8, which every index kernel has
                 pool, new = pool.view(torch.uint8), new.view(torch.uint8)
