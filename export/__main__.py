@@ -19,6 +19,14 @@ from llava_triton.spec import RENAMED_OPTIONS, ModelSpec, ServingConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def serving_config(device: str, dtype: str, overrides: dict) -> ServingConfig:
+    """The serving options of an export for `device`: where its instances run, and on a GPU how many
+    vision instances (spec.GPU_VISION_INSTANCES), unless `overrides` (--set) says otherwise."""
+    on_gpu = {"instance_kind": "KIND_GPU", "vision_instances": spec.GPU_VISION_INSTANCES}
+    return ServingConfig.from_dict({"device": device, "dtype": dtype, "instance_kind": "KIND_CPU",
+                                    **(on_gpu if device == "cuda" else {}), **overrides})
+
+
 def parse_set(items: list[str]) -> dict:
     """`--set key=value` pairs for ServingConfig fields, values parsed as JSON when possible."""
     fields = {f.name: f for f in dataclasses.fields(ServingConfig)}
@@ -100,9 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         # LLaVA-NeXT-Video pools each frame's features before the projector: the language model does both.
         overrides["projector_placement"] = "language_model"
     try:
-        serving = ServingConfig.from_dict({
-            "device": device, "dtype": dtype, "instance_kind": "KIND_GPU" if device == "cuda" else "KIND_CPU",
-            **overrides})
+        serving = serving_config(device, dtype, overrides)
     except ValueError as error:  # a value out of range: the message names the field
         raise SystemExit(f"--set: {error}") from None
     tiles = f"LLaVA-NeXT tiles on {len(model.image_grid_pinpoints)} pinpoints, " if model.anyres else ""
