@@ -32,7 +32,7 @@ if triton is not None:
 
     @triton.jit
     def _write_kernel(k_pool, v_pool, k_new, v_new, blocks_ptr, offsets_ptr,
-                      stride_pb, stride_ph, stride_po, stride_nn, stride_nh,
+                      stride_pb, stride_ph, stride_po, stride_kn, stride_kh, stride_vn, stride_vh,
                       NUM_HEADS: tl.constexpr, HEADS_POW2: tl.constexpr, HEAD_DIM: tl.constexpr):
         token = tl.program_id(0)
         # int64: a layer's pool may pass 2**31 elements.
@@ -41,28 +41,31 @@ if triton is not None:
         heads = tl.arange(0, HEADS_POW2)
         dims = tl.arange(0, HEAD_DIM)
         mask = (heads < NUM_HEADS)[:, None]
-        source = token * stride_nn + heads[:, None] * stride_nh + dims[None, :]
         target = block * stride_pb + offset * stride_po + heads[:, None] * stride_ph + dims[None, :]
-        tl.store(k_pool + target, tl.load(k_new + source, mask=mask), mask=mask)
-        tl.store(v_pool + target, tl.load(v_new + source, mask=mask), mask=mask)
+        k_at = token * stride_kn + heads[:, None] * stride_kh + dims[None, :]
+        v_at = token * stride_vn + heads[:, None] * stride_vh + dims[None, :]
+        tl.store(k_pool + target, tl.load(k_new + k_at, mask=mask), mask=mask)
+        tl.store(v_pool + target, tl.load(v_new + v_at, mask=mask), mask=mask)
 
 
 def write(k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
           k: torch.Tensor, v: torch.Tensor) -> None:
-    """k, v (N, nkv, hs) in the pools' dtype (any strides but a unit last one) go to positions
+    """k, v (N, nkv, hs) in the pools' dtype (any strides, each its own, but a unit last one) go to positions
     `offsets` (N,) of `blocks` (N,) of k_pool, v_pool (num_blocks, nkv, block_size, hs), as
     `pool[blocks, :, offsets] = new` would put them."""
     N, num_heads, head_dim = k.shape
     if (k_pool.shape != v_pool.shape or k_pool.stride() != v_pool.stride() or k.shape != v.shape
-            or k.stride() != v.stride() or k.dtype != k_pool.dtype or v.dtype != v_pool.dtype
-            or tuple(k_pool.shape[1::2]) != (num_heads, head_dim) or k.stride(-1) != 1 or k_pool.stride(-1) != 1
+            or k.dtype != k_pool.dtype or v.dtype != v_pool.dtype or tuple(k_pool.shape[1::2]) != (num_heads, head_dim)
+            or k.stride(-1) != 1 or v.stride(-1) != 1 or k_pool.stride(-1) != 1
             or head_dim & (head_dim - 1) or blocks.shape != (N,) or offsets.shape != (N,)):
-        raise ValueError(f"cannot write keys {tuple(k.shape)} {k.dtype} (strides {k.stride()}) into a pool "
+        raise ValueError(f"cannot write keys {tuple(k.shape)} {k.dtype} (strides {k.stride()}), values "
+                         f"{tuple(v.shape)} {v.dtype} (strides {v.stride()}) into a pool "
                          f"{tuple(k_pool.shape)} {k_pool.dtype} at {tuple(blocks.shape)} blocks")
     if N == 0:
         return
     bits = _BITS[k_pool.element_size()]
     _write_kernel[(N,)](k_pool.view(bits), v_pool.view(bits), k.view(bits), v.view(bits), blocks, offsets,
-                        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), k.stride(0), k.stride(1),
+                        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), k.stride(0), k.stride(1), v.stride(0),
+                        v.stride(1),
                         NUM_HEADS=num_heads, HEADS_POW2=triton.next_power_of_2(num_heads), HEAD_DIM=head_dim,
                         num_warps=4)

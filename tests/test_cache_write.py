@@ -29,10 +29,12 @@ def test_kernel_writes_what_index_put_writes(dtype, num_heads):
     # Positions scattered over the pool, as block tables give them: no two tokens at one position.
     flat = torch.randperm(num_blocks * block_size, generator=generator)[:tokens]
     blocks, offsets = (flat // block_size).to(DEVICE), (flat % block_size).to(DEVICE)
-    # The keys as prefill hands them over: (1, nkv, N, hs) transposed to (N, nkv, hs), not contiguous.
+    # As prefill hands them over, each with its own strides: keys (1, nkv, N, hs) transposed to
+    # (N, nkv, hs), values a slice of a fused projection's (N, 3 * nkv * hs) output.
     k = torch.randn(1, num_heads, tokens, head_dim, generator=generator).to(DEVICE, dtype)[0].transpose(0, 1)
-    v = torch.randn(1, num_heads, tokens, head_dim, generator=generator).to(DEVICE, dtype)[0].transpose(0, 1)
-    assert not k.is_contiguous()
+    fused = torch.randn(tokens, 3 * num_heads * head_dim, generator=generator).to(DEVICE, dtype)
+    v = fused[:, num_heads * head_dim: 2 * num_heads * head_dim].view(tokens, num_heads, head_dim)
+    assert not k.is_contiguous() and not v.is_contiguous() and k.stride() != v.stride()
     pools = [torch.randn(pool_shape, generator=generator).to(DEVICE, dtype) for _ in range(2)]
     expected = [pool.clone() for pool in pools]
     cache_write.write(*pools, blocks, offsets, k, v)
