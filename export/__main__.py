@@ -19,12 +19,16 @@ from llava_triton.spec import RENAMED_OPTIONS, ModelSpec, ServingConfig
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serving_config(device: str, dtype: str, overrides: dict) -> ServingConfig:
-    """The serving options of an export for `device`: where its instances run, and on a GPU how many
-    vision instances (spec.GPU_VISION_INSTANCES), unless `overrides` (--set) says otherwise."""
-    on_gpu = {"instance_kind": "KIND_GPU", "vision_instances": spec.GPU_VISION_INSTANCES}
-    return ServingConfig.from_dict({"device": device, "dtype": dtype, "instance_kind": "KIND_CPU",
-                                    **(on_gpu if device == "cuda" else {}), **overrides})
+def serving_config(device: str, dtype: str, overrides: dict, gpu_memory_bytes: int = 0) -> ServingConfig:
+    """The serving options of an export for `device`: where its instances run, and on a GPU of
+    `gpu_memory_bytes` how many vision instances (spec.GPU_VISION_INSTANCES on one of at least
+    spec.GPU_VISION_INSTANCES_MIN_BYTES), unless `overrides` (--set) says otherwise."""
+    defaults: dict = {"device": device, "dtype": dtype, "instance_kind": "KIND_CPU"}
+    if device == "cuda":
+        defaults["instance_kind"] = "KIND_GPU"
+        if gpu_memory_bytes >= spec.GPU_VISION_INSTANCES_MIN_BYTES:
+            defaults["vision_instances"] = spec.GPU_VISION_INSTANCES
+    return ServingConfig.from_dict({**defaults, **overrides})
 
 
 def parse_set(items: list[str]) -> dict:
@@ -108,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         # LLaVA-NeXT-Video pools each frame's features before the projector: the language model does both.
         overrides["projector_placement"] = "language_model"
     try:
-        serving = serving_config(device, dtype, overrides)
+        memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
+        serving = serving_config(device, dtype, overrides, memory)
     except ValueError as error:  # a value out of range: the message names the field
         raise SystemExit(f"--set: {error}") from None
     tiles = f"LLaVA-NeXT tiles on {len(model.image_grid_pinpoints)} pinpoints, " if model.anyres else ""

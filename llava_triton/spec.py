@@ -370,11 +370,14 @@ class ModelSpec:
 # Values of kv_cache_dtype, lm_weight_dtype and vision_weight_dtype: "auto" = the model's dtype, or FP8 (e4m3).
 STORAGE_DTYPES = ("auto", "fp8_e4m3")
 
-# vision_instances of an export for a GPU. One instance's batch-32 step is ~1/3 GPU work, the rest
-# its tensors crossing shared memory in the Python backend (docs/performance.md); three overlap one's
-# copies with another's forward (on the H200: 54-58 % of the GEMM rate against 33 % for one). Each
-# is a process with its own CUDA context and weights (~1 GiB for CLIP ViT-L and its projector).
+# vision_instances of an export for a GPU of at least GPU_VISION_INSTANCES_MIN_BYTES. One instance's
+# batch-32 step is ~2/3 GPU work, the rest its tensors crossing shared memory in the Python backend
+# (docs/performance.md); three overlap one's copies with another's forward (on the H200: 50-54 % of
+# the GEMM rate against 35 % for one). Each vision model's instance is a process with its own CUDA
+# context, weights and graphs, in the memory the language model's KV cache leaves
+# (kv_cache_memory_fraction): on a smaller GPU a 7B model's cache would leave too little for six.
 GPU_VISION_INSTANCES = 3
+GPU_VISION_INSTANCES_MIN_BYTES = 64 * 2**30
 
 # Values of projector_placement (see ServingConfig).
 PROJECTOR_PLACEMENTS = ("model", "language_model")
@@ -536,7 +539,8 @@ class ServingConfig:
                                  "sets it from --device)", ("KIND_CPU", "KIND_GPU"))
     preprocess_instances: int = _option(2, "preprocess instances (on the CPU whatever the device)")
     vision_instances: int = _option(1, "vision encoder instances per GPU (or on the CPU); an export for a GPU "
-                                    f"sets {GPU_VISION_INSTANCES} unless given")
+                                    f"of {GPU_VISION_INSTANCES_MIN_BYTES // 2**30} GiB or more sets "
+                                    f"{GPU_VISION_INSTANCES} unless given")
     # The projector's step is bound by copying its output (576 x 4096 values an image, 4x the
     # encoder's) through host memory, work that more instances spread over more CPU cores, while its
     # GPU work is small (1.2 ms for 32 images on an H100).

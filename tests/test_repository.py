@@ -284,13 +284,17 @@ def test_export_engine_default_and_auto_are_pytorch_even_where_tensorrt_imports(
         assert read_config(repo / name / "config.pbtxt").backend == "python"
 
 
-def test_an_export_for_a_gpu_runs_several_vision_instances_unless_told():
+def test_an_export_for_a_large_gpu_runs_several_vision_instances_unless_told():
     from export.__main__ import serving_config
 
-    gpu = serving_config("cuda", "bfloat16", {})
+    large, small = spec.GPU_VISION_INSTANCES_MIN_BYTES, spec.GPU_VISION_INSTANCES_MIN_BYTES - 1
+    gpu = serving_config("cuda", "bfloat16", {}, large)
     assert (gpu.instance_kind, gpu.vision_instances) == ("KIND_GPU", spec.GPU_VISION_INSTANCES)
     assert gpu.instances_of(spec.PROJECTOR) == spec.GPU_VISION_INSTANCES
-    assert serving_config("cuda", "bfloat16", {"vision_instances": 1}).vision_instances == 1
+    assert serving_config("cuda", "bfloat16", {"vision_instances": 1}, large).vision_instances == 1
+    smaller = serving_config("cuda", "bfloat16", {}, small)
+    assert (smaller.instance_kind, smaller.vision_instances) == ("KIND_GPU", 1)
+    assert serving_config("cuda", "bfloat16", {"vision_instances": 2}, small).vision_instances == 2
     cpu = serving_config("cpu", "float32", {})
     assert (cpu.instance_kind, cpu.vision_instances) == ("KIND_CPU", 1)
     encoder = model_configs(MODEL, gpu, "pytorch")[spec.VISION_ENCODER].instance_group[0]
