@@ -48,7 +48,7 @@ ATTENTION_GRID = {"block": (16, 32, 64), "num_warps": (1, 2, 4), "num_stages": (
                   "programs_per_sm": (4, 8, 16), "deferred": (False, True)}
 GEMV_GRID = {"block_n": (1, 2, 4, 8, 16), "block_k": (1024, 2048, 4096), "num_warps": (4, 8, 16),
              "num_stages": (2, 3, 4)}
-QUICK_ATTENTION_GRID = {"block": (16, 32), "num_warps": (2,), "num_stages": (1,), "programs_per_sm": (4,),
+QUICK_ATTENTION_GRID = {"block": (16, 32), "num_warps": (4,), "num_stages": (1,), "programs_per_sm": (4,),
                         "deferred": (False, True)}
 QUICK_GEMV_GRID = {"block_n": (32,), "block_k": (64, 128), "num_warps": (2,), "num_stages": (1,)}
 # Past this many float32 accumulators a program (BLOCK_N x BLOCK_K) spills registers: not swept.
