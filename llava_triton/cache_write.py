@@ -3,8 +3,9 @@ every KV head, copied to its position's block and offset.
 
 Why: PyTorch's `pool[blocks, :, offsets] = new` (advanced indexing around a slice) runs an index
 kernel that moves one element a thread, from the prefill's head-major keys: at 7B shapes and 128
-streams on the H200 it took ~1 ms of a ~30 ms step, where the bytes need ~0.1 ms. This kernel
-copies a token's (heads, head_dim) tile with vector loads and stores, keys and values in one launch.
+streams on the H200 it took 0.96 ms of a ~30 ms step. This kernel copies a token's (heads, head_dim)
+tile with vector loads and stores, keys and values in one launch: 0.14 ms there
+(bench/results/2026-12-04-h200-w1-lanes-cache-write.md).
 
 The copy is of bits: both sides are viewed as integers of the cache's width (FP8 as uint8), so
 one kernel serves every cache dtype and the result equals the index_put's, bit for bit.
@@ -50,8 +51,8 @@ if triton is not None:
 
 def write(k_pool: torch.Tensor, v_pool: torch.Tensor, blocks: torch.Tensor, offsets: torch.Tensor,
           k: torch.Tensor, v: torch.Tensor) -> None:
-    """k, v (N, nkv, hs) in the pools' dtype (any strides, each its own, but a unit last one) go to positions
-    `offsets` (N,) of `blocks` (N,) of k_pool, v_pool (num_blocks, nkv, block_size, hs), as
+    """k, v (N, nkv, hs) in the pools' dtype (any strides, each its own, but a unit last one) go to
+    positions `offsets` (N,) of `blocks` (N,) of k_pool, v_pool (num_blocks, nkv, block_size, hs), as
     `pool[blocks, :, offsets] = new` would put them."""
     N, num_heads, head_dim = k.shape
     if (k_pool.shape != v_pool.shape or k_pool.stride() != v_pool.stride() or k.shape != v.shape
