@@ -111,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     if model.videos and "projector_placement" not in overrides:
         # LLaVA-NeXT-Video pools each frame's features before the projector: the language model does both.
         overrides["projector_placement"] = "language_model"
+    memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
     try:
-        memory = torch.cuda.get_device_properties(0).total_memory if device == "cuda" else 0
         serving = serving_config(device, dtype, overrides, memory)
     except ValueError as error:  # a value out of range: the message names the field
         raise SystemExit(f"--set: {error}") from None
