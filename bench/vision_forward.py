@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[vision_forward] module, batch {batch}: {ms:.2f} ms", flush=True)
 
     forward = []
-    one_piece = type(runner).PIPELINE_ROWS
+    default_rows = type(runner).PIPELINE_ROWS
     requests = [images[i: i + args.request_images] for i in range(0, largest, args.request_images)]
     try:
         for rows in args.pipeline_rows:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[vision_forward] forward, batch {largest}, pipeline rows {rows or 'none'}: p50 "
                   f"{whole['p50_ms']:.2f} ms ({len(requests)} requests: {split['p50_ms']:.2f} ms)", flush=True)
     finally:
-        runner.PIPELINE_ROWS = one_piece
+        runner.PIPELINE_ROWS = default_rows
 
     results = {
         "command": "python -m bench.vision_forward " + " ".join(sys.argv[1:] if argv is None else argv),
